@@ -1,0 +1,82 @@
+"""Holding all training patch features without holding them all in RAM.
+
+The coreset is chosen on the d*-dimensional projection, which stays in memory (N x 128 float32).
+The full D-dimensional features are only needed afterwards, for the selected rows, so they go to a
+temporary file once they exceed a memory budget, and the selected rows are read back in index
+order. Both paths return identical bytes for the same rows.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class FeatureStore:
+    """Append (n, D) float32 rows; `gather(indices)` returns the chosen rows as one tensor."""
+
+    def __init__(self, dim: int, *, max_memory_bytes: int, spill_dir: str | Path | None = None):
+        self.dim = dim
+        self.max_memory_bytes = max_memory_bytes
+        self.spill_dir = spill_dir
+        self.rows = 0
+        self._chunks: list[np.ndarray] = []
+        self._file = None  # a NamedTemporaryFile once spilled
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def append(self, rows: torch.Tensor) -> None:
+        array = rows.detach().to("cpu", torch.float32).contiguous().numpy()
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            raise ValueError(f"expected (n, {self.dim}) rows, got {array.shape}")
+        if self._file is None and (self.rows + array.shape[0]) * self.dim * 4 > self.max_memory_bytes:
+            self._spill()
+        if self._file is None:
+            self._chunks.append(array.copy())
+        else:
+            self._file.write(array.tobytes())
+        self.rows += array.shape[0]
+
+    def _spill(self) -> None:
+        self._file = tempfile.NamedTemporaryFile(prefix="patchcore-features-", suffix=".f32", dir=self.spill_dir)
+        for chunk in self._chunks:
+            self._file.write(chunk.tobytes())
+        self._chunks = []
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows at `indices` (any order) -> (len(indices), D) float32."""
+        index = indices.cpu().numpy()
+        if index.size and (index.min() < 0 or index.max() >= self.rows):
+            raise IndexError("feature index out of range")
+        out = np.empty((index.size, self.dim), dtype=np.float32)
+        if self._file is None:
+            start = 0
+            for chunk in self._chunks:
+                inside = (index >= start) & (index < start + chunk.shape[0])
+                out[inside] = chunk[index[inside] - start]
+                start += chunk.shape[0]
+        else:
+            self._file.flush()
+            mapped = np.memmap(self._file.name, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
+            order = np.argsort(index, kind="stable")  # read the file front to back
+            for lo in range(0, index.size, 65536):
+                part = order[lo:lo + 65536]
+                out[part] = mapped[index[part]]
+            del mapped
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()  # deletes the temporary file
+            self._file = None
+        self._chunks = []
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
