@@ -15,6 +15,8 @@ import torch
 # Conservative slack on the pruning test, so that float rounding can never skip an element whose
 # distance the plain algorithm would have lowered (relative error of a 128-d squared distance ~1e-6).
 _PRUNE_SLACK = 1.001
+# Relative error allowance of the GEMV form ||a||^2 + ||b||^2 - 2 a.b, scaled by ||a||^2 + ||b||^2.
+_GEMV_MARGIN = 1e-4
 
 
 def coreset_count(n_total: int, ratio: float, size: int | None = None) -> int:
@@ -32,32 +34,43 @@ def greedy_coreset(features: torch.Tensor, n: int, *, generator: torch.Generator
     """(N, d) features -> (n,) indices in selection order; exact greedy k-center.
 
     Memory O(N): one distance and one centre index per element; never an N x N matrix.
+    Centre the features first (the problem is translation invariant): the pruning test's rounding
+    margin is relative to the centres' norms.
     """
-    total = features.shape[0]
+    total, dim = features.shape
     if not 1 <= n <= total:
         raise ValueError(f"coreset size must be in [1, {total}], got {n}")
     features = features.float().contiguous()
+    device = features.device
     first = int(torch.randint(total, (1,), generator=generator).item())
     selected = torch.empty(n, dtype=torch.long)
-    centres = torch.empty(n, features.shape[1], dtype=features.dtype, device=features.device)
+    centres = torch.empty(n, dim, device=device)
+    centre_sq_norms = torch.empty(n, device=device)
     selected[0], centres[0] = first, features[first]
+    centre_sq_norms[0] = features[first].pow(2).sum()
     # Squared distances throughout: the greedy choice only compares them (argmax/min are monotone).
     nearest_sq = (features - features[first]).pow_(2).sum(1)
-    nearest_centre = torch.zeros(total, dtype=torch.long, device=features.device)
+    prune_bound = nearest_sq * (4.0 * _PRUNE_SLACK)
+    nearest_centre = torch.zeros(total, dtype=torch.long, device=device)
     for k in range(1, n):
-        farthest = int(torch.argmax(nearest_sq))
+        farthest = int(torch.argmax(nearest_sq))  # first index on ties, as the plain algorithm
         centre = features[farthest]
-        selected[k], centres[k] = farthest, centre
-        centre_gap_sq = (centres[:k] - centre).pow_(2).sum(1)  # ||c - c_j||^2 for every earlier centre
+        centre_sq = centre.pow(2).sum()
+        selected[k], centres[k], centre_sq_norms[k] = farthest, centre, centre_sq
+        # ||c - c_j||^2 for all earlier centres by one GEMV; the subtracted margin bounds its rounding
+        # error (~d * eps * |c||c_j|), so the pruning below stays conservative.
+        norm_sum = centre_sq_norms[:k] + centre_sq
+        centre_gap_sq = torch.addmv(norm_sum, centres[:k], centre, alpha=-2.0).sub_(norm_sum, alpha=_GEMV_MARGIN)
         # Triangle inequality: ||x - c|| >= ||c - a(x)|| - ||x - a(x)||, so x can only move to c if
-        # ||c - a(x)||^2 < 4 ||x - a(x)||^2.
-        candidates = torch.nonzero(centre_gap_sq[nearest_centre] < (4.0 * _PRUNE_SLACK) * nearest_sq).squeeze(1)
+        # ||c - a(x)||^2 < 4 ||x - a(x)||^2 (prune_bound holds 4 ||x - a(x)||^2 with slack).
+        candidates = torch.nonzero(centre_gap_sq[nearest_centre] < prune_bound).squeeze(1)
         if candidates.numel() == 0:
             continue
         distance_sq = (features.index_select(0, candidates) - centre).pow_(2).sum(1)
         closer = distance_sq < nearest_sq[candidates]
-        moved = candidates[closer]
-        nearest_sq[moved] = distance_sq[closer]
+        moved, moved_sq = candidates[closer], distance_sq[closer]
+        nearest_sq[moved] = moved_sq
+        prune_bound[moved] = moved_sq * (4.0 * _PRUNE_SLACK)
         nearest_centre[moved] = k
     return selected
 

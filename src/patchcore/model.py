@@ -168,6 +168,7 @@ class PatchCore:
             started = time.perf_counter()
             projected_all = torch.cat(projected)
             del projected
+            projected_all -= projected_all.mean(0)  # k-center is translation invariant; see greedy_coreset
             report.n_patches = projected_all.shape[0]
             n = coreset_count(report.n_patches, cfg.coreset_ratio, cfg.coreset_size)
             selected = greedy_coreset(projected_all.to(self.device), n, generator=generator).cpu()

@@ -1,0 +1,246 @@
+"""Reading images robustly (every error names the file) and the input preprocessing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchcore.images import (ImageReadError, Preprocess, as_uint8_tensor, expand_inputs, iter_image_batches,
+                              list_images, read_image)
+
+
+def _rgb(h: int = 6, w: int = 5, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _save(path: Path, array: np.ndarray, **kwargs) -> Path:
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+# ---------------------------------------------------------------- decoding
+
+def test_rgb_png(tmp_path):
+    array = _rgb()
+    out = read_image(_save(tmp_path / "a.png", array))
+    assert out.dtype == np.uint8 and out.shape == (6, 5, 3)
+    assert np.array_equal(out, array)
+
+
+def test_grayscale_l(tmp_path):
+    grey = np.array([[0, 17, 255], [128, 1, 254]], np.uint8)
+    out = read_image(_save(tmp_path / "g.png", grey))
+    assert out.shape == (2, 3, 3)
+    assert np.array_equal(out, np.repeat(grey[..., None], 3, axis=2))
+
+
+def test_rgba_transparent_pixels_become_black(tmp_path):
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[0, :, 3] = 255  # opaque row keeps its colour
+    rgba[1, :, 3] = 0  # transparent row, whatever colour it holds, is black
+    rgba[1, 2, 3] = 128  # half transparent: half the colour over black
+    out = read_image(_save(tmp_path / "t.png", rgba))
+    assert out.shape == (2, 3, 3)
+    assert (out[0] == (200, 100, 50)).all()
+    assert (out[1, :2] == 0).all()
+    assert np.abs(out[1, 2].astype(int) - (100, 50, 25)).max() <= 1
+
+
+def test_16_bit_grayscale_scaled_by_its_range(tmp_path):
+    values = np.array([[0, 65535], [32896, 257], [65534, 128]], np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    path = tmp_path / "deep.png"
+    image.save(path)
+    out = read_image(path)
+    assert out.shape == (3, 2, 3)
+    expected = np.array([[0, 255], [128, 1], [255, 0]], np.uint8)  # round(v / 65535 * 255) = round(v / 257)
+    assert np.array_equal(out[..., 0], expected)
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+
+
+def test_palette(tmp_path):
+    colours = [(255, 0, 0), (0, 255, 0), (10, 20, 30), (0, 0, 0)]
+    index = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    image = Image.new("P", (3, 2))
+    image.putpalette([c for rgb in colours for c in rgb])
+    image.putdata(index.reshape(-1).tolist())
+    path = tmp_path / "p.png"
+    image.save(path)
+    assert Image.open(path).mode == "P"
+    out = read_image(path)
+    assert np.array_equal(out, np.array(colours, np.uint8)[index])
+
+
+def test_palette_with_transparent_index_is_black(tmp_path):
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 255, 255, 40, 80, 120])
+    image.putdata([0, 1])
+    path = tmp_path / "pt.png"
+    image.save(path, transparency=0)  # colour 0 (white) is transparent
+    out = read_image(path)
+    assert out[0, 0].tolist() == [0, 0, 0]
+    assert out[0, 1].tolist() == [40, 80, 120]
+
+
+def test_jpeg(tmp_path):
+    array = np.empty((16, 24, 3), np.uint8)
+    array[...] = (200, 100, 50)
+    out = read_image(_save(tmp_path / "c.jpg", array, quality=95))
+    assert out.shape == (16, 24, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - array.astype(int)).max() <= 3  # lossy, but close on a flat colour
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "empty", "missing", "folder"])
+def test_unreadable_files_raise_image_read_error_naming_the_file(tmp_path, kind):
+    path = tmp_path / f"bad_{kind}.png"
+    if kind == "truncated":
+        good = _save(tmp_path / "good.png", _rgb(64, 64, seed=1))
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "text":
+        path.write_text("this is not an image\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "folder":
+        path.mkdir()
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert str(path) in str(info.value)
+    assert info.value.path == str(path)
+
+
+def test_list_images_sorted_filtered_and_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        list_images(empty)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
+        list_images(tmp_path / "absent")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("b.png", "a.JPG", "c.txt", "d.bmp"):
+        (folder / name).write_bytes(b"x")
+    (folder / "nested").mkdir()
+    (folder / "nested" / "e.png").write_bytes(b"x")
+    assert [p.name for p in list_images(folder)] == ["a.JPG", "b.png", "d.bmp"]
+    assert [p.name for p in list_images(folder, recursive=True)] == ["a.JPG", "b.png", "d.bmp", "e.png"]
+    single = folder / "b.png"
+    assert [p.name for p in expand_inputs([single, folder])] == ["b.png", "a.JPG", "b.png", "d.bmp"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_iter_image_batches_skips_and_reports_bad_files(tmp_path, batch_size):
+    paths, good, bad = [], [], []
+    for i in range(9):
+        path = tmp_path / f"{i:02d}.png"
+        if i in (1, 4, 5, 8):  # bad ones in the middle, adjacent, and at the end
+            path.write_bytes(b"" if i % 2 else b"not a png")
+            bad.append(path)
+        else:
+            _save(path, _rgb(4 + i, 5, seed=i))
+            good.append(path)
+        paths.append(path)
+    paths.insert(3, tmp_path / "missing.png")
+    bad.insert(1, tmp_path / "missing.png")
+
+    batches = list(iter_image_batches(paths, batch_size, workers=2))
+    got_paths = [p for b in batches for p in b.paths]
+    got_failures = [f.path for b in batches for f in b.failures]
+    assert got_paths == good  # every good image, in input order
+    assert got_failures == [str(p) for p in bad]  # every bad file, in order, each naming itself
+    assert all(isinstance(f, ImageReadError) for b in batches for f in b.failures)
+    sizes = [len(b.images) for b in batches]
+    assert all(s == batch_size for s in sizes[:-1]) and sizes[-1] <= batch_size
+    assert sizes[-1] > 0 or batches[-1].failures  # a trailing batch exists only to report failures
+    for batch in batches:
+        assert len(batch.paths) == len(batch.images)
+        for path, image in zip(batch.paths, batch.images):
+            assert image.dtype == torch.uint8 and image.shape[0] == 3
+            assert torch.equal(image, torch.from_numpy(read_image(path).copy()).permute(2, 0, 1))
+
+
+def test_iter_image_batches_all_bad_still_reports(tmp_path):
+    bad = [tmp_path / "x.png", tmp_path / "y.png"]
+    for path in bad:
+        path.write_bytes(b"")
+    batches = list(iter_image_batches(bad, 4))
+    assert [b.images for b in batches] == [[]]
+    assert [f.path for f in batches[0].failures] == [str(p) for p in bad]
+
+
+def test_as_uint8_tensor_shapes_and_types():
+    rgb = _rgb(3, 4)
+    assert torch.equal(as_uint8_tensor(rgb), torch.from_numpy(rgb).permute(2, 0, 1))
+    grey = rgb[..., 0]
+    assert torch.equal(as_uint8_tensor(grey), torch.from_numpy(grey)[None].expand(3, -1, -1))
+    deep = np.array([[0, 65535, 32896]], np.uint16)
+    assert as_uint8_tensor(deep)[0].tolist() == [[0, 255, 128]]
+    with pytest.raises(ValueError):
+        as_uint8_tensor(np.zeros((3, 4), np.float32))
+
+
+# ---------------------------------------------------------------- preprocessing
+
+HALF = (0.5, 0.5, 0.5)
+
+
+def _batch(h: int, w: int, value: int | None = None) -> torch.Tensor:
+    if value is not None:
+        return torch.full((2, 3, h, w), value, dtype=torch.uint8)
+    return torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h * w))
+
+
+def test_shorter_side_resize_keeps_aspect_then_crop():
+    pre = Preprocess(resize=256, crop=224, mean=HALF, std=HALF)
+    assert pre._resized_size(300, 600) == (256, 512)
+    assert pre._resized_size(600, 300) == (512, 256)
+    assert pre.output_size(300, 600) == (224, 224)
+    assert pre(_batch(300, 600)).shape == (2, 3, 224, 224)
+    no_crop = Preprocess(resize=256, crop=None, mean=HALF, std=HALF)
+    assert no_crop(_batch(300, 600)).shape == (2, 3, 256, 512)
+    assert no_crop(_batch(600, 300)).shape == (2, 3, 512, 256)
+
+
+def test_exact_resize_and_non_square_crop():
+    pre = Preprocess(resize=(100, 150), crop=None, mean=HALF, std=HALF)
+    assert pre(_batch(300, 600)).shape == (2, 3, 100, 150)
+    assert pre.output_size(300, 600) == (100, 150)
+    cropped = Preprocess(resize=(100, 150), crop=(60, 90), mean=HALF, std=HALF)
+    assert cropped(_batch(300, 600)).shape == (2, 3, 60, 90)
+
+
+def test_centre_crop_takes_the_centre():
+    image = torch.arange(6 * 10, dtype=torch.uint8).view(1, 1, 6, 10).expand(1, 3, 6, 10).contiguous()
+    pre = Preprocess(resize=None, crop=(2, 4), mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+    out = pre(image)
+    expected = image[..., 2:4, 3:7].float()  # top = (6 - 2) / 2, left = (10 - 4) / 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_normalisation():
+    pre = Preprocess(resize=256, crop=224, mean=HALF, std=HALF)
+    torch.testing.assert_close(pre(_batch(300, 400, value=255)), torch.ones(2, 3, 224, 224), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pre(_batch(300, 400, value=0)), -torch.ones(2, 3, 224, 224), rtol=0, atol=1e-6)
+    per_channel = Preprocess(resize=None, crop=None, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+    out = per_channel(_batch(4, 4, value=51))  # 51 / 255 = 0.2
+    for c, value in enumerate([(0.2 - 0.1) / 0.5, (0.2 - 0.2) / 0.25, (0.2 - 0.3) / 2.0]):
+        torch.testing.assert_close(out[:, c], torch.full((2, 4, 4), value), rtol=0, atol=1e-6)
+
+
+def test_crop_larger_than_the_image_raises():
+    with pytest.raises(ValueError, match="larger than the resized image"):
+        Preprocess(resize=None, crop=224, mean=HALF, std=HALF)(_batch(100, 300))
+    with pytest.raises(ValueError, match="larger than the resized image"):
+        Preprocess(resize=(128, 128), crop=(100, 200), mean=HALF, std=HALF)(_batch(300, 300))
+
+
+def test_preprocess_rejects_non_uint8_batches():
+    pre = Preprocess(resize=None, crop=None, mean=HALF, std=HALF)
+    with pytest.raises(ValueError):
+        pre(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError):
+        pre(torch.zeros(3, 4, 4, dtype=torch.uint8))
