@@ -120,10 +120,6 @@ def test_random_name_with_weights_is_refused(tmp_path):
         build_backbone("resnet18_random", STRIDES, weights=str(tmp_path / "w.pth"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Backbone keeps `channels`/`strides` in the order given, but timm's forward_intermediates returns "
-    "maps in network order and merges duplicates, so strides (16, 8) or (8, 8) give maps that disagree "
-    "with backbone.channels (PatchCore zips the two); PatchCoreConfig accepts both"))
 @pytest.mark.parametrize("strides", [(16, 8), (8, 8)])
 def test_unsorted_or_duplicate_strides_are_sorted_or_refused(strides):
     try:
@@ -210,10 +206,6 @@ def test_weights_file_of_another_network_with_other_keys(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "bug: _load_strict relies on load_state_dict(strict=False) reporting mismatches, but torch raises a "
-    "plain RuntimeError('size mismatch ...') for same-named tensors of another shape (resnet18/resnet50 "
-    "file for wide_resnet50_2, a ResNet file for EfficientNet), so no WeightsUnavailableError"))
 def test_weights_file_of_another_network_with_other_shapes(tmp_path):
     path, _ = _save_resnet(tmp_path, torchvision.models.resnet18, "r18.pth")
     with pytest.raises(WeightsUnavailableError):

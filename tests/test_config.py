@@ -66,10 +66,6 @@ def test_boundary_values_are_accepted(changes):
         assert getattr(cfg, key) == value
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: these are not validated; projection_dim=0 gives an empty (D, 0) projection and a coreset of "
-    "repeated indices without any error, batch_size=0 fails later inside range(), resize=0 fails deep in "
-    "F.interpolate, crop=0 silently gives (B, 3, 0, 0) inputs"))
 @pytest.mark.parametrize("changes", [{"projection_dim": 0}, {"batch_size": 0}, {"resize": 0}, {"crop": 0},
                                      {"crop": (224, -1)}])
 def test_unvalidated_bad_values_raise(changes):

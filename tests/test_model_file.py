@@ -194,9 +194,6 @@ def test_missing_file_and_folder(tmp_path):
         assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "bug: _read_header returns whatever JSON the 'patchcore' metadata holds; a list/null there makes "
-    "read_model_file call .get on a non-dict and raise AttributeError instead of ModelFileError"))
 @pytest.mark.parametrize("value", ["[1, 2]", "null"])
 def test_patchcore_metadata_that_is_not_an_object(tmp_path, value):
     path = tmp_path / "odd.safetensors"

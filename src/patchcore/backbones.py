@@ -70,6 +70,9 @@ class Backbone(nn.Module):
 
     def __init__(self, network: nn.Module, strides: tuple[int, ...], weights_sha256: str):
         super().__init__()
+        if any(a >= b for a, b in zip(strides, strides[1:])):
+            # timm returns stages in network order: the requested order must be that order.
+            raise ValueError(f"strides must be strictly increasing, got {tuple(strides)}")
         info = list(network.feature_info)
         self.indices: list[int] = []
         for stride in strides:
@@ -112,7 +115,11 @@ def build_backbone(name: str, strides: tuple[int, ...], *, weights: str | None =
 
 
 def _load_strict(network: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    result = network.load_state_dict(state, strict=False)
+    try:
+        result = network.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes: torch raises instead of reporting
+        raise WeightsUnavailableError(f"weights from {origin} do not fit {type(network).__name__} "
+                                      f"(a file for another network?): {str(err).splitlines()[1:2]}") from None
     if result.missing_keys or result.unexpected_keys:
         raise WeightsUnavailableError(
             f"weights from {origin} do not fit {type(network).__name__}: missing {result.missing_keys[:5]}, "

@@ -51,8 +51,20 @@ class PatchCoreConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        if not self.feature_strides or any(s <= 0 for s in self.feature_strides):
-            raise ValueError(f"feature_strides must be positive, got {self.feature_strides}")
+        strides = self.feature_strides
+        if not strides or any(s <= 0 for s in strides) or any(a >= b for a, b in zip(strides, strides[1:])):
+            raise ValueError(f"feature_strides must be positive and strictly increasing (finest level first), "
+                             f"got {strides}")
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if name == "crop" and value is None:
+                continue
+            sizes = (value,) if isinstance(value, int) else tuple(value or ())
+            if len(sizes) not in (1, 2) or any(int(v) < 1 for v in sizes):
+                raise ValueError(f"{name} must be a positive int or (H, W){' or None' if name == 'crop' else ''}, got {value!r}")
+        for name in ("projection_dim", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd and >= 1, got {self.patch_size}")
         if not 0.0 < self.coreset_ratio <= 1.0:

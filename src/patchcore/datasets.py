@@ -134,12 +134,11 @@ def load_split(category_dir: str | Path, *, train: str | Path | None = None) -> 
         if not folder.is_dir():
             continue
         label = 0 if defect_type == GOOD else 1
+        masks = mask_index(mask_root / defect_type) if label and mask_root is not None else {}
         for path in _images(folder):
-            mask = None
-            if label and mask_root is not None:
-                mask = find_mask(mask_root / defect_type, path.stem)
-                if mask is None:
-                    missing.append(path)
+            mask = masks.get(path.stem)
+            if label and mask_root is not None and mask is None:
+                missing.append(path)
             items.append(TestItem(path, defect_type, label, mask))
     if missing:
         shown = ", ".join(str(p) for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -179,16 +178,14 @@ def _train_images(category_dir: Path, layout: str, train: str | Path | None) -> 
     return paths
 
 
-def find_mask(folder: Path, stem: str) -> Path | None:
-    """The mask of image `stem` in `folder`: <stem>_mask.<ext> (MVTec), else <stem>.<ext>."""
+def mask_index(folder: Path) -> dict[str, Path]:
+    """Image stem -> its mask in `folder`: <stem>_mask.<ext> (MVTec) wins over <stem>.<ext>."""
     if not folder.is_dir():
-        return None
-    for name in (f"{stem}_mask", stem):
-        for suffix in IMAGE_SUFFIXES:
-            for candidate in (folder / (name + suffix), folder / (name + suffix.upper())):
-                if candidate.is_file():
-                    return candidate
-    return None
+        return {}
+    files = _images(folder)
+    index = {p.stem: p for p in files}
+    index.update({p.stem[:-len("_mask")]: p for p in files if p.stem.endswith("_mask")})
+    return index
 
 
 # ------------------------------------------------------------------------------------ masks

@@ -35,7 +35,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, bank_sq_no
         q_sq = q.pow(2).sum(1, keepdim=True)
         best_sq = best_idx = None
         for b0 in range(0, num_bank, bank_chunk):
-            b = bank[b0:b0 + bank_chunk]
+            b = bank[b0:b0 + bank_chunk].float()
             dist_sq = torch.addmm(bank_sq_norms[b0:b0 + bank_chunk][None], q, b.T, alpha=-2.0).add_(q_sq)
             kk = min(k, dist_sq.shape[1])
             if kk == 1:

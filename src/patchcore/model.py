@@ -199,10 +199,9 @@ class PatchCore:
                     scores += result.scores.tolist()
                     pixel_max += result.maps.flatten(1).amax(1).tolist()
             if scores:
-                # The smallest thresholds under which no held-out nominal image, or pixel, is flagged.
                 self.calibration_scores_ = [float(s) for s in scores]
-                self.image_threshold_ = float(max(scores))
-                self.pixel_threshold_ = float(max(pixel_max))
+                self.image_threshold_ = nominal_threshold(scores)
+                self.pixel_threshold_ = nominal_threshold(pixel_max)
         report.calibration_seconds = time.perf_counter() - started
         self.fit_report_ = report
         return self
@@ -320,10 +319,20 @@ class PatchCore:
         return model
 
 
+def nominal_threshold(nominal_scores: list[float]) -> float:
+    """Decision threshold from held-out nominal scores: mean + 3 std (about 0.1% false alarms if
+    nominal scores are roughly normal), and never below the largest held-out score. The max alone
+    is too tight when only a few images are held out."""
+    values = torch.tensor(nominal_scores, dtype=torch.float64)
+    spread = float(values.std()) if values.numel() > 1 else 0.0
+    return float(max(float(values.max()), float(values.mean()) + 3.0 * spread))
+
+
 def _calibration_split(images: list, ratio: float, seed: int) -> tuple[list, list]:
-    """Hold out round(ratio * n) images (seeded) to calibrate thresholds; none if fewer than 10 images."""
-    count = int(round(ratio * len(images)))
-    if ratio <= 0 or len(images) < 10 or count < 1:
+    """Hold out round(ratio * n) images (seeded) to calibrate thresholds, at least min(5, n // 4) since
+    a threshold from two or three scores is mostly noise; none if fewer than 10 images."""
+    count = max(int(round(ratio * len(images))), min(5, len(images) // 4))
+    if ratio <= 0 or len(images) < 10:
         return images, []
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1)).tolist()
     held_out = set(order[:count])

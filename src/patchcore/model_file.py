@@ -79,4 +79,7 @@ def _read_header(payload: bytes) -> dict[str, Any]:
     metadata = json.loads(payload[8:8 + length]).get("__metadata__") or {}
     if _METADATA_KEY not in metadata:
         return {}
-    return json.loads(metadata[_METADATA_KEY])
+    header = json.loads(metadata[_METADATA_KEY])
+    if not isinstance(header, dict):
+        raise ValueError("patchcore metadata is not a JSON object")
+    return header

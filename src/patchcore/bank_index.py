@@ -1,0 +1,146 @@
+"""Exact 1-NN over a fixed memory bank, pruned by a PCA-ordered lower bound (the predict-time hot path).
+
+Rotating the centred bank by its PCA basis changes no distance, and the squared distance over the first
+r principal dims is a lower bound of the full one. For a chunk of queries one small GEMM (r of D dims)
+gives that bound for every (query, bank row) pair; the row with the smallest bound gives an upper bound
+(its exact distance), and only rows whose lower bound is not above it can hold the nearest neighbour.
+Those few candidates are compared with exact distances ||q - b||. Every pruning test carries a margin
+that covers float rounding, so the answer is the one a full search gives (up to near-ties).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .knn import DEFAULT_CHUNK_ELEMENTS, nearest, squared_norms
+
+_UNIT_ROUNDOFF = 2.0 ** -24  # float32
+_SAFETY = 2.0  # multiplies every rounding bound below
+
+
+def _gemm_input_roundoff(device: torch.device) -> float:
+    """Unit roundoff of the operands inside a float32 matmul: TF32/bf16 modes round them first."""
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0 ** -11  # TF32: 10 explicit mantissa bits
+    return {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11, "medium": 2.0 ** -8}.get(
+        torch.get_float32_matmul_precision(), 2.0 ** -8)
+
+
+def _key(dist: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(distance >= 0, index) -> one int64 that orders by distance, then index (float bits are monotone)."""
+    return (dist.view(torch.int32).long() << 32) | idx
+
+
+def _unkey(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (key >> 32).int().view(torch.float32), key & 0xFFFFFFFF
+
+
+class BankIndex:
+    """Exact 1-NN over a fixed bank: PCA-ordered lower bound prunes, exact distances verify."""
+
+    def __init__(self, bank: torch.Tensor, *, prefix_dims: int = 32, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 max_candidate_fraction: float = 0.05):
+        if bank.ndim != 2 or bank.shape[0] < 1:
+            raise ValueError(f"bank must be (M >= 1, D), got {tuple(bank.shape)}")
+        if prefix_dims < 1 or chunk_elements < 1:
+            raise ValueError("prefix_dims and chunk_elements must be >= 1")
+        self.prefix_dims = prefix_dims
+        self.chunk_elements = chunk_elements
+        # A query whose candidates exceed this share of a bank chunk is searched by the plain full GEMM:
+        # past it, gathering candidate rows costs more than the GEMM it saves.
+        self.max_candidate_fraction = max_candidate_fraction
+        self.bank_ = bank.float().contiguous()
+        self.bank_sq_norms_ = squared_norms(self.bank_)
+        num_bank, dim = self.bank_.shape
+        self.pruning_ = dim > prefix_dims
+        if not self.pruning_:
+            return
+        mean = self.bank_.double().mean(0)
+        centred = self.bank_.double() - mean
+        eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)  # ascending; float64 keeps the order stable
+        basis = eigvecs.flip(1)[:, :prefix_dims]  # (D, r): leading principal directions
+        self.mean_ = mean.float()
+        self.basis_ = basis.float().contiguous()
+        centred32 = self.bank_ - self.mean_
+        self.bank_prefix_ = (centred32 @ self.basis_).contiguous()  # (M, r) rotated bank, first r dims
+        self.bank_prefix_sq_ = self.bank_prefix_.pow(2).sum(1)
+        self.prefix_energy_ = float(eigvals.flip(0)[:prefix_dims].sum() / eigvals.sum().clamp_min(1e-300))
+        # Largest centred norm and prefix norm over the bank: per-query margins then need no (Q, M) work.
+        self._max_centred_norm = float(centred32.norm(dim=1).max())
+        self._max_prefix_sq = float(self.bank_prefix_sq_.max())
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, D) -> distances (Q,), indices (Q,) of the nearest bank row (exact Euclidean, not squared)."""
+        num_bank, dim = self.bank_.shape
+        if queries.ndim != 2 or queries.shape[1] != dim:
+            raise ValueError(f"queries must be (Q, {dim}), got {tuple(queries.shape)}")
+        queries = queries.to(device=self.bank_.device, dtype=torch.float32)
+        if not self.pruning_:
+            dist, idx = nearest(queries, self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
+                                chunk_elements=self.chunk_elements)
+            return dist[:, 0], idx[:, 0]
+        bank_chunk = min(num_bank, self.chunk_elements)
+        query_chunk = max(1, self.chunk_elements // bank_chunk)
+        keys = torch.cat([self._search_chunk(queries[q0:q0 + query_chunk], bank_chunk)
+                          for q0 in range(0, queries.shape[0], query_chunk)]) if queries.shape[0] else \
+            torch.empty(0, dtype=torch.long, device=queries.device)
+        return _unkey(keys)
+
+    def _margins(self, centred_norm: torch.Tensor, prefix_sq: torch.Tensor, device: torch.device):
+        """Rounding bounds for the prefix GEMM test (see _search_chunk); all per query, (n,)."""
+        u, u_in = _UNIT_ROUNDOFF, _gemm_input_roundoff(device)
+        r, dim = self.prefix_dims, self.bank_.shape[1]
+        # Projection x -> x @ basis (x = q - mean): each of the r outputs is a length-D dot product with a
+        # unit column, so its error is <= (2 u_in + D u) ||x||; over r outputs, times sqrt(r). The centring
+        # subtraction adds u ||x||.
+        proj = _SAFETY * ((2 * u_in + dim * u) * math.sqrt(r) + u)
+        shift = proj * (centred_norm + self._max_centred_norm)
+        # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims: the dot product errs by <= (2 u_in + r u)
+        # sum|a_i b_i| <= (2 u_in + r u)(||a||^2 + ||b||^2) / 2, each squared norm by r u, the two additions
+        # by 2 u (||a||^2 + ||b||^2 + 2|a.b|); in all <= (2 u_in + (2r + 4) u)(||a||^2 + ||b||^2).
+        expansion = _SAFETY * (2 * u_in + (2 * r + 4) * u) * (prefix_sq + self._max_prefix_sq)
+        # The float32 basis is orthonormal only to ~u sqrt(r): ||(q - b) basis|| <= (1 + eta) ||q - b||; the
+        # direct distance of the upper-bound row errs by (D + 4) u relatively.
+        stretch = (1 + _SAFETY * u * math.sqrt(r)) * (1 + _SAFETY * (dim + 4) * u)
+        return shift, expansion, stretch
+
+    def _search_chunk(self, q: torch.Tensor, bank_chunk: int) -> torch.Tensor:
+        """(n, D) queries -> (n,) keys (distance bits, index) of their nearest bank rows."""
+        num_bank, dim = self.bank_.shape
+        device = q.device
+        centred = q - self.mean_
+        prefix = centred @ self.basis_  # (n, r)
+        prefix_sq = prefix.pow(2).sum(1)
+        shift, expansion, stretch = self._margins(centred.norm(dim=1), prefix_sq, device)
+        best = torch.full((q.shape[0],), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
+        rows = torch.arange(q.shape[0], device=device)
+        pair_chunk = max(1, self.chunk_elements // dim)
+        for b0 in range(0, num_bank, bank_chunk):
+            b1 = min(num_bank, b0 + bank_chunk)
+            # partial[i, j] = ||q_i' - b_j'||^2 - ||q_i'||^2 over the first r rotated dims (lower bound - const).
+            partial = torch.addmm(self.bank_prefix_sq_[b0:b1][None], prefix, self.bank_prefix_[b0:b1].T, alpha=-2.0)
+            guess = partial.argmin(1) + b0
+            guess_dist = (q - self.bank_[guess]).pow_(2).sum(1).sqrt_()
+            best = torch.minimum(best, _key(guess_dist, guess))
+            upper = _unkey(best)[0]
+            # Row j can be nearest only if its true prefix distance <= (1+eta) d(q, j) <= (1+eta) * true upper
+            # bound; the computed prefix distance may sit `shift` (projection) and `expansion` (GEMM) lower.
+            threshold = (upper * stretch + shift).square_().mul_(1 + 8 * _UNIT_ROUNDOFF) + expansion - prefix_sq
+            mask = partial <= threshold[:, None]
+            del partial
+            heavy = mask.sum(1) > self.max_candidate_fraction * (b1 - b0)
+            if bool(heavy.any()):  # anomalous queries: the plain GEMM search is cheaper than gathering
+                h = rows[heavy]
+                dist, idx = nearest(q[h], self.bank_[b0:b1], 1, bank_sq_norms=self.bank_sq_norms_[b0:b1],
+                                    chunk_elements=self.chunk_elements)
+                best[h] = torch.minimum(best[h], _key(dist[:, 0], idx[:, 0] + b0))
+                mask[h] = False
+            pairs = mask.nonzero()
+            del mask
+            for p0 in range(0, pairs.shape[0], pair_chunk):
+                qi, bj = pairs[p0:p0 + pair_chunk].unbind(1)
+                bj = bj + b0
+                dist = (q[qi] - self.bank_[bj]).pow_(2).sum(1).sqrt_()
+                best.scatter_reduce_(0, qi, _key(dist, bj), "amin")
+        return best

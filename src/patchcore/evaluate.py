@@ -1,0 +1,395 @@
+"""`patchcore evaluate`: the MVTec AD protocol (PATCHCORE.md section 4) on one or more categories.
+
+Per category: fit on the training images, score every test image, then compute image AUROC, pixel
+AUROC, AUPRO (to FPR 0.3, normalised), image and pixel F1-max. Nothing is fitted on the test split:
+the only threshold applied is the model's own, calibrated on held-out training images. Results go
+to <output>/<category>.json, summary.json and results.md, rewritten after every category.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .cli import EXIT_OK, _progress, add_config_options, config_from_args
+from .config import PatchCoreConfig
+from .datasets import DatasetError, TestSet, find_categories, image_size, load_split, read_mask
+from .images import Preprocess
+from .metrics import image_metrics, pixel_metrics
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
+AUPRO_FPR_LIMIT = 0.3
+METRIC_NOTES = {
+    "image_auroc": "AUROC of image scores, good = 0, any defect = 1",
+    "pixel_auroc": "AUROC over all pixels of all test images (good images: empty masks)",
+    "aupro": f"per-region overlap (8-connected regions) integrated up to FPR {AUPRO_FPR_LIMIT}, divided by it",
+    "image_f1_max": "best F1 over all thresholds on the test scores: a protocol metric, not a deployable "
+                    "operating point (its threshold is deliberately not reported)",
+    "pixel_f1_max": "best F1 over all thresholds on the test pixels: a protocol metric, like image_f1_max",
+}
+
+
+# ---------------------------------------------------------------------------- ground truth
+def mask_geometry(preprocess: Preprocess, mask: np.ndarray) -> np.ndarray:
+    """bool (H, W) at image size -> bool (h, w) aligned with the anomaly maps: the image's resize
+    (nearest neighbour, so the mask stays binary), then the very same centre crop."""
+    height, width = mask.shape
+    size = preprocess._resized_size(height, width)
+    picture = Image.fromarray(mask.astype(np.uint8) * 255)
+    if size != (height, width):
+        picture = picture.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    # Crop with Preprocess itself (resize off, identity normalisation): the maps' crop, not a copy of it.
+    crop_only = dataclasses.replace(preprocess, resize=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    x = torch.from_numpy(np.array(picture)).expand(1, 3, *size).contiguous()
+    return (crop_only(x)[0, 0] > 0.5).numpy()
+
+
+def load_masks(split: TestSet, preprocess: Preprocess) -> dict[int, np.ndarray]:
+    """Test item index -> its ground truth at model geometry, for defect images that have a mask."""
+    masks = {}
+    for i, item in enumerate(split.items):
+        if item.mask_path is None:
+            continue
+        mask = read_mask(item.mask_path)
+        expected = image_size(item.path)
+        if mask.shape != expected:
+            raise DatasetError(f"{item.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image "
+                               f"{item.path} is {expected[0]}x{expected[1]} (H x W)")
+        masks[i] = mask_geometry(preprocess, mask)
+    return masks
+
+
+def resolution_text(config: PatchCoreConfig, input_size: tuple[int, int]) -> str:
+    """'pixel metrics at 224x224 model input geometry (resize 256, centre crop 224)'."""
+    def size(value) -> str:
+        return str(value) if isinstance(value, int) else f"{value[0]}x{value[1]}"
+
+    resize = "no resize" if config.resize is None else f"resize {size(config.resize)}"
+    crop = "no crop" if config.crop is None else f"centre crop {size(config.crop)}"
+    return f"pixel metrics at {input_size[0]}x{input_size[1]} model input geometry ({resize}, {crop})"
+
+
+# ---------------------------------------------------------------------------- metrics
+def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Image-level confusion counts and rates at a fixed threshold (defect when score > threshold)."""
+    y = np.asarray(labels).astype(bool)
+    predicted = np.asarray(scores) > threshold  # the model's own rule (PatchCore._score_uint8)
+    tp, fp = int(np.sum(predicted & y)), int(np.sum(predicted & ~y))
+    fn, tn = int(np.sum(~predicted & y)), int(np.sum(~predicted & ~y))
+    precision = tp / (tp + fp) if tp + fp else None  # undefined when nothing is flagged
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {"threshold": float(threshold), "accuracy": (tp + tn) / len(y), "precision": precision,
+            "recall": recall, "f1": f1, "true_positives": tp, "false_positives": fp,
+            "true_negatives": tn, "false_negatives": fn}
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+# ---------------------------------------------------------------------------- one category
+def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = "auto",
+                      max_feature_memory: int = 2 << 30, quiet: bool = True) -> dict[str, Any]:
+    """Fit on split.train, score split.items, return the category's JSON record."""
+    from .model import PatchCore
+
+    model = PatchCore(config, device=device)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    started = time.perf_counter()
+    preprocess = model.preprocess  # builds the backbone (loads weights); not counted as fit time
+    backbone_seconds = time.perf_counter() - started
+    masks = load_masks(split, preprocess)  # before fitting: a bad mask fails in seconds, not after the fit
+
+    started = time.perf_counter()
+    with _progress(len(split.train), f"{split.name} fit", quiet) as bar:
+        model.fit(split.train, progress=bar.update, max_feature_memory=max_feature_memory)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    fit_seconds = time.perf_counter() - started
+    report = model.fit_report_
+
+    paths = [item.path for item in split.items]
+    index = {path: i for i, path in enumerate(paths)}
+    scores = np.zeros(len(paths), dtype=np.float64)
+    maps: np.ndarray | None = None  # (N, h, w) float32: ~200 kB per image at 224 x 224
+    started = time.perf_counter()
+    with _progress(len(paths), f"{split.name} test", quiet) as bar:
+        for done, result, failures in model.iter_predict(paths):
+            if failures:
+                raise DatasetError(f"unreadable test image: {failures[0]}")
+            bar.update(len(done))
+            batch_maps = result.maps.numpy().astype(np.float32, copy=False)
+            if maps is None:
+                maps = np.zeros((len(paths), *batch_maps.shape[1:]), dtype=np.float32)
+            elif batch_maps.shape[1:] != maps.shape[1:]:
+                raise DatasetError(f"test images give anomaly maps of different sizes ({maps.shape[1:]} and "
+                                   f"{batch_maps.shape[1:]}); set a fixed --resize H,W or a --crop")
+            rows = [index[Path(p)] for p in done]
+            scores[rows] = result.scores.double().numpy()
+            maps[rows] = batch_maps
+    predict_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    labels = np.asarray(split.labels)
+    metrics: dict[str, float | None] = dict.fromkeys(METRICS)
+    image = image_metrics(labels, scores)
+    metrics["image_auroc"], metrics["image_f1_max"] = image["image_auroc"], image["image_f1_max"]
+    input_size = tuple(maps.shape[1:])
+    notes = list(split.notes)
+    if split.has_masks:
+        gt = np.zeros(maps.shape, dtype=bool)  # good images: empty masks
+        for i, mask in masks.items():
+            if mask.shape != input_size:
+                raise DatasetError(f"{split.items[i].mask_path}: mask at model geometry is {mask.shape}, "
+                                   f"the anomaly maps are {input_size}")
+            gt[i] = mask
+        if gt.any():
+            metrics.update(pixel_metrics(gt, maps, fpr_limit=AUPRO_FPR_LIMIT))
+        else:
+            notes.append("all ground-truth masks are empty at the model geometry: no pixel metrics")
+        resolution = resolution_text(config, input_size) + "; masks resized nearest-neighbour, any non-zero = defect"
+    else:
+        resolution = "no pixel metrics (no ground-truth masks)"
+    metrics_seconds = time.perf_counter() - started
+
+    predicted = None
+    if model.image_threshold_ is not None:
+        at_threshold = {
+            "description": (f"image decision at the model's threshold, the highest score of "
+                            f"{report.n_calibration_images} held-out training images (calibration_ratio "
+                            f"{config.calibration_ratio}); no test image was used to choose it"),
+            "n_held_out_train_images": report.n_calibration_images,
+            **threshold_metrics(labels, scores, model.image_threshold_),
+        }
+        predicted = scores > model.image_threshold_
+    else:
+        at_threshold = {"description": "no decision threshold: fewer than 10 training images or calibration_ratio 0"}
+
+    return {
+        "category": split.name,
+        "root": str(split.root),
+        "layout": split.layout,
+        "package_version": __version__,
+        "settings": config.to_dict(),
+        "device": _device_text(model.device),
+        "n_images": {
+            "train": len(split.train), "train_fitted": report.n_images,
+            "train_held_out_for_threshold": report.n_calibration_images, "test": len(split.items),
+            "test_good": int(np.sum(labels == 0)), "test_defect": int(np.sum(labels == 1)),
+            "test_by_type": {t: sum(i.defect_type == t for i in split.items) for t in split.defect_types},
+        },
+        "metrics": metrics,
+        "metric_definitions": METRIC_NOTES,
+        "pixel_resolution": resolution,
+        "at_training_threshold": at_threshold,
+        "timings": {
+            "fit_seconds": fit_seconds,
+            "coreset_seconds": report.coreset_seconds,
+            "embed_seconds": report.embed_seconds,
+            "calibration_seconds": report.calibration_seconds,
+            "backbone_load_seconds": backbone_seconds,
+            "predict_seconds": predict_seconds,
+            "predict_ms_per_image": 1000.0 * predict_seconds / len(paths),
+            "metrics_seconds": metrics_seconds,
+            "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": (torch.cuda.max_memory_allocated(model.device) / (1 << 20)
+                             if model.device.type == "cuda" else None),
+            "notes": "fit = features + coreset + threshold calibration; predict = wall time to decode and score "
+                     "the test set, divided by its size; peak RSS is the process peak so far (includes "
+                     "earlier categories)",
+        },
+        "fit": {"n_patches": report.n_patches, "coreset_size": report.coreset_size,
+                "features_spilled_to_disk": report.features_spilled_to_disk,
+                "skipped_train_images": list(report.skipped)},
+        "notes": notes,
+        "images": [{"file": item.path.relative_to(split.root).as_posix(), "defect_type": item.defect_type,
+                    "label": item.label, "score": float(scores[i]),
+                    "predicted_defect": None if predicted is None else bool(predicted[i])}
+                   for i, item in enumerate(split.items)],
+    }
+
+
+# ---------------------------------------------------------------------------- reports
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=1, allow_nan=False) + "\n"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def summarise(records: list[dict[str, Any]], requested: list[str]) -> dict[str, Any]:
+    keep = ("category", "layout", "n_images", "metrics", "pixel_resolution", "at_training_threshold", "timings")
+    mean = {m: _mean([r["metrics"][m] for r in records]) for m in METRICS}
+    return {
+        "package_version": __version__,
+        "settings": records[0]["settings"] if records else None,
+        "device": records[0]["device"] if records else None,
+        "categories_requested": requested,
+        "categories_done": [r["category"] for r in records],
+        "complete": [r["category"] for r in records] == requested,
+        "mean": {**mean,
+                 "n_categories": {m: sum(r["metrics"][m] is not None for r in records) for m in METRICS},
+                 "fit_seconds": _mean([r["timings"]["fit_seconds"] for r in records]),
+                 "coreset_seconds": _mean([r["timings"]["coreset_seconds"] for r in records]),
+                 "predict_ms_per_image": _mean([r["timings"]["predict_ms_per_image"] for r in records]),
+                 "peak_rss_mib": max((r["timings"]["peak_rss_mib"] for r in records), default=None)},
+        "metric_definitions": METRIC_NOTES,
+        "categories": [{k: r[k] for k in keep} for r in records],
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    settings = summary["settings"] or {}
+    lines = ["# PatchCore evaluation", "",
+             f"patchcore {summary['package_version']}; backbone {settings.get('backbone')}, coreset "
+             f"{settings.get('coreset_size') or settings.get('coreset_ratio')}, resize {settings.get('resize')}, "
+             f"crop {settings.get('crop')}; device {summary['device']}. Metrics in %.", "",
+             "| category | image AUROC | pixel AUROC | AUPRO | image F1-max | pixel F1-max | fit s (coreset s) "
+             "| predict ms/img | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def row(name, metrics, fit, coreset, predict, rss):
+        cells = [name] + [_pct(metrics[m]) for m in METRICS]
+        cells += ["-" if fit is None else f"{fit:.1f} ({coreset:.1f})",
+                  "-" if predict is None else f"{predict:.1f}", "-" if rss is None else f"{rss:.0f}"]
+        return "| " + " | ".join(cells) + " |"
+
+    for r in summary["categories"]:
+        t = r["timings"]
+        lines.append(row(r["category"], r["metrics"], t["fit_seconds"], t["coreset_seconds"],
+                         t["predict_ms_per_image"], t["peak_rss_mib"]))
+    mean = summary["mean"]
+    if len(summary["categories"]) > 1:
+        lines.append(row("**mean**", mean, mean["fit_seconds"], mean["coreset_seconds"],
+                         mean["predict_ms_per_image"], mean["peak_rss_mib"]))
+    partial = [m for m in METRICS if 0 < mean["n_categories"][m] < len(summary["categories"])]
+    lines.append("")
+    resolutions = list(dict.fromkeys(r["pixel_resolution"] for r in summary["categories"]))
+    if len(resolutions) == 1:
+        lines.append(f"Resolution: {resolutions[0]}.")
+    else:
+        lines += [f"Resolution, {r['category']}: {r['pixel_resolution']}." for r in summary["categories"]]
+    lines += ["",
+              f"AUPRO: per-region overlap integrated to FPR {AUPRO_FPR_LIMIT}, normalised. F1-max: best F1 over "
+              "all thresholds on the test set (a protocol metric, not an operating point). Fit time includes "
+              "threshold calibration; predict time includes image decoding. Peak RSS is the process peak so far."]
+    if partial:
+        lines.append(f"Mean of {', '.join(partial)} over the categories that have ground-truth masks only.")
+    if not summary["complete"]:
+        lines.append(f"Incomplete: {len(summary['categories_done'])} of {len(summary['categories_requested'])} "
+                     "categories finished.")
+    lines += ["", "## At the decision threshold set on held-out training images (no test data used)", "",
+              "| category | threshold | held-out train images | accuracy | precision | recall |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in summary["categories"]:
+        t = r["at_training_threshold"]
+        if "threshold" not in t:
+            lines.append(f"| {r['category']} | none | - | - | - | - |")
+            continue
+        lines.append(f"| {r['category']} | {t['threshold']:.4g} | {t['n_held_out_train_images']} | "
+                     f"{_pct(t['accuracy'])} | {_pct(t['precision'])} | {_pct(t['recall'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(output: Path, records: list[dict[str, Any]], requested: list[str]) -> None:
+    summary = summarise(records, requested)
+    write_atomic(output / "summary.json", _json(summary))
+    write_atomic(output / "results.md", markdown(summary))
+
+
+# ---------------------------------------------------------------------------- driver
+def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, categories: list[str] | None = None,
+             train: str | Path | None = None, device: str = "auto", max_feature_memory: int = 2 << 30,
+             quiet: bool = True, log=None) -> list[dict[str, Any]]:
+    """Evaluate every category under `root` (or the named ones); write results as each one finishes."""
+    log = log or (lambda text: None)
+    folders = find_categories(root, categories)
+    if train is not None and len(folders) > 1:
+        raise DatasetError(f"--train applies to one category, but {len(folders)} were found under {root}; "
+                           "name one with --category")
+    splits = [load_split(folder, train=train) for folder in folders]  # all data errors before any fitting
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    requested = [s.name for s in splits]
+    records: list[dict[str, Any]] = []
+    for n, split in enumerate(splits, 1):
+        log(f"[{n}/{len(splits)}] {split.name} ({split.layout} layout): fit on {len(split.train)} training "
+            f"images, score {len(split.items)} test images")
+        record = evaluate_category(split, config, device=device, max_feature_memory=max_feature_memory, quiet=quiet)
+        records.append(record)
+        write_atomic(output / f"{split.name}.json", _json(record))
+        write_results(output, records, requested)
+        m, t = record["metrics"], record["timings"]
+        log(f"[{n}/{len(splits)}] {split.name}: image AUROC {_pct(m['image_auroc'])}, pixel AUROC "
+            f"{_pct(m['pixel_auroc'])}, AUPRO {_pct(m['aupro'])}; fit {t['fit_seconds']:.1f} s (coreset "
+            f"{t['coreset_seconds']:.1f} s), predict {t['predict_ms_per_image']:.1f} ms/img, "
+            f"peak RSS {t['peak_rss_mib']:.0f} MiB")
+    return records
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    output = Path(args.output)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    evaluate(args.root, config, output, categories=args.category, train=args.train, device=args.device,
+             max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)), quiet=args.quiet, log=log)
+    log(f"wrote {output / 'results.md'}, {output / 'summary.json'} and one JSON per category in {output}")
+    return EXIT_OK
+
+
+def add_parser(sub, common) -> None:
+    parser = sub.add_parser(
+        "evaluate", help="fit and score MVTec-layout (or folder-layout) categories; write metrics",
+        description="Fit on each category's training images, score its test images, and write image AUROC, "
+                    "pixel AUROC, AUPRO and F1-max per category and their mean (JSON and Markdown).")
+    parser.add_argument("root", help="a category folder, or a folder of categories (e.g. the MVTec AD root)")
+    parser.add_argument("--category", action="append", default=None,
+                        help="evaluate only this category (repeatable; default: all found)")
+    parser.add_argument("-o", "--output", default="results", help="results folder (default: results)")
+    parser.add_argument("--train", default=None,
+                        help="folder of defect-free training images, for a single category without "
+                             "<category>/train/good (folder layout)")
+    parser.add_argument("--max-feature-memory-gb", type=float, default=2.0,
+                        help="training features beyond this go to a temporary file (default: 2)")
+    common(parser)
+    add_config_options(parser)
+    parser.set_defaults(run=cmd_evaluate)
