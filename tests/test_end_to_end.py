@@ -141,7 +141,7 @@ def test_bank_of_another_backbone_is_rejected(fitted, tmp_path):
 def test_in_memory_inputs_match_files(fitted, category):
     paths = sorted((category / "test" / "scratch").glob("*.png"))[:2]
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    tensor = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
+    tensor = torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arrays])
     by_path, by_array, by_tensor = fitted.predict(paths), fitted.predict(arrays), fitted.predict(tensor)
     assert torch.equal(by_path.scores, by_array.scores) and torch.equal(by_path.scores, by_tensor.scores)
     assert torch.equal(by_path.maps, by_tensor.maps)

@@ -1,7 +1,7 @@
 """Exact 1-NN over a fixed memory bank, pruned by a PCA-ordered lower bound (the predict-time hot path).
 
 Rotating the centred bank by its PCA basis changes no distance, and the squared distance over the first
-r principal dims is a lower bound of the full one. For a chunk of queries one small GEMM (r of D dims)
+r principal dims is a lower bound of the full one. For a block of queries one thin GEMM (r of D dims)
 gives that bound for every (query, bank row) pair; the row with the smallest bound gives an upper bound
 (its exact distance), and only rows whose lower bound is not above it can hold the nearest neighbour.
 Those few candidates are compared with exact distances ||q - b||. Every pruning test carries a margin
@@ -17,14 +17,18 @@ from .knn import DEFAULT_CHUNK_ELEMENTS, nearest, squared_norms
 
 _UNIT_ROUNDOFF = 2.0 ** -24  # float32
 _SAFETY = 2.0  # multiplies every rounding bound below
+# On CPU the (queries x bank) bound matrix is built in blocks this size (16 MiB of float32), so that the
+# passes over it (min, compare, nonzero) run from cache; accelerators take whole chunks.
+CPU_BLOCK_ELEMENTS = 1 << 22
+_VERIFY_PAIRS = 1 << 12  # candidate pairs gathered at once on CPU, for the same reason
+_CALIBRATION_ROWS = 256
 
 
 def _gemm_input_roundoff(device: torch.device) -> float:
     """Unit roundoff of the operands inside a float32 matmul: TF32/bf16 modes round them first."""
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return 2.0 ** -11  # TF32: 10 explicit mantissa bits
-    return {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11, "medium": 2.0 ** -8}.get(
-        torch.get_float32_matmul_precision(), 2.0 ** -8)
+    return {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11}.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
 
 
 def _key(dist: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -34,6 +38,11 @@ def _key(dist: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _unkey(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (key >> 32).int().view(torch.float32), key & 0xFFFFFFFF
+
+
+def _row_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Direct ||a_i - b_i|| (no GEMM expansion, so no cancellation): relative error <= (D + 4) u."""
+    return torch.linalg.vector_norm(a - b, dim=1)
 
 
 class BankIndex:
@@ -47,8 +56,8 @@ class BankIndex:
             raise ValueError("prefix_dims and chunk_elements must be >= 1")
         self.prefix_dims = prefix_dims
         self.chunk_elements = chunk_elements
-        # A query whose candidates exceed this share of a bank chunk is searched by the plain full GEMM:
-        # past it, gathering candidate rows costs more than the GEMM it saves.
+        # A query with more candidates than this share of the bank is searched by the plain GEMM instead:
+        # past it, gathering candidate rows one by one costs more than the GEMM saves.
         self.max_candidate_fraction = max_candidate_fraction
         self.bank_ = bank.float().contiguous()
         self.bank_sq_norms_ = squared_norms(self.bank_)
@@ -59,16 +68,20 @@ class BankIndex:
         mean = self.bank_.double().mean(0)
         centred = self.bank_.double() - mean
         eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)  # ascending; float64 keeps the order stable
-        basis = eigvecs.flip(1)[:, :prefix_dims]  # (D, r): leading principal directions
         self.mean_ = mean.float()
-        self.basis_ = basis.float().contiguous()
-        centred32 = self.bank_ - self.mean_
-        self.bank_prefix_ = (centred32 @ self.basis_).contiguous()  # (M, r) rotated bank, first r dims
-        self.bank_prefix_sq_ = self.bank_prefix_.pow(2).sum(1)
+        self.basis_ = eigvecs.flip(1)[:, :prefix_dims].float().contiguous()  # (D, r) leading principal axes
         self.prefix_energy_ = float(eigvals.flip(0)[:prefix_dims].sum() / eigvals.sum().clamp_min(1e-300))
+        centred32 = self.bank_ - self.mean_
+        self.bank_prefix_ = (centred32 @ self.basis_).contiguous()  # (M, r): first r rotated coordinates
+        self.bank_prefix_sq_ = self.bank_prefix_.pow(2).sum(1)
         # Largest centred norm and prefix norm over the bank: per-query margins then need no (Q, M) work.
         self._max_centred_norm = float(centred32.norm(dim=1).max())
         self._max_prefix_sq = float(self.bank_prefix_sq_.max())
+        # Calibrate on bank rows (each against the rest): where most of them would fall back to the plain
+        # GEMM (unstructured data, e.g. Gaussian), so would queries, and the bound pass would be wasted.
+        sample = torch.linspace(0, num_bank - 1, min(num_bank, _CALIBRATION_ROWS), device=self.bank_.device).long()
+        _, heavy = self._search_rows(self.bank_[sample], exclude=sample)
+        self.pruning_ = bool(heavy.float().mean() <= 0.5)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, D) -> distances (Q,), indices (Q,) of the nearest bank row (exact Euclidean, not squared)."""
@@ -76,71 +89,88 @@ class BankIndex:
         if queries.ndim != 2 or queries.shape[1] != dim:
             raise ValueError(f"queries must be (Q, {dim}), got {tuple(queries.shape)}")
         queries = queries.to(device=self.bank_.device, dtype=torch.float32)
-        if not self.pruning_:
+        if not self.pruning_ or queries.shape[0] == 0:
             dist, idx = nearest(queries, self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
                                 chunk_elements=self.chunk_elements)
             return dist[:, 0], idx[:, 0]
-        bank_chunk = min(num_bank, self.chunk_elements)
-        query_chunk = max(1, self.chunk_elements // bank_chunk)
-        keys = torch.cat([self._search_chunk(queries[q0:q0 + query_chunk], bank_chunk)
-                          for q0 in range(0, queries.shape[0], query_chunk)]) if queries.shape[0] else \
-            torch.empty(0, dtype=torch.long, device=queries.device)
+        keys, _ = self._search_rows(queries)
         return _unkey(keys)
 
+    def _search_rows(self, queries: torch.Tensor, exclude: torch.Tensor | None = None):
+        """(Q, D) -> (Q,) keys of the nearest rows, (Q,) bool: fell back to the plain GEMM somewhere.
+
+        exclude (Q,): one bank row per query to leave out (calibration queries are bank rows).
+        """
+        num_bank = self.bank_.shape[0]
+        block = self.chunk_elements if queries.device.type != "cpu" else min(self.chunk_elements, CPU_BLOCK_ELEMENTS)
+        bank_chunk = min(num_bank, block)
+        query_chunk = max(1, block // bank_chunk)
+        keys, heavy = [], []
+        for q0 in range(0, queries.shape[0], query_chunk):
+            k, h = self._search_block(queries[q0:q0 + query_chunk], bank_chunk,
+                                      None if exclude is None else exclude[q0:q0 + query_chunk])
+            keys.append(k)
+            heavy.append(h)
+        return torch.cat(keys), torch.cat(heavy)
+
     def _margins(self, centred_norm: torch.Tensor, prefix_sq: torch.Tensor, device: torch.device):
-        """Rounding bounds for the prefix GEMM test (see _search_chunk); all per query, (n,)."""
+        """Rounding bounds for the lower-bound test in _search_block; per query, (n,)."""
         u, u_in = _UNIT_ROUNDOFF, _gemm_input_roundoff(device)
         r, dim = self.prefix_dims, self.bank_.shape[1]
         # Projection x -> x @ basis (x = q - mean): each of the r outputs is a length-D dot product with a
-        # unit column, so its error is <= (2 u_in + D u) ||x||; over r outputs, times sqrt(r). The centring
-        # subtraction adds u ||x||.
+        # unit column, so it errs by <= (2 u_in + D u) ||x||; over r outputs, times sqrt(r). Centring adds
+        # u ||x||. Query and bank row both: the computed prefix distance is off by <= `shift`.
         proj = _SAFETY * ((2 * u_in + dim * u) * math.sqrt(r) + u)
         shift = proj * (centred_norm + self._max_centred_norm)
         # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims: the dot product errs by <= (2 u_in + r u)
         # sum|a_i b_i| <= (2 u_in + r u)(||a||^2 + ||b||^2) / 2, each squared norm by r u, the two additions
-        # by 2 u (||a||^2 + ||b||^2 + 2|a.b|); in all <= (2 u_in + (2r + 4) u)(||a||^2 + ||b||^2).
+        # by 2 u (||a||^2 + ||b||^2 + 2|a.b|): in all <= (2 u_in + (2r + 4) u)(||a||^2 + ||b||^2).
         expansion = _SAFETY * (2 * u_in + (2 * r + 4) * u) * (prefix_sq + self._max_prefix_sq)
-        # The float32 basis is orthonormal only to ~u sqrt(r): ||(q - b) basis|| <= (1 + eta) ||q - b||; the
-        # direct distance of the upper-bound row errs by (D + 4) u relatively.
+        # The float32 basis is orthonormal to ~u sqrt(r) only, so ||(q - b) basis|| <= (1 + eta) ||q - b||;
+        # and the direct distance that gives the upper bound errs by (D + 4) u relatively.
         stretch = (1 + _SAFETY * u * math.sqrt(r)) * (1 + _SAFETY * (dim + 4) * u)
         return shift, expansion, stretch
 
-    def _search_chunk(self, q: torch.Tensor, bank_chunk: int) -> torch.Tensor:
-        """(n, D) queries -> (n,) keys (distance bits, index) of their nearest bank rows."""
+    def _search_block(self, q: torch.Tensor, bank_chunk: int, exclude: torch.Tensor | None):
         num_bank, dim = self.bank_.shape
-        device = q.device
+        n, device = q.shape[0], q.device
         centred = q - self.mean_
         prefix = centred @ self.basis_  # (n, r)
         prefix_sq = prefix.pow(2).sum(1)
         shift, expansion, stretch = self._margins(centred.norm(dim=1), prefix_sq, device)
-        best = torch.full((q.shape[0],), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
-        rows = torch.arange(q.shape[0], device=device)
-        pair_chunk = max(1, self.chunk_elements // dim)
+        best = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
+        heavy_any = torch.zeros(n, dtype=torch.bool, device=device)
+        rows = torch.arange(n, device=device)
+        pair_chunk = max(1, min(self.chunk_elements // dim, _VERIFY_PAIRS if device.type == "cpu" else num_bank))
         for b0 in range(0, num_bank, bank_chunk):
             b1 = min(num_bank, b0 + bank_chunk)
-            # partial[i, j] = ||q_i' - b_j'||^2 - ||q_i'||^2 over the first r rotated dims (lower bound - const).
-            partial = torch.addmm(self.bank_prefix_sq_[b0:b1][None], prefix, self.bank_prefix_[b0:b1].T, alpha=-2.0)
-            guess = partial.argmin(1) + b0
-            guess_dist = (q - self.bank_[guess]).pow_(2).sum(1).sqrt_()
-            best = torch.minimum(best, _key(guess_dist, guess))
+            # bound[i, j] = (prefix distance of q_i and row j)^2 - ||prefix_i||^2: the lower bound, shifted.
+            bound = torch.addmm(self.bank_prefix_sq_[b0:b1][None], prefix, self.bank_prefix_[b0:b1].T, alpha=-2.0)
+            if exclude is not None:
+                inside = (exclude >= b0) & (exclude < b1)
+                bound[rows[inside], exclude[inside] - b0] = float("inf")
+            guess = bound.argmin(1) + b0
+            best = torch.minimum(best, _key(_row_dist(q, self.bank_[guess]), guess))
             upper = _unkey(best)[0]
-            # Row j can be nearest only if its true prefix distance <= (1+eta) d(q, j) <= (1+eta) * true upper
-            # bound; the computed prefix distance may sit `shift` (projection) and `expansion` (GEMM) lower.
+            # Row j can be nearest only if its true prefix distance <= (1 + eta) d(q, j) <= (1 + eta) * the
+            # true upper bound; the computed prefix distance may lie up to `shift` (projection) and
+            # `expansion` (GEMM) lower. The final factor covers rounding of this line itself.
             threshold = (upper * stretch + shift).square_().mul_(1 + 8 * _UNIT_ROUNDOFF) + expansion - prefix_sq
-            mask = partial <= threshold[:, None]
-            del partial
-            heavy = mask.sum(1) > self.max_candidate_fraction * (b1 - b0)
+            pairs = (bound <= threshold[:, None]).nonzero()
+            del bound
+            counts = torch.bincount(pairs[:, 0], minlength=n)
+            heavy = counts > self.max_candidate_fraction * (b1 - b0)
             if bool(heavy.any()):  # anomalous queries: the plain GEMM search is cheaper than gathering
-                h = rows[heavy]
-                dist, idx = nearest(q[h], self.bank_[b0:b1], 1, bank_sq_norms=self.bank_sq_norms_[b0:b1],
-                                    chunk_elements=self.chunk_elements)
-                best[h] = torch.minimum(best[h], _key(dist[:, 0], idx[:, 0] + b0))
-                mask[h] = False
-            pairs = mask.nonzero()
-            del mask
+                heavy_any |= heavy
+                if exclude is None:  # (calibration only needs to know which rows fall back)
+                    h = rows[heavy]
+                    dist, idx = nearest(q[h], self.bank_[b0:b1], 1, bank_sq_norms=self.bank_sq_norms_[b0:b1],
+                                        chunk_elements=self.chunk_elements)
+                    best[h] = torch.minimum(best[h], _key(dist[:, 0], idx[:, 0] + b0))
+                pairs = pairs[~heavy[pairs[:, 0]]]
             for p0 in range(0, pairs.shape[0], pair_chunk):
                 qi, bj = pairs[p0:p0 + pair_chunk].unbind(1)
                 bj = bj + b0
-                dist = (q[qi] - self.bank_[bj]).pow_(2).sum(1).sqrt_()
+                dist = _row_dist(q.index_select(0, qi), self.bank_.index_select(0, bj))
                 best.scatter_reduce_(0, qi, _key(dist, bj), "amin")
-        return best
+        return best, heavy_any

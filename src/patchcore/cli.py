@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="build a model from folders or files of good images")
     fit.add_argument("train", nargs="+", help="folders (their images) or image files, all defect-free")
     fit.add_argument("-o", "--output", required=True, help="model file to write")
-    fit.add_argument("--max-feature-memory-gb", type=float, default=2.0,
-                     help="training features beyond this go to a temporary file (default: 2)")
+    fit.add_argument("--max-feature-memory-gb", type=float, default=1.0,
+                     help="training features beyond this go to a temporary file (default: 1)")
     common(fit)
     add_config_options(fit)
     fit.set_defaults(run=cmd_fit)

@@ -49,7 +49,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, generator: torch.Generator
     selected[0], centres[0] = first, features[first]
     centre_sq_norms[0] = features[first].pow(2).sum()
     # Squared distances throughout: the greedy choice only compares them (argmax/min are monotone).
-    nearest_sq = (features - features[first]).pow_(2).sum(1)
+    nearest_sq = _squared_distances(features, torch.arange(total, device=device), features[first])
     prune_bound = nearest_sq * (4.0 * _PRUNE_SLACK)
     nearest_centre = torch.zeros(total, dtype=torch.long, device=device)
     for k in range(1, n):
@@ -66,13 +66,22 @@ def greedy_coreset(features: torch.Tensor, n: int, *, generator: torch.Generator
         candidates = torch.nonzero(centre_gap_sq[nearest_centre] < prune_bound).squeeze(1)
         if candidates.numel() == 0:
             continue
-        distance_sq = (features.index_select(0, candidates) - centre).pow_(2).sum(1)
+        distance_sq = _squared_distances(features, candidates, centre)
         closer = distance_sq < nearest_sq[candidates]
         moved, moved_sq = candidates[closer], distance_sq[closer]
         nearest_sq[moved] = moved_sq
         prune_bound[moved] = moved_sq * (4.0 * _PRUNE_SLACK)
         nearest_centre[moved] = k
     return selected
+
+
+def _squared_distances(features: torch.Tensor, rows: torch.Tensor, centre: torch.Tensor,
+                        block: int = 1 << 16) -> torch.Tensor:
+    """||features[rows] - centre||^2 in blocks of rows: temporaries stay O(block * d), not O(N * d)."""
+    if rows.numel() <= block:
+        return (features.index_select(0, rows) - centre).pow_(2).sum(1)
+    return torch.cat([(features.index_select(0, rows[i:i + block]) - centre).pow_(2).sum(1)
+                      for i in range(0, rows.numel(), block)])
 
 
 def greedy_coreset_reference(features: torch.Tensor, n: int, *, generator: torch.Generator) -> torch.Tensor:

@@ -175,7 +175,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     predicted = None
     if model.image_threshold_ is not None:
         at_threshold = {
-            "description": (f"image decision at the model's threshold, the highest score of "
+            "description": (f"image decisions at the model's own threshold, set by fit from the scores of "
                             f"{report.n_calibration_images} held-out training images (calibration_ratio "
                             f"{config.calibration_ratio}); no test image was used to choose it"),
             "n_held_out_train_images": report.n_calibration_images,

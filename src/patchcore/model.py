@@ -26,7 +26,7 @@ from .scoring import anomaly_maps, reweighted_image_scores, typical_nn_distance
 log = logging.getLogger("patchcore")
 
 ImageInput = str | Path | np.ndarray | Image.Image | torch.Tensor
-DEFAULT_MAX_FEATURE_MEMORY = 2 << 30  # bytes of full-dimensional training features kept in RAM
+DEFAULT_MAX_FEATURE_MEMORY = 1 << 30  # bytes of full-dimensional training features kept in RAM
 
 
 class NotFittedError(RuntimeError):
@@ -137,7 +137,8 @@ class PatchCore:
         report = FitReport(n_calibration_images=len(calibration_images))
         generator = torch.Generator().manual_seed(cfg.seed)
         projection = None
-        projected: list[torch.Tensor] = []
+        projected = None  # (N, d*) float32, allocated once: no list + cat doubling for large sets
+        rows_done = 0
         started = time.perf_counter()
         store = None
         try:
@@ -155,10 +156,12 @@ class PatchCore:
                         # psi: the seeded JL map for the coreset search (section 2).
                         projection = random_projection(rows.shape[1], cfg.projection_dim, generator).to(self.device)
                         self.grid_, self.input_size_ = grid, input_size
+                        projected = torch.empty(len(fit_images) * features.shape[1], cfg.projection_dim)
                     elif grid != self.grid_:
                         raise ValueError(f"all training images must give the same feature grid; got {grid} "
                                          f"and {self.grid_} (set a fixed --resize H,W or a --crop)")
-                    projected.append((rows @ projection).cpu())
+                    projected[rows_done:rows_done + rows.shape[0]] = (rows @ projection).cpu()
+                    rows_done += rows.shape[0]
                     store.append(rows)
                     report.n_images += stacked.shape[0]
             if store is None:
@@ -166,7 +169,7 @@ class PatchCore:
             report.embed_seconds = time.perf_counter() - started
 
             started = time.perf_counter()
-            projected_all = torch.cat(projected)
+            projected_all = projected[:rows_done]  # a view: skipped files leave the tail unused
             del projected
             projected_all -= projected_all.mean(0)  # k-center is translation invariant; see greedy_coreset
             report.n_patches = projected_all.shape[0]

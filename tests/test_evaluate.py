@@ -1,0 +1,204 @@
+"""`patchcore evaluate` end to end on tiny synthetic data, plus its pieces against oracles."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import accuracy_score, precision_score, recall_score
+
+import patchcore.evaluate as evaluate_module
+from patchcore.cli import main
+from patchcore.config import PatchCoreConfig
+from patchcore.datasets import load_split
+from patchcore.evaluate import METRICS, evaluate_category, mask_geometry, resolution_text, threshold_metrics
+from patchcore.images import Preprocess
+from patchcore.synthetic import fabric_texture, make_category, paste_defect
+
+FAST = ["--backbone", "resnet18_random", "--resize", "64", "--crop", "none", "--batch-size", "8",
+        "--device", "cpu", "--quiet"]
+FAST_CONFIG = PatchCoreConfig(backbone="resnet18_random", resize=64, crop=None, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec")
+    # 12 training images: >= 10, so fit holds some out and calibrates a decision threshold.
+    make_category(root / "fabric", n_train=12, n_test_good=3, n_test_per_defect=2, size=64, seed=0)
+    make_category(root / "weave", n_train=12, n_test_good=3, n_test_per_defect=2, size=64, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(mvtec_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    code = main(["evaluate", str(mvtec_root), "-o", str(out), *FAST])
+    return code, out
+
+
+def test_cli_writes_json_and_markdown(evaluated):
+    code, out = evaluated
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fabric.json", "results.md", "summary.json", "weave.json"]
+    record = json.loads((out / "fabric.json").read_text())
+    for name in METRICS:
+        assert 0.0 <= record["metrics"][name] <= 1.0, name
+    assert record["pixel_resolution"].startswith("pixel metrics at 64x64 model input geometry (resize 64, no crop)")
+    assert PatchCoreConfig.from_dict(record["settings"]) == FAST_CONFIG  # the full config, CLI options applied
+    assert record["package_version"]
+    assert record["n_images"]["test"] == 9 and record["n_images"]["test_defect"] == 6
+    timings = record["timings"]
+    assert timings["fit_seconds"] >= timings["coreset_seconds"] > 0
+    assert timings["predict_ms_per_image"] > 0 and timings["peak_rss_mib"] > 50
+    files = [(i["file"], i["label"]) for i in record["images"]]
+    assert ("test/good/000.png", 0) in files and ("test/stain/001.png", 1) in files
+    assert all(isinstance(i["score"], float) for i in record["images"])
+
+
+def test_summary_mean_and_markdown(evaluated):
+    _, out = evaluated
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["categories_done"] == ["fabric", "weave"]
+    per = {c["category"]: c["metrics"] for c in summary["categories"]}
+    for name in METRICS:
+        assert summary["mean"][name] == pytest.approx((per["fabric"][name] + per["weave"][name]) / 2)
+    text = (out / "results.md").read_text()
+    assert ("| category | image AUROC | pixel AUROC | AUPRO | image F1-max | pixel F1-max | fit s (coreset s) "
+            "| predict ms/img | peak RSS MiB |") in text
+    assert "| fabric | " in text and "| **mean** | " in text
+    assert "pixel metrics at 64x64 model input geometry (resize 64, no crop)" in text
+    assert f"{100 * summary['mean']['image_auroc']:.1f}" in text
+
+
+def test_training_threshold_results_are_labelled(evaluated):
+    _, out = evaluated
+    record = json.loads((out / "fabric.json").read_text())
+    at = record["at_training_threshold"]
+    assert "held-out training images" in at["description"] and "no test image" in at["description"]
+    assert at["n_held_out_train_images"] == record["n_images"]["train_held_out_for_threshold"] >= 1
+    predicted = [i["predicted_defect"] for i in record["images"]]
+    assert predicted == [i["score"] > at["threshold"] for i in record["images"]]
+    assert at["accuracy"] == pytest.approx(np.mean([p == bool(i["label"]) for p, i in zip(predicted, record["images"])]))
+    # The test-fitted F1-max threshold is not reported anywhere.
+    assert "image_f1_threshold" not in json.dumps(record)
+    assert "At the decision threshold set on held-out training images" in (out / "results.md").read_text()
+
+
+def test_threshold_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 50)
+    scores = rng.normal(size=50) + labels
+    got = threshold_metrics(labels, scores, 0.4)
+    predicted = scores > 0.4
+    assert got["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert got["precision"] == pytest.approx(precision_score(labels, predicted))
+    assert got["recall"] == pytest.approx(recall_score(labels, predicted))
+    assert threshold_metrics([0, 1], [0.1, 0.2], 5.0)["precision"] is None  # nothing flagged: undefined
+
+
+def test_mask_geometry_follows_the_image_preprocessing():
+    # A picture that is its own mask: the bilinear image geometry and the nearest-neighbour mask
+    # geometry must land on the same pixels (up to the resampled edge).
+    mask = np.zeros((90, 150), bool)
+    mask[20:50, 30:100] = True
+    mask[60:70, 110:140] = True
+    picture = torch.from_numpy(mask.astype(np.uint8) * 255).expand(3, -1, -1).contiguous()
+    for resize, crop in [(64, 56), ((40, 100), None), (None, (80, 120)), (90, None)]:
+        pre = Preprocess(resize, crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        got = mask_geometry(pre, mask)
+        assert got.dtype == bool and got.shape == pre.output_size(90, 150)
+        image_side = pre.geometry(picture)[0].numpy() > 127
+        assert np.mean(got == image_side) > 0.97, (resize, crop)
+    crop_only = Preprocess(None, (80, 120), (0.0,) * 3, (1.0,) * 3)
+    assert np.array_equal(mask_geometry(crop_only, mask), mask[5:85, 15:135])  # exact: no resampling
+
+
+def test_resolution_text():
+    assert resolution_text(PatchCoreConfig(), (224, 224)) == \
+        "pixel metrics at 224x224 model input geometry (resize 256, centre crop 224)"
+
+
+def test_one_bit_masks_give_the_same_pixel_metrics(tmp_path):
+    root = make_category(tmp_path / "fabric", n_train=6, n_test_good=2, n_test_per_defect=1, size=64)
+    before = evaluate_category(load_split(root), FAST_CONFIG, device="cpu")["metrics"]
+    for mask in (root / "ground_truth").glob("*/*_mask.png"):
+        Image.fromarray(np.asarray(Image.open(mask)) > 0).save(mask)  # {0, 255} -> 1-bit {0, 1}
+    assert Image.open(next((root / "ground_truth").glob("*/*_mask.png"))).mode == "1"
+    after = evaluate_category(load_split(root), FAST_CONFIG, device="cpu")["metrics"]
+    assert after == before and after["pixel_auroc"] is not None
+
+
+def test_missing_mask_exits_2_naming_the_image(tmp_path, capsys):
+    root = make_category(tmp_path / "fabric", n_train=4, n_test_good=1, n_test_per_defect=1, size=32)
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
+    assert main(["evaluate", str(root), "-o", str(tmp_path / "out"), *FAST]) == 2
+    assert "hole/000.png" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # checked before any fitting or writing
+
+
+def _grey_set(root, *, n_train, n_good, n_defect, bits, suffix, masks, rng):
+    """Rectangular 40 x 100 greyscale images in the folder layout."""
+    def save(image, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grey = image.astype(np.float32).mean(axis=2)
+        if bits == 16:
+            Image.fromarray(np.round(grey * 257).astype(np.uint16)).save(path)
+        else:
+            Image.fromarray(np.round(grey).astype(np.uint8)).save(path)
+
+    for i in range(n_train):
+        save(fabric_texture(rng, 100)[:40], root / "train" / "good" / f"{i:03d}{suffix}")
+    for i in range(n_good):
+        save(fabric_texture(rng, 100)[:40], root / "good" / f"{i:03d}{suffix}")
+    for i in range(n_defect):
+        image, mask = paste_defect(fabric_texture(rng, 100)[:40].copy(), rng, "hole")
+        save(image, root / "hole" / f"{i:03d}{suffix}")
+        if masks:
+            (root / "masks" / "hole").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "masks" / "hole" / f"{i:03d}.png")
+
+
+@pytest.mark.parametrize("bits, suffix, masks", [(8, ".jpg", False), (16, ".png", True)])
+def test_grey_rectangular_folder_layout(tmp_path, bits, suffix, masks):
+    root = tmp_path / "data" / "sheet"
+    _grey_set(root, n_train=6, n_good=3, n_defect=3, bits=bits, suffix=suffix, masks=masks,
+              rng=np.random.default_rng(bits))
+    if bits == 16:
+        assert Image.open(root / "good" / "000.png").mode.startswith("I")
+    out = tmp_path / "out"
+    args = ["evaluate", str(tmp_path / "data"), "--category", "sheet", "-o", str(out), *FAST,
+            "--resize", "40,100", "--crop", "none"]
+    assert main(args) == 0
+    record = json.loads((out / "sheet.json").read_text())
+    assert record["layout"] == "folder"
+    assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["metrics"]["image_f1_max"] > 0
+    if masks:
+        assert record["pixel_resolution"].startswith(
+            "pixel metrics at 40x100 model input geometry (resize 40x100, no crop)")
+        assert all(record["metrics"][m] is not None for m in METRICS)
+    else:
+        assert record["pixel_resolution"] == "no pixel metrics (no ground-truth masks)"
+        assert all(record["metrics"][m] is None for m in ("pixel_auroc", "aupro", "pixel_f1_max"))
+        assert "| sheet | " in (out / "results.md").read_text()
+    # Fewer than 10 training images: no threshold, and the results say so.
+    assert "no decision threshold" in record["at_training_threshold"]["description"]
+
+
+def test_a_crash_keeps_finished_categories(mvtec_root, tmp_path, monkeypatch):
+    real = evaluate_module.evaluate_category
+
+    def second_fails(split, *args, **kwargs):
+        if split.name == "weave":
+            raise RuntimeError("out of memory")
+        return real(split, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_category", second_fails)
+    out = tmp_path / "out"
+    assert main(["evaluate", str(mvtec_root), "-o", str(out), *FAST]) == 2
+    assert (out / "fabric.json").is_file() and not (out / "weave.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["categories_done"] == ["fabric"] and not summary["complete"]
+    assert "Incomplete: 1 of 2" in (out / "results.md").read_text()
+    assert not list(out.glob(".*.tmp"))
