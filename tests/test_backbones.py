@@ -263,3 +263,53 @@ def test_torchvision_weights_offline_without_cache(tmp_path, monkeypatch):
     assert "--weights" in message
     assert str(hub / "checkpoints" / filename) in message
     assert "URLError" in message
+
+
+@pytest.mark.parametrize("name", ["resnet18_random", "efficientnet_lite0_random"])
+def test_batchnorm_is_folded_and_the_function_is_unchanged(name):
+    import copy
+
+    import timm
+    from torch import nn
+
+    from patchcore.backbones import fold_batchnorm, resolve
+
+    backbone, _ = build_backbone(name, STRIDES, seed=3)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.network.modules())
+    # Reference: the same seeded network, pruned but not folded, in NCHW layout.
+    spec, _ = resolve(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        network = timm.create_model(spec.timm_name, pretrained=False)
+    network.prune_intermediate_layers(backbone.indices, prune_norm=True, prune_head=True)
+    network.eval()
+    for bn in (m for m in network.modules() if isinstance(m, nn.BatchNorm2d)):  # non-trivial statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    folded = fold_batchnorm(copy.deepcopy(network), backbone.indices)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = _input()
+    with torch.inference_mode():
+        expected = network.forward_intermediates(x, indices=backbone.indices, intermediates_only=True)
+        got = folded.forward_intermediates(x, indices=backbone.indices, intermediates_only=True)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_folding_keeps_the_original_when_the_result_would_differ():
+    from torch import nn
+
+    from patchcore.backbones import fold_batchnorm
+
+    class BnBeforeConv(nn.Module):  # registered conv-then-BN, but the BN runs first: folding is wrong
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3).eval()
+            self.bn.running_mean.fill_(0.7)
+
+        def forward_intermediates(self, x, indices, intermediates_only):
+            return [self.conv(self.bn(x))]
+
+    network = BnBeforeConv()
+    assert fold_batchnorm(network, [0]) is network

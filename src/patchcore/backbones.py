@@ -86,7 +86,8 @@ class Backbone(nn.Module):
         self.strides = [int(info[i]["reduction"]) for i in self.indices]
         # Truncate after the deepest stage we use: later stages are never computed (nor kept in memory).
         network.prune_intermediate_layers(self.indices, prune_norm=True, prune_head=True)
-        self.network = network.eval().requires_grad_(False)
+        network = network.eval().requires_grad_(False)
+        self.network = fold_batchnorm(network, self.indices).to(memory_format=torch.channels_last)
         self.weights_sha256 = weights_sha256
 
     def train(self, mode: bool = True) -> "Backbone":
@@ -94,7 +95,41 @@ class Backbone(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.network.forward_intermediates(images, indices=self.indices, intermediates_only=True)
+        # channels-last: the layout oneDNN (CPU) and cuDNN (GPU) convolutions run fastest in.
+        images = images.contiguous(memory_format=torch.channels_last)
+        return [m.contiguous() for m in
+                self.network.forward_intermediates(images, indices=self.indices, intermediates_only=True)]
+
+
+def fold_batchnorm(network: nn.Module, indices: list[int]) -> nn.Module:
+    """Fold each frozen BatchNorm into the convolution before it (inference-only, same function).
+
+    BN in eval mode is a per-channel affine map, so conv -> BN equals one conv with rescaled weights
+    and a bias: one pass over the activations less per layer. Pairs are sibling modules registered
+    conv-then-BN (timm's ResNets and EfficientNets); the result is checked against the original on
+    a random input and the original is kept if they differ.
+    """
+    import copy
+
+    folded = copy.deepcopy(network)
+    for module in folded.modules():
+        children = list(module.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+            # timm's BatchNormAct2d carries the activation (and dropout): keep those.
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(module, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+    probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = network.forward_intermediates(probe, indices=indices, intermediates_only=True)
+        after = folded.forward_intermediates(probe, indices=indices, intermediates_only=True)
+    close = all(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6) for a, b in zip(before, after))
+    return folded if close else network
 
 
 def build_backbone(name: str, strides: tuple[int, ...], *, weights: str | None = None, seed: int = 0) -> tuple[Backbone, BackboneSpec]:

@@ -17,8 +17,11 @@ from .knn import DEFAULT_CHUNK_ELEMENTS, nearest, squared_norms
 
 _UNIT_ROUNDOFF = 2.0 ** -24  # float32
 _SAFETY = 2.0  # multiplies every rounding bound below
+# Bank rows are scanned in groups this size: one min per group is the only pass over the bound matrix
+# besides the GEMM; only groups whose min passes the test are opened.
+GROUP = 32
 # On CPU the (queries x bank) bound matrix is built in blocks this size (16 MiB of float32), so that the
-# passes over it (min, compare, nonzero) run from cache; accelerators take whole chunks.
+# passes over it run from cache; accelerators take whole chunks.
 CPU_BLOCK_ELEMENTS = 1 << 22
 _VERIFY_PAIRS = 1 << 12  # candidate pairs gathered at once on CPU, for the same reason
 _CALIBRATION_ROWS = 256
@@ -56,8 +59,8 @@ class BankIndex:
             raise ValueError("prefix_dims and chunk_elements must be >= 1")
         self.prefix_dims = prefix_dims
         self.chunk_elements = chunk_elements
-        # A query with more candidates than this share of the bank is searched by the plain GEMM instead:
-        # past it, gathering candidate rows one by one costs more than the GEMM saves.
+        # A query whose candidates exceed this share of the bank is searched by the plain GEMM instead:
+        # past it, gathering candidate rows one by one costs more than the GEMM it saves.
         self.max_candidate_fraction = max_candidate_fraction
         self.bank_ = bank.float().contiguous()
         self.bank_sq_norms_ = squared_norms(self.bank_)
@@ -72,11 +75,18 @@ class BankIndex:
         self.basis_ = eigvecs.flip(1)[:, :prefix_dims].float().contiguous()  # (D, r) leading principal axes
         self.prefix_energy_ = float(eigvals.flip(0)[:prefix_dims].sum() / eigvals.sum().clamp_min(1e-300))
         centred32 = self.bank_ - self.mean_
-        self.bank_prefix_ = (centred32 @ self.basis_).contiguous()  # (M, r): first r rotated coordinates
-        self.bank_prefix_sq_ = self.bank_prefix_.pow(2).sum(1)
-        # Largest centred norm and prefix norm over the bank: per-query margins then need no (Q, M) work.
+        prefix = centred32 @ self.basis_  # (M, r): first r rotated coordinates
+        prefix_sq = prefix.pow(2).sum(1)
+        # One GEMM gives ||b'||^2 - 2 q'.b' = [q', 1] . [-2 b', ||b'||^2]; rows padded to whole groups
+        # with +inf so that padding never passes a test.
+        padded = -(-num_bank // GROUP) * GROUP
+        self.bank_aug_ = torch.zeros(padded, prefix_dims + 1, device=self.bank_.device)
+        self.bank_aug_[:num_bank, :prefix_dims] = -2 * prefix
+        self.bank_aug_[:, prefix_dims] = float("inf")
+        self.bank_aug_[:num_bank, prefix_dims] = prefix_sq
+        # Largest centred and prefix norms over the bank: per-query margins then need no (Q, M) work.
         self._max_centred_norm = float(centred32.norm(dim=1).max())
-        self._max_prefix_sq = float(self.bank_prefix_sq_.max())
+        self._max_prefix_sq = float(prefix_sq.max())
         # Calibrate on bank rows (each against the rest): where most of them would fall back to the plain
         # GEMM (unstructured data, e.g. Gaussian), so would queries, and the bound pass would be wasted.
         sample = torch.linspace(0, num_bank - 1, min(num_bank, _CALIBRATION_ROWS), device=self.bank_.device).long()
@@ -101,9 +111,13 @@ class BankIndex:
 
         exclude (Q,): one bank row per query to leave out (calibration queries are bank rows).
         """
-        num_bank = self.bank_.shape[0]
-        block = self.chunk_elements if queries.device.type != "cpu" else min(self.chunk_elements, CPU_BLOCK_ELEMENTS)
-        bank_chunk = min(num_bank, block)
+        padded = self.bank_aug_.shape[0]
+        # The bound matrix is the largest tensor; the gathered groups and candidate pairs can reach as many
+        # elements again (int64 pairs twice that), hence a quarter of the budget.
+        block = max(1, self.chunk_elements // 4)
+        if queries.device.type == "cpu":
+            block = min(block, CPU_BLOCK_ELEMENTS)
+        bank_chunk = min(padded, max(GROUP, block // GROUP * GROUP))
         query_chunk = max(1, block // bank_chunk)
         keys, heavy = [], []
         for q0 in range(0, queries.shape[0], query_chunk):
@@ -122,10 +136,10 @@ class BankIndex:
         # u ||x||. Query and bank row both: the computed prefix distance is off by <= `shift`.
         proj = _SAFETY * ((2 * u_in + dim * u) * math.sqrt(r) + u)
         shift = proj * (centred_norm + self._max_centred_norm)
-        # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims: the dot product errs by <= (2 u_in + r u)
-        # sum|a_i b_i| <= (2 u_in + r u)(||a||^2 + ||b||^2) / 2, each squared norm by r u, the two additions
-        # by 2 u (||a||^2 + ||b||^2 + 2|a.b|): in all <= (2 u_in + (2r + 4) u)(||a||^2 + ||b||^2).
-        expansion = _SAFETY * (2 * u_in + (2 * r + 4) * u) * (prefix_sq + self._max_prefix_sq)
+        # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims (a, b: prefixes), here as one length-(r+1)
+        # dot product [a, 1].[-2b, ||b||^2]: it errs by <= (2 u_in + (r+1) u) times the sum of |terms|
+        # <= ||a||^2 + 2||b||^2; the squared norms by r u each. In all <= (2 u_in + (2r+2) u)(||a||^2 + 2||b||^2).
+        expansion = _SAFETY * (2 * u_in + (2 * r + 2) * u) * (prefix_sq + 2 * self._max_prefix_sq)
         # The float32 basis is orthonormal to ~u sqrt(r) only, so ||(q - b) basis|| <= (1 + eta) ||q - b||;
         # and the direct distance that gives the upper bound errs by (D + 4) u relatively.
         stretch = (1 + _SAFETY * u * math.sqrt(r)) * (1 + _SAFETY * (dim + 4) * u)
@@ -138,39 +152,49 @@ class BankIndex:
         prefix = centred @ self.basis_  # (n, r)
         prefix_sq = prefix.pow(2).sum(1)
         shift, expansion, stretch = self._margins(centred.norm(dim=1), prefix_sq, device)
+        query_aug = torch.cat([prefix, torch.ones(n, 1, device=device)], 1)
         best = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
         heavy_any = torch.zeros(n, dtype=torch.bool, device=device)
         rows = torch.arange(n, device=device)
+        budget = self.max_candidate_fraction * num_bank
         pair_chunk = max(1, min(self.chunk_elements // dim, _VERIFY_PAIRS if device.type == "cpu" else num_bank))
-        for b0 in range(0, num_bank, bank_chunk):
-            b1 = min(num_bank, b0 + bank_chunk)
+        for b0 in range(0, self.bank_aug_.shape[0], bank_chunk):
             # bound[i, j] = (prefix distance of q_i and row j)^2 - ||prefix_i||^2: the lower bound, shifted.
-            bound = torch.addmm(self.bank_prefix_sq_[b0:b1][None], prefix, self.bank_prefix_[b0:b1].T, alpha=-2.0)
+            bound = query_aug @ self.bank_aug_[b0:b0 + bank_chunk].T
             if exclude is not None:
-                inside = (exclude >= b0) & (exclude < b1)
+                inside = (exclude >= b0) & (exclude < b0 + bank_chunk)
                 bound[rows[inside], exclude[inside] - b0] = float("inf")
-            guess = bound.argmin(1) + b0
+            groups = bound.view(n, -1, GROUP)
+            group_min = groups.amin(2)  # (n, G)
+            # Upper bound: exact distance to the row with the smallest lower bound.
+            g = group_min.argmin(1)
+            guess = g * GROUP + groups[rows, g].argmin(1)
+            guess = guess.clamp_max(num_bank - 1 - b0) + b0  # (only all-padding rows could point past the end)
             best = torch.minimum(best, _key(_row_dist(q, self.bank_[guess]), guess))
             upper = _unkey(best)[0]
             # Row j can be nearest only if its true prefix distance <= (1 + eta) d(q, j) <= (1 + eta) * the
             # true upper bound; the computed prefix distance may lie up to `shift` (projection) and
             # `expansion` (GEMM) lower. The final factor covers rounding of this line itself.
             threshold = (upper * stretch + shift).square_().mul_(1 + 8 * _UNIT_ROUNDOFF) + expansion - prefix_sq
-            pairs = (bound <= threshold[:, None]).nonzero()
-            del bound
-            counts = torch.bincount(pairs[:, 0], minlength=n)
-            heavy = counts > self.max_candidate_fraction * (b1 - b0)
-            if bool(heavy.any()):  # anomalous queries: the plain GEMM search is cheaper than gathering
+            hits = (group_min <= threshold[:, None]).nonzero()  # (h, 2): (query, group) pairs worth opening
+            del group_min
+            # Each open group holds a candidate; a query with more than the budget goes to the plain GEMM.
+            heavy = torch.bincount(hits[:, 0], minlength=n) > budget
+            if bool(heavy.any()):
                 heavy_any |= heavy
+                hits = hits[~heavy[hits[:, 0]]]
                 if exclude is None:  # (calibration only needs to know which rows fall back)
-                    h = rows[heavy]
+                    h, b1 = rows[heavy], min(num_bank, b0 + bank_chunk)
                     dist, idx = nearest(q[h], self.bank_[b0:b1], 1, bank_sq_norms=self.bank_sq_norms_[b0:b1],
                                         chunk_elements=self.chunk_elements)
                     best[h] = torch.minimum(best[h], _key(dist[:, 0], idx[:, 0] + b0))
-                pairs = pairs[~heavy[pairs[:, 0]]]
-            for p0 in range(0, pairs.shape[0], pair_chunk):
-                qi, bj = pairs[p0:p0 + pair_chunk].unbind(1)
-                bj = bj + b0
+            opened = groups[hits[:, 0], hits[:, 1]]  # (h, GROUP)
+            del bound, groups
+            inner = (opened <= threshold[hits[:, 0], None]).nonzero()
+            qi_all = hits[inner[:, 0], 0]
+            bj_all = hits[inner[:, 0], 1] * GROUP + inner[:, 1] + b0
+            for p0 in range(0, qi_all.shape[0], pair_chunk):
+                qi, bj = qi_all[p0:p0 + pair_chunk], bj_all[p0:p0 + pair_chunk]
                 dist = _row_dist(q.index_select(0, qi), self.bank_.index_select(0, bj))
                 best.scatter_reduce_(0, qi, _key(dist, bj), "amin")
         return best, heavy_any
