@@ -13,7 +13,7 @@ import patchcore.evaluate as evaluate_module
 from patchcore.cli import main
 from patchcore.config import PatchCoreConfig
 from patchcore.datasets import load_split
-from patchcore.evaluate import METRICS, evaluate_category, mask_geometry, resolution_text, threshold_metrics
+from patchcore.evaluate import METRICS, evaluate_category, resolution_text, threshold_metrics
 from patchcore.images import Preprocess
 from patchcore.synthetic import fabric_texture, make_category, paste_defect
 
@@ -80,7 +80,8 @@ def test_training_threshold_results_are_labelled(evaluated):
     assert at["n_held_out_train_images"] == record["n_images"]["train_held_out_for_threshold"] >= 1
     predicted = [i["predicted_defect"] for i in record["images"]]
     assert predicted == [i["score"] > at["threshold"] for i in record["images"]]
-    assert at["accuracy"] == pytest.approx(np.mean([p == bool(i["label"]) for p, i in zip(predicted, record["images"])]))
+    correct = [p == bool(i["label"]) for p, i in zip(predicted, record["images"])]
+    assert at["accuracy"] == pytest.approx(np.mean(correct))
     # The test-fitted F1-max threshold is not reported anywhere.
     assert "image_f1_threshold" not in json.dumps(record)
     assert "At the decision threshold set on held-out training images" in (out / "results.md").read_text()
@@ -107,12 +108,25 @@ def test_mask_geometry_follows_the_image_preprocessing():
     picture = torch.from_numpy(mask.astype(np.uint8) * 255).expand(3, -1, -1).contiguous()
     for resize, crop in [(64, 56), ((40, 100), None), (None, (80, 120)), (90, None)]:
         pre = Preprocess(resize, crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        got = mask_geometry(pre, mask)
+        got = pre.mask_geometry(mask)
         assert got.dtype == bool and got.shape == pre.output_size(90, 150)
         image_side = pre.geometry(picture)[0].numpy() > 127
         assert np.mean(got == image_side) > 0.97, (resize, crop)
     crop_only = Preprocess(None, (80, 120), (0.0,) * 3, (1.0,) * 3)
-    assert np.array_equal(mask_geometry(crop_only, mask), mask[5:85, 15:135])  # exact: no resampling
+    assert np.array_equal(crop_only.mask_geometry(mask), mask[5:85, 15:135])  # exact: no resampling
+
+
+def test_notes_when_the_crop_hides_the_image_or_a_defect(tmp_path):
+    root = tmp_path / "parts"
+    for folder, name in (("train", "t.png"), ("good", "g.png"), ("dent", "d.png")):
+        (root / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((40, 100), np.uint8)).save(root / folder / name)
+    split = load_split(root)
+    square = Preprocess(40, 40, (0.0,) * 3, (1.0,) * 3)
+    notes = evaluate_module._view_notes(split, square, {1: np.zeros((40, 40), bool)})
+    assert "keeps 40% of a resized 40x100 image" in notes[0] and "--resize H,W --crop none" in notes[0]
+    assert "1 defect image(s) have no mask pixel inside the model's view (e.g. d.png)" in notes[1]
+    assert evaluate_module._view_notes(split, Preprocess((40, 100), None, (0.0,) * 3, (1.0,) * 3), {}) == []
 
 
 def test_resolution_text():

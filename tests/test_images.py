@@ -196,8 +196,8 @@ def _batch(h: int, w: int, value: int | None = None) -> torch.Tensor:
 
 def test_shorter_side_resize_keeps_aspect_then_crop():
     pre = Preprocess(resize=256, crop=224, mean=HALF, std=HALF)
-    assert pre._resized_size(300, 600) == (256, 512)
-    assert pre._resized_size(600, 300) == (512, 256)
+    assert pre.resized_size(300, 600) == (256, 512)
+    assert pre.resized_size(600, 300) == (512, 256)
     assert pre.output_size(300, 600) == (224, 224)
     assert pre(_batch(300, 600)).shape == (2, 3, 224, 224)
     no_crop = Preprocess(resize=256, crop=None, mean=HALF, std=HALF)

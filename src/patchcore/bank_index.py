@@ -23,7 +23,7 @@ GROUP = 32
 # On CPU the (queries x bank) bound matrix is built in blocks this size (16 MiB of float32), so that the
 # passes over it run from cache; accelerators take whole chunks.
 CPU_BLOCK_ELEMENTS = 1 << 22
-_VERIFY_PAIRS = 1 << 12  # candidate pairs gathered at once on CPU, for the same reason
+_VERIFY_PAIRS = 1 << 11  # candidate pairs gathered at once on CPU, for the same reason
 _CALIBRATION_ROWS = 256
 
 
@@ -176,23 +176,27 @@ class BankIndex:
             # true upper bound; the computed prefix distance may lie up to `shift` (projection) and
             # `expansion` (GEMM) lower. The final factor covers rounding of this line itself.
             threshold = (upper * stretch + shift).square_().mul_(1 + 8 * _UNIT_ROUNDOFF) + expansion - prefix_sq
-            hits = (group_min <= threshold[:, None]).nonzero()  # (h, 2): (query, group) pairs worth opening
-            del group_min
-            # Each open group holds a candidate; a query with more than the budget goes to the plain GEMM.
-            heavy = torch.bincount(hits[:, 0], minlength=n) > budget
-            if bool(heavy.any()):
+            # Open only the groups whose min passes the test, then test their rows.
+            num_groups = group_min.shape[1]
+            hits = (group_min <= threshold[:, None]).view(-1).nonzero()[:, 0]  # flat (query, group) ids
+            hit_query = hits.div(num_groups, rounding_mode="floor")
+            opened = groups.view(-1, GROUP).index_select(0, hits)  # (h, GROUP)
+            del bound, groups, group_min
+            inner = (opened <= threshold.index_select(0, hit_query)[:, None]).view(-1).nonzero()[:, 0]
+            inner_hit = inner.div(GROUP, rounding_mode="floor")
+            qi_all = hit_query.index_select(0, inner_hit)
+            bj_all = (hits.index_select(0, inner_hit) - qi_all * num_groups) * GROUP + inner % GROUP + b0
+            del hits, hit_query, opened, inner, inner_hit
+            heavy = torch.bincount(qi_all, minlength=n) > budget
+            if bool(heavy.any()):  # too many candidates: the plain GEMM is cheaper for these queries
                 heavy_any |= heavy
-                hits = hits[~heavy[hits[:, 0]]]
-                if exclude is None:  # (calibration only needs to know which rows fall back)
+                light = ~heavy[qi_all]
+                qi_all, bj_all = qi_all[light], bj_all[light]
+                if exclude is None:  # (calibration only needs to know which queries fall back)
                     h, b1 = rows[heavy], min(num_bank, b0 + bank_chunk)
                     dist, idx = nearest(q[h], self.bank_[b0:b1], 1, bank_sq_norms=self.bank_sq_norms_[b0:b1],
                                         chunk_elements=self.chunk_elements)
                     best[h] = torch.minimum(best[h], _key(dist[:, 0], idx[:, 0] + b0))
-            opened = groups[hits[:, 0], hits[:, 1]]  # (h, GROUP)
-            del bound, groups
-            inner = (opened <= threshold[hits[:, 0], None]).nonzero()
-            qi_all = hits[inner[:, 0], 0]
-            bj_all = hits[inner[:, 0], 1] * GROUP + inner[:, 1] + b0
             for p0 in range(0, qi_all.shape[0], pair_chunk):
                 qi, bj = qi_all[p0:p0 + pair_chunk], bj_all[p0:p0 + pair_chunk]
                 dist = _row_dist(q.index_select(0, qi), self.bank_.index_select(0, bj))

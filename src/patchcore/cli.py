@@ -79,7 +79,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"fitting {config.backbone} on {len(paths)} images (coreset "
           f"{config.coreset_size or config.coreset_ratio}, device {args.device})", file=sys.stderr)
     started = time.perf_counter()
-    with _progress(len(paths), "fit", args.quiet) as bar:
+    with progress_bar(len(paths), "fit", args.quiet) as bar:
         model = PatchCore(config, device=args.device).fit(
             paths, progress=bar.update, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)))
     model.save(args.output)
@@ -125,7 +125,7 @@ def predict_to_folder(model, paths: list[Path], output: Path, *, quiet: bool = F
     for sub in ("heatmaps", "overlays") + (("masks",) if model.image_threshold_ is not None else ()) + (("maps",) if save_maps else ()):
         (output / sub).mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
-    with _progress(len(paths), "predict", quiet) as bar:
+    with progress_bar(len(paths), "predict", quiet) as bar:
         for done, result, failed in model.iter_predict(paths):
             failures += failed
             bar.update(len(done) + len(failed))
@@ -222,7 +222,8 @@ class _NoBar:
         return False
 
 
-def _progress(total: int, desc: str, quiet: bool):
+def progress_bar(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr when it is a terminal; a no-op when quiet."""
     if quiet:
         return _NoBar()
     from tqdm import tqdm
@@ -269,10 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     for extra in ("evaluate", "bench"):
-        try:
-            module = __import__(f"patchcore.{extra}", fromlist=["add_parser"])
-        except ImportError:
-            continue
+        module = __import__(f"patchcore.{extra}", fromlist=["add_parser"])
         module.add_parser(sub, common)
     return parser
 

@@ -8,7 +8,6 @@ to <output>/<category>.json, summary.json and results.md, rewritten after every 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -19,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import __version__
-from .cli import EXIT_OK, _progress, add_config_options, config_from_args
+from .cli import EXIT_OK, progress_bar, add_config_options, config_from_args
 from .config import PatchCoreConfig
 from .datasets import DatasetError, TestSet, find_categories, image_size, load_split, read_mask
 from .images import Preprocess
@@ -41,20 +39,6 @@ METRIC_NOTES = {
 
 
 # ---------------------------------------------------------------------------- ground truth
-def mask_geometry(preprocess: Preprocess, mask: np.ndarray) -> np.ndarray:
-    """bool (H, W) at image size -> bool (h, w) aligned with the anomaly maps: the image's resize
-    (nearest neighbour, so the mask stays binary), then the very same centre crop."""
-    height, width = mask.shape
-    size = preprocess._resized_size(height, width)
-    picture = Image.fromarray(mask.astype(np.uint8) * 255)
-    if size != (height, width):
-        picture = picture.resize((size[1], size[0]), Image.Resampling.NEAREST)
-    # Crop with Preprocess itself (resize off, identity normalisation): the maps' crop, not a copy of it.
-    crop_only = dataclasses.replace(preprocess, resize=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    x = torch.from_numpy(np.array(picture)).expand(1, 3, *size).contiguous()
-    return (crop_only(x)[0, 0] > 0.5).numpy()
-
-
 def load_masks(split: TestSet, preprocess: Preprocess) -> dict[int, np.ndarray]:
     """Test item index -> its ground truth at model geometry, for defect images that have a mask."""
     masks = {}
@@ -66,7 +50,7 @@ def load_masks(split: TestSet, preprocess: Preprocess) -> dict[int, np.ndarray]:
         if mask.shape != expected:
             raise DatasetError(f"{item.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image "
                                f"{item.path} is {expected[0]}x{expected[1]} (H x W)")
-        masks[i] = mask_geometry(preprocess, mask)
+        masks[i] = preprocess.mask_geometry(mask)
     return masks
 
 
@@ -78,6 +62,23 @@ def resolution_text(config: PatchCoreConfig, input_size: tuple[int, int]) -> str
     resize = "no resize" if config.resize is None else f"resize {size(config.resize)}"
     crop = "no crop" if config.crop is None else f"centre crop {size(config.crop)}"
     return f"pixel metrics at {input_size[0]}x{input_size[1]} model input geometry ({resize}, {crop})"
+
+
+def _view_notes(split: TestSet, preprocess: Preprocess, masks: dict[int, np.ndarray]) -> list[str]:
+    """Warn when the centre crop hides much of the image, or all of some defects."""
+    notes = []
+    height, width = image_size(split.items[0].path)
+    resized, kept = preprocess.resized_size(height, width), preprocess.output_size(height, width)
+    share = kept[0] * kept[1] / (resized[0] * resized[1])
+    if share < 0.5:
+        notes.append(f"the centre crop {kept[0]}x{kept[1]} keeps {100 * share:.0f}% of a resized "
+                     f"{resized[0]}x{resized[1]} image ({split.items[0].path.name}); defects outside it cannot be "
+                     f"found. For elongated images consider --resize H,W --crop none")
+    hidden = [split.items[i].path.name for i, mask in masks.items() if not mask.any()]
+    if hidden:
+        notes.append(f"{len(hidden)} defect image(s) have no mask pixel inside the model's view (e.g. {hidden[0]}); "
+                     f"they count as defects at image level and add no defect pixels")
+    return notes
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -108,11 +109,13 @@ def peak_rss_mib() -> float:
 
 # ---------------------------------------------------------------------------- one category
 def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = "auto",
-                      max_feature_memory: int = 2 << 30, quiet: bool = True) -> dict[str, Any]:
-    """Fit on split.train, score split.items, return the category's JSON record."""
+                      max_feature_memory: int = 1 << 30, quiet: bool = True, model=None) -> dict[str, Any]:
+    """Fit on split.train, score split.items, return the category's JSON record.
+
+    `model`: an unfitted PatchCore to use (and leave fitted for the caller, e.g. the benchmark)."""
     from .model import PatchCore
 
-    model = PatchCore(config, device=device)
+    model = model if model is not None else PatchCore(config, device=device)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     started = time.perf_counter()
@@ -121,11 +124,12 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     masks = load_masks(split, preprocess)  # before fitting: a bad mask fails in seconds, not after the fit
 
     started = time.perf_counter()
-    with _progress(len(split.train), f"{split.name} fit", quiet) as bar:
+    with progress_bar(len(split.train), f"{split.name} fit", quiet) as bar:
         model.fit(split.train, progress=bar.update, max_feature_memory=max_feature_memory)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     fit_seconds = time.perf_counter() - started
+    peak_after_fit = peak_rss_mib()
     report = model.fit_report_
 
     paths = [item.path for item in split.items]
@@ -133,7 +137,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     scores = np.zeros(len(paths), dtype=np.float64)
     maps: np.ndarray | None = None  # (N, h, w) float32: ~200 kB per image at 224 x 224
     started = time.perf_counter()
-    with _progress(len(paths), f"{split.name} test", quiet) as bar:
+    with progress_bar(len(paths), f"{split.name} test", quiet) as bar:
         for done, result, failures in model.iter_predict(paths):
             if failures:
                 raise DatasetError(f"unreadable test image: {failures[0]}")
@@ -155,7 +159,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     image = image_metrics(labels, scores)
     metrics["image_auroc"], metrics["image_f1_max"] = image["image_auroc"], image["image_f1_max"]
     input_size = tuple(maps.shape[1:])
-    notes = list(split.notes)
+    notes = list(split.notes) + _view_notes(split, preprocess, masks)
     if split.has_masks:
         gt = np.zeros(maps.shape, dtype=bool)  # good images: empty masks
         for i, mask in masks.items():
@@ -211,6 +215,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
             "predict_seconds": predict_seconds,
             "predict_ms_per_image": 1000.0 * predict_seconds / len(paths),
             "metrics_seconds": metrics_seconds,
+            "peak_rss_after_fit_mib": peak_after_fit,
             "peak_rss_mib": peak_rss_mib(),
             "peak_gpu_mib": (torch.cuda.max_memory_allocated(model.device) / (1 << 20)
                              if model.device.type == "cuda" else None),
@@ -250,7 +255,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def summarise(records: list[dict[str, Any]], requested: list[str]) -> dict[str, Any]:
-    keep = ("category", "layout", "n_images", "metrics", "pixel_resolution", "at_training_threshold", "timings")
+    keep = ("category", "layout", "n_images", "metrics", "pixel_resolution", "at_training_threshold", "timings",
+            "notes")
     mean = {m: _mean([r["metrics"][m] for r in records]) for m in METRICS}
     return {
         "package_version": __version__,
@@ -314,6 +320,9 @@ def markdown(summary: dict[str, Any]) -> str:
     if not summary["complete"]:
         lines.append(f"Incomplete: {len(summary['categories_done'])} of {len(summary['categories_requested'])} "
                      "categories finished.")
+    notes = [f"- {r['category']}: {note}" for r in summary["categories"] for note in r["notes"]]
+    if notes:
+        lines += ["", "Notes:", ""] + notes
     lines += ["", "## At the decision threshold set on held-out training images (no test data used)", "",
               "| category | threshold | held-out train images | accuracy | precision | recall |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -335,7 +344,7 @@ def write_results(output: Path, records: list[dict[str, Any]], requested: list[s
 
 # ---------------------------------------------------------------------------- driver
 def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, categories: list[str] | None = None,
-             train: str | Path | None = None, device: str = "auto", max_feature_memory: int = 2 << 30,
+             train: str | Path | None = None, device: str = "auto", max_feature_memory: int = 1 << 30,
              quiet: bool = True, log=None) -> list[dict[str, Any]]:
     """Evaluate every category under `root` (or the named ones); write results as each one finishes."""
     log = log or (lambda text: None)
@@ -356,6 +365,8 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
         write_atomic(output / f"{split.name}.json", _json(record))
         write_results(output, records, requested)
         m, t = record["metrics"], record["timings"]
+        for note in record["notes"]:
+            log(f"[{n}/{len(splits)}] {split.name}: note: {note}")
         log(f"[{n}/{len(splits)}] {split.name}: image AUROC {_pct(m['image_auroc'])}, pixel AUROC "
             f"{_pct(m['pixel_auroc'])}, AUPRO {_pct(m['aupro'])}; fit {t['fit_seconds']:.1f} s (coreset "
             f"{t['coreset_seconds']:.1f} s), predict {t['predict_ms_per_image']:.1f} ms/img, "
@@ -388,8 +399,8 @@ def add_parser(sub, common) -> None:
     parser.add_argument("--train", default=None,
                         help="folder of defect-free training images, for a single category without "
                              "<category>/train/good (folder layout)")
-    parser.add_argument("--max-feature-memory-gb", type=float, default=2.0,
-                        help="training features beyond this go to a temporary file (default: 2)")
+    parser.add_argument("--max-feature-memory-gb", type=float, default=1.0,
+                        help="training features beyond this go to a temporary file (default: 1)")
     common(parser)
     add_config_options(parser)
     parser.set_defaults(run=cmd_evaluate)

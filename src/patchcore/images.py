@@ -138,12 +138,33 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        size = self._resized_size(height, width)
+        size = self.resized_size(height, width)
         if self.crop is not None:
             size = _pair(self.crop)
         return size
 
-    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the centre crop inside the resized image of an H x W input."""
+        size = self.resized_size(height, width)
+        if self.crop is None:
+            return 0, 0, size[0], size[1]
+        ch, cw = _pair(self.crop)
+        if ch > size[0] or cw > size[1]:
+            raise ValueError(f"crop {ch}x{cw} is larger than the resized image {size[0]}x{size[1]}")
+        return int(round((size[0] - ch) / 2.0)), int(round((size[1] - cw) / 2.0)), ch, cw
+
+    def mask_geometry(self, mask: np.ndarray) -> np.ndarray:
+        """bool (H, W) at image size -> bool (h, w) aligned with the maps: the image's resize (nearest
+        neighbour, so the mask stays binary), then the same centre crop."""
+        height, width = mask.shape
+        size = self.resized_size(height, width)
+        picture = Image.fromarray(mask.astype(np.uint8) * 255)
+        if size != (height, width):
+            picture = picture.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        top, left, h, w = self.crop_box(height, width)
+        return np.asarray(picture)[top:top + h, left:left + w] > 0
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
         if self.resize is None:
             return height, width
         if isinstance(self.resize, int):  # shorter side -> resize, aspect kept (torchvision rule)
@@ -157,16 +178,12 @@ class Preprocess:
             raise ValueError(f"expected uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = images.float().div_(255.0)
         height, width = x.shape[-2:]
-        size = self._resized_size(height, width)
+        size = self.resized_size(height, width)
         if size != (height, width):
             # antialias=True matches PIL's bilinear downscaling used by the MVTec protocol code.
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        if self.crop is not None:
-            ch, cw = _pair(self.crop)
-            if ch > size[0] or cw > size[1]:
-                raise ValueError(f"crop {ch}x{cw} is larger than the resized image {size[0]}x{size[1]}")
-            top, left = int(round((size[0] - ch) / 2.0)), int(round((size[1] - cw) / 2.0))
-            x = x[..., top:top + ch, left:left + cw]
+        top, left, ch, cw = self.crop_box(height, width)
+        x = x[..., top:top + ch, left:left + cw]
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()
@@ -174,12 +191,10 @@ class Preprocess:
     def geometry(self, image: torch.Tensor) -> torch.Tensor:
         """The same resize and crop without normalisation: the picture the maps align with."""
         x = image[None].float()
-        size = self._resized_size(*x.shape[-2:])
+        size = self.resized_size(*x.shape[-2:])
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        if self.crop is not None:
-            ch, cw = _pair(self.crop)
-            top, left = int(round((size[0] - ch) / 2.0)), int(round((size[1] - cw) / 2.0))
-            x = x[..., top:top + ch, left:left + cw]
+        top, left, ch, cw = self.crop_box(*image.shape[-2:])
+        x = x[..., top:top + ch, left:left + cw]
         return x[0].round().clamp(0, 255).to(torch.uint8)
 
 

@@ -232,6 +232,11 @@ class PatchCore:
             masks = maps > self.pixel_threshold_
         return PatchCoreResult(scores, maps, labels, masks)
 
+    def predict_batch(self, images: torch.Tensor) -> PatchCoreResult:
+        """Score one uint8 (B, 3, H, W) batch in a single pass (the serving path; tensors may be on the GPU)."""
+        self._check_fitted()
+        return self._score_uint8(images)
+
     def predict(self, images: Sequence[ImageInput] | torch.Tensor) -> PatchCoreResult:
         """Score images (paths, arrays, PIL images, or a uint8 (B, 3, H, W) tensor, which may already be
         on the model's device). An unreadable file raises ImageReadError naming it; the CLI instead
