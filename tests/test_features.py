@@ -28,14 +28,14 @@ def test_level_dims_share_and_cap():
 
 
 def _naive_local_mean(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Mean over the p x p neighbours that exist (count_include_pad=False), one position at a time."""
+    """Sum over the p x p neighbours that exist, divided by p * p (zero padding), one position at a time."""
     r = p // 2
     b, c, h, w = x.shape
     out = torch.empty_like(x)
     for i in range(h):
         for j in range(w):
             window = x[:, :, max(0, i - r):min(h, i + r + 1), max(0, j - r):min(w, j + r + 1)]
-            out[:, :, i, j] = window.mean(dim=(-2, -1))
+            out[:, :, i, j] = window.sum(dim=(-2, -1)) / (p * p)
     return out
 
 
@@ -48,10 +48,13 @@ def test_local_aggregate_equals_naive_neighbourhood_mean(p, shape):
     torch.testing.assert_close(out, _naive_local_mean(x, p), rtol=1e-10, atol=1e-10)
 
 
-def test_local_aggregate_border_is_not_pulled_towards_zero():
-    # A constant map stays constant: zero padding would darken the border.
+def test_local_aggregate_marks_the_border_by_zero_padding():
+    # A constant map keeps its value inside; corners see 4 of 9 neighbours, edges 6 of 9.
     x = torch.full((1, 2, 5, 6), 3.0)
-    torch.testing.assert_close(local_aggregate(x, 3), x)
+    out = local_aggregate(x, 3)
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], x[..., 1:-1, 1:-1])
+    torch.testing.assert_close(out[..., 0, 0], torch.full((1, 2), 3.0 * 4 / 9))
+    torch.testing.assert_close(out[..., 0, 2], torch.full((1, 2), 3.0 * 6 / 9))
 
 
 def test_local_aggregate_p1_is_identity():

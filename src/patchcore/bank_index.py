@@ -103,28 +103,36 @@ class BankIndex:
             dist, idx = nearest(queries, self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
                                 chunk_elements=self.chunk_elements)
             return dist[:, 0], idx[:, 0]
-        keys, _ = self._search_rows(queries)
+        keys, _ = self._search_rows(queries, switch_to_plain=True)
         return _unkey(keys)
 
-    def _search_rows(self, queries: torch.Tensor, exclude: torch.Tensor | None = None):
-        """(Q, D) -> (Q,) keys of the nearest rows, (Q,) bool: fell back to the plain GEMM somewhere.
+    def _search_rows(self, queries: torch.Tensor, exclude: torch.Tensor | None = None, switch_to_plain: bool = False):
+        """(Q, D) -> (Q,) keys of the nearest rows, (Q,) bool: fell back to the plain GEMM.
 
         exclude (Q,): one bank row per query to leave out (calibration queries are bank rows).
+        switch_to_plain: once most queries so far fell back, search the rest with the plain GEMM directly.
         """
         padded = self.bank_aug_.shape[0]
-        # The bound matrix is the largest tensor; the gathered groups and candidate pairs can reach as many
-        # elements again (int64 pairs twice that), hence a quarter of the budget.
+        # The bound matrix is the largest tensor; the rows gathered from it can reach as many elements again.
         block = max(1, self.chunk_elements // 4)
         if queries.device.type == "cpu":
             block = min(block, CPU_BLOCK_ELEMENTS)
         bank_chunk = min(padded, max(GROUP, block // GROUP * GROUP))
         query_chunk = max(1, block // bank_chunk)
-        keys, heavy = [], []
+        keys, heavy, num_heavy = [], [], 0
         for q0 in range(0, queries.shape[0], query_chunk):
+            if switch_to_plain and num_heavy > q0 / 2:  # e.g. a batch of anomalous images: skip the bounds
+                dist, idx = nearest(queries[q0:], self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
+                                    chunk_elements=self.chunk_elements)
+                keys.append(_key(dist[:, 0], idx[:, 0]))
+                heavy.append(torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device))
+                break
             k, h = self._search_block(queries[q0:q0 + query_chunk], bank_chunk,
                                       None if exclude is None else exclude[q0:q0 + query_chunk])
             keys.append(k)
             heavy.append(h)
+            if switch_to_plain:
+                num_heavy += int(h.sum())
         return torch.cat(keys), torch.cat(heavy)
 
     def _margins(self, centred_norm: torch.Tensor, prefix_sq: torch.Tensor, device: torch.device):
@@ -176,27 +184,29 @@ class BankIndex:
             # true upper bound; the computed prefix distance may lie up to `shift` (projection) and
             # `expansion` (GEMM) lower. The final factor covers rounding of this line itself.
             threshold = (upper * stretch + shift).square_().mul_(1 + 8 * _UNIT_ROUNDOFF) + expansion - prefix_sq
-            # Open only the groups whose min passes the test, then test their rows.
+            # Open only the groups whose min passes the test, and count the rows in them that pass too.
             num_groups = group_min.shape[1]
             hits = (group_min <= threshold[:, None]).view(-1).nonzero()[:, 0]  # flat (query, group) ids
+            del group_min
             hit_query = hits.div(num_groups, rounding_mode="floor")
-            opened = groups.view(-1, GROUP).index_select(0, hits)  # (h, GROUP)
-            del bound, groups, group_min
-            inner = (opened <= threshold.index_select(0, hit_query)[:, None]).view(-1).nonzero()[:, 0]
-            inner_hit = inner.div(GROUP, rounding_mode="floor")
-            qi_all = hit_query.index_select(0, inner_hit)
-            bj_all = (hits.index_select(0, inner_hit) - qi_all * num_groups) * GROUP + inner % GROUP + b0
-            del hits, hit_query, opened, inner, inner_hit
-            heavy = torch.bincount(qi_all, minlength=n) > budget
+            passed = groups.view(-1, GROUP).index_select(0, hits) <= threshold.index_select(0, hit_query)[:, None]
+            del bound, groups
+            count = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, hit_query, passed.sum(1))
+            heavy = count > budget
             if bool(heavy.any()):  # too many candidates: the plain GEMM is cheaper for these queries
                 heavy_any |= heavy
-                light = ~heavy[qi_all]
-                qi_all, bj_all = qi_all[light], bj_all[light]
+                light = ~heavy.index_select(0, hit_query)
+                hits, hit_query, passed = hits[light], hit_query[light], passed[light]
                 if exclude is None:  # (calibration only needs to know which queries fall back)
                     h, b1 = rows[heavy], min(num_bank, b0 + bank_chunk)
                     dist, idx = nearest(q[h], self.bank_[b0:b1], 1, bank_sq_norms=self.bank_sq_norms_[b0:b1],
                                         chunk_elements=self.chunk_elements)
                     best[h] = torch.minimum(best[h], _key(dist[:, 0], idx[:, 0] + b0))
+            inner = passed.view(-1).nonzero()[:, 0]
+            inner_hit = inner.div(GROUP, rounding_mode="floor")
+            qi_all = hit_query.index_select(0, inner_hit)
+            bj_all = (hits.index_select(0, inner_hit) - qi_all * num_groups) * GROUP + inner % GROUP + b0
+            del hits, hit_query, passed, inner, inner_hit
             for p0 in range(0, qi_all.shape[0], pair_chunk):
                 qi, bj = qi_all[p0:p0 + pair_chunk], bj_all[p0:p0 + pair_chunk]
                 dist = _row_dist(q.index_select(0, qi), self.bank_.index_select(0, bj))

@@ -39,7 +39,7 @@ def paste_defect(image: np.ndarray, rng: np.random.Generator, kind: str) -> tupl
         half = size * rng.uniform(0.12, 0.2)
         dx, dy = half * np.cos(angle), half * np.sin(angle)
         line = [(cx - dx, cy - dy), (cx + dx, cy + dy)]
-        width = max(2, size // 40)
+        width = max(3, size // 20)
         draw.line(line, fill=(25, 25, 30), width=width)
         mask_draw.line(line, fill=255, width=width)
     elif kind == "stain":
