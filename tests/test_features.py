@@ -105,3 +105,24 @@ def test_patch_embeddings_rows_follow_the_grid_row_major():
     for r in range(3):
         for c in range(4):
             assert out[0, r * 4 + c].tolist() == fmap[0, :, r, c].tolist()
+
+
+def test_level_reductions_weigh_every_level_equally():
+    from patchcore.features import level_reductions
+
+    wide, narrow = level_reductions([1024, 40], 1024)
+    torch.testing.assert_close(wide, channel_pooling_matrix(1024, 512))
+    assert narrow == pytest.approx((512 / 40) ** 0.5)
+    # Scaling by sqrt(e / C) gives the distances of repeating each channel e / C times (here 4 -> 8).
+    a, b = torch.randn(2, 4, generator=_gen(5), dtype=torch.float64)
+    scale = level_reductions([4, 16], 16)[0]
+    torch.testing.assert_close((a - b).norm() * scale, (a.repeat_interleave(2) - b.repeat_interleave(2)).norm())
+    assert level_reductions([512, 512], 1024) == [1.0, 1.0]
+
+
+def test_patch_embeddings_applies_scale_factors():
+    maps = [torch.randn(1, 3, 4, 4, generator=_gen(7)), torch.randn(1, 5, 2, 2, generator=_gen(8))]
+    plain = patch_embeddings(maps, [None, None], 3)
+    scaled = patch_embeddings(maps, [2.0, None], 3)
+    torch.testing.assert_close(scaled[..., :3], 2.0 * plain[..., :3])
+    torch.testing.assert_close(scaled[..., 3:], plain[..., 3:])

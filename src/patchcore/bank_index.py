@@ -1,11 +1,12 @@
 """Exact 1-NN over a fixed memory bank, pruned by a PCA-ordered lower bound (the predict-time hot path).
 
-Rotating the centred bank by its PCA basis changes no distance, and the squared distance over the first
-r principal dims is a lower bound of the full one. For a block of queries one thin GEMM (r of D dims)
+Rotating the centred bank by its PCA basis changes no distance, and the distance over the first r
+principal dims is a lower bound of the full one. For a block of queries one thin GEMM (r of D dims)
 gives that bound for every (query, bank row) pair; the row with the smallest bound gives an upper bound
 (its exact distance), and only rows whose lower bound is not above it can hold the nearest neighbour.
-Those few candidates are compared with exact distances ||q - b||. Every pruning test carries a margin
-that covers float rounding, so the answer is the one a full search gives (up to near-ties).
+Those few candidates are compared with exact distances ||q - b|| (for large D after a second, finer
+bound over more principal dims). Every test carries a margin that covers float rounding, so the answer
+is the one a full search gives (up to near-ties).
 """
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from .knn import DEFAULT_CHUNK_ELEMENTS, nearest, squared_norms
 
 _UNIT_ROUNDOFF = 2.0 ** -24  # float32
 _SAFETY = 2.0  # multiplies every rounding bound below
-# Bank rows are scanned in groups this size: one min per group is the only pass over the bound matrix
-# besides the GEMM; only groups whose min passes the test are opened.
+# Bank rows are scanned in groups this size: a min per group is the only pass over the bound matrix
+# besides the GEMM; only the groups whose min passes the test are opened.
 GROUP = 32
 # On CPU the (queries x bank) bound matrix is built in blocks this size (16 MiB of float32), so that the
 # passes over it run from cache; accelerators take whole chunks.
 CPU_BLOCK_ELEMENTS = 1 << 22
 _VERIFY_PAIRS = 1 << 11  # candidate pairs gathered at once on CPU, for the same reason
+# Candidates go through a second bound over REFINE_FACTOR * r dims before the exact distance, where that
+# is at most half of D (it only pays where a full row is much longer than the finer bound).
+REFINE_FACTOR = 4
 _CALIBRATION_ROWS = 256
 
 
@@ -59,7 +63,7 @@ class BankIndex:
             raise ValueError("prefix_dims and chunk_elements must be >= 1")
         self.prefix_dims = prefix_dims
         self.chunk_elements = chunk_elements
-        # A query whose candidates exceed this share of the bank is searched by the plain GEMM instead:
+        # A query with more candidates than this share of the bank is searched by the plain GEMM instead:
         # past it, gathering candidate rows one by one costs more than the GEMM it saves.
         self.max_candidate_fraction = max_candidate_fraction
         self.bank_ = bank.float().contiguous()
@@ -68,24 +72,27 @@ class BankIndex:
         self.pruning_ = dim > prefix_dims
         if not self.pruning_:
             return
-        mean = self.bank_.double().mean(0)
-        centred = self.bank_.double() - mean
+        r = prefix_dims
+        self.refine_dims_ = REFINE_FACTOR * r if 2 * REFINE_FACTOR * r <= dim else 0
+        self.mean_ = self.bank_.double().mean(0).float()
+        centred = self.bank_.double() - self.mean_.double()  # the float32 mean, as queries will use
         eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)  # ascending; float64 keeps the order stable
-        self.mean_ = mean.float()
-        self.basis_ = eigvecs.flip(1)[:, :prefix_dims].float().contiguous()  # (D, r) leading principal axes
-        self.prefix_energy_ = float(eigvals.flip(0)[:prefix_dims].sum() / eigvals.sum().clamp_min(1e-300))
-        centred32 = self.bank_ - self.mean_
-        prefix = centred32 @ self.basis_  # (M, r): first r rotated coordinates
-        prefix_sq = prefix.pow(2).sum(1)
-        # One GEMM gives ||b'||^2 - 2 q'.b' = [q', 1] . [-2 b', ||b'||^2]; rows padded to whole groups
-        # with +inf so that padding never passes a test.
+        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+        self.prefix_energy_ = float(eigvals[:r].sum() / eigvals.sum().clamp_min(1e-300))
+        self.basis_ = eigvecs[:, :max(r, self.refine_dims_)].float().contiguous()  # (D, r or r2) principal axes
+        rotated = centred @ self.basis_.double()  # float64: the bank side carries only the final rounding
+        self.bank_refine_ = rotated.float().contiguous() if self.refine_dims_ else None  # (M, r2)
+        prefix_sq = rotated[:, :r].pow(2).sum(1)
+        # One GEMM gives ||b'||^2 - 2 q'.b' = [q', 1] . [-2 b', ||b'||^2] (b' = the first r rotated dims);
+        # rows padded to whole groups with +inf, so that padding never passes a test.
         padded = -(-num_bank // GROUP) * GROUP
-        self.bank_aug_ = torch.zeros(padded, prefix_dims + 1, device=self.bank_.device)
-        self.bank_aug_[:num_bank, :prefix_dims] = -2 * prefix
-        self.bank_aug_[:, prefix_dims] = float("inf")
-        self.bank_aug_[:num_bank, prefix_dims] = prefix_sq
+        aug = torch.zeros(padded, r + 1, dtype=torch.float64, device=self.bank_.device)
+        aug[:num_bank, :r] = -2 * rotated[:, :r]
+        aug[:, r] = float("inf")
+        aug[:num_bank, r] = prefix_sq
+        self.bank_aug_ = aug.float()
         # Largest centred and prefix norms over the bank: per-query margins then need no (Q, M) work.
-        self._max_centred_norm = float(centred32.norm(dim=1).max())
+        self._max_centred_norm = float(centred.norm(dim=1).max())
         self._max_prefix_sq = float(prefix_sq.max())
         # Calibrate on bank rows (each against the rest): where most of them would fall back to the plain
         # GEMM (unstructured data, e.g. Gaussian), so would queries, and the bound pass would be wasted.
@@ -135,32 +142,40 @@ class BankIndex:
                 num_heavy += int(h.sum())
         return torch.cat(keys), torch.cat(heavy)
 
-    def _margins(self, centred_norm: torch.Tensor, prefix_sq: torch.Tensor, device: torch.device):
-        """Rounding bounds for the lower-bound test in _search_block; per query, (n,)."""
-        u, u_in = _UNIT_ROUNDOFF, _gemm_input_roundoff(device)
-        r, dim = self.prefix_dims, self.bank_.shape[1]
-        # Projection x -> x @ basis (x = q - mean): each of the r outputs is a length-D dot product with a
-        # unit column, so it errs by <= (2 u_in + D u) ||x||; over r outputs, times sqrt(r). Centring adds
-        # u ||x||. Query and bank row both: the computed prefix distance is off by <= `shift`.
-        proj = _SAFETY * ((2 * u_in + dim * u) * math.sqrt(r) + u)
-        shift = proj * (centred_norm + self._max_centred_norm)
-        # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims (a, b: prefixes), here as one length-(r+1)
-        # dot product [a, 1].[-2b, ||b||^2]: it errs by <= (2 u_in + (r+1) u) times the sum of |terms|
-        # <= ||a||^2 + 2||b||^2; the squared norms by r u each. In all <= (2 u_in + (2r+2) u)(||a||^2 + 2||b||^2).
-        expansion = _SAFETY * (2 * u_in + (2 * r + 2) * u) * (prefix_sq + 2 * self._max_prefix_sq)
-        # The float32 basis is orthonormal to ~u sqrt(r) only, so ||(q - b) basis|| <= (1 + eta) ||q - b||;
-        # and the direct distance that gives the upper bound errs by (D + 4) u relatively.
-        stretch = (1 + _SAFETY * u * math.sqrt(r)) * (1 + _SAFETY * (dim + 4) * u)
-        return shift, expansion, stretch
+    def _shift(self, centred_norm: torch.Tensor, dims: int, device: torch.device) -> torch.Tensor:
+        """(n,) bound on how far rounding moves the computed distance over the first `dims` rotated dims.
+
+        Query side: x @ basis (x = q - mean) in float32, each of the `dims` outputs a length-D dot product
+        with a unit column, errs by <= (2 u_in + D u) ||x||; over `dims` outputs, times sqrt(dims); the
+        centring adds u ||x||. Bank side (computed in float64): the final rounding, u ||x_b||.
+        """
+        u, dim = _UNIT_ROUNDOFF, self.bank_.shape[1]
+        query_side = (2 * _gemm_input_roundoff(device) + dim * u) * math.sqrt(dims) + u
+        return _SAFETY * (query_side * centred_norm + u * self._max_centred_norm)
+
+    @staticmethod
+    def _stretch(dims: int, dim: int) -> float:
+        """The float32 basis is orthonormal to ~u sqrt(dims) only: ||(q - b) basis|| <= (1 + eta) ||q - b||.
+        Times the relative error of the direct distances that give the upper bound, (D + 4) u."""
+        return (1 + _SAFETY * _UNIT_ROUNDOFF * math.sqrt(dims)) * (1 + _SAFETY * (dim + 4) * _UNIT_ROUNDOFF)
 
     def _search_block(self, q: torch.Tensor, bank_chunk: int, exclude: torch.Tensor | None):
         num_bank, dim = self.bank_.shape
+        r, r2 = self.prefix_dims, self.refine_dims_
         n, device = q.shape[0], q.device
+        u = _UNIT_ROUNDOFF
         centred = q - self.mean_
-        prefix = centred @ self.basis_  # (n, r)
-        prefix_sq = prefix.pow(2).sum(1)
-        shift, expansion, stretch = self._margins(centred.norm(dim=1), prefix_sq, device)
-        query_aug = torch.cat([prefix, torch.ones(n, 1, device=device)], 1)
+        centred_norm = centred.norm(dim=1)
+        rotated = centred @ self.basis_  # (n, r or r2)
+        prefix_sq = rotated[:, :r].pow(2).sum(1)
+        query_aug = torch.cat([rotated[:, :r], torch.ones(n, 1, device=device)], 1)
+        shift, stretch = self._shift(centred_norm, r, device), self._stretch(r, dim)
+        # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims (a, b: prefixes), here the length-(r+1) dot
+        # product [a, 1].[-2b, ||b||^2]: it errs by <= (2 u_in + (r+1) u) times the sum of |terms|, which is
+        # <= ||a||^2 + 2||b||^2; the squared norms by r u each. In all <= (2 u_in + (2r+2) u)(||a||^2 + 2||b||^2).
+        expansion = _SAFETY * (2 * _gemm_input_roundoff(device) + (2 * r + 2) * u) * (prefix_sq + 2 * self._max_prefix_sq)
+        if r2:
+            shift2, stretch2 = self._shift(centred_norm, r2, device), self._stretch(r2, dim) * (1 + _SAFETY * (r2 + 4) * u)
         best = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
         heavy_any = torch.zeros(n, dtype=torch.bool, device=device)
         rows = torch.arange(n, device=device)
@@ -183,7 +198,7 @@ class BankIndex:
             # Row j can be nearest only if its true prefix distance <= (1 + eta) d(q, j) <= (1 + eta) * the
             # true upper bound; the computed prefix distance may lie up to `shift` (projection) and
             # `expansion` (GEMM) lower. The final factor covers rounding of this line itself.
-            threshold = (upper * stretch + shift).square_().mul_(1 + 8 * _UNIT_ROUNDOFF) + expansion - prefix_sq
+            threshold = (upper * stretch + shift).square_().mul_(1 + 8 * u) + expansion - prefix_sq
             # Open only the groups whose min passes the test, and count the rows in them that pass too.
             num_groups = group_min.shape[1]
             hits = (group_min <= threshold[:, None]).view(-1).nonzero()[:, 0]  # flat (query, group) ids
@@ -204,11 +219,16 @@ class BankIndex:
                     best[h] = torch.minimum(best[h], _key(dist[:, 0], idx[:, 0] + b0))
             inner = passed.view(-1).nonzero()[:, 0]
             inner_hit = inner.div(GROUP, rounding_mode="floor")
-            qi_all = hit_query.index_select(0, inner_hit)
-            bj_all = (hits.index_select(0, inner_hit) - qi_all * num_groups) * GROUP + inner % GROUP + b0
+            cand_query = hit_query.index_select(0, inner_hit)
+            cand_row = (hits.index_select(0, inner_hit) - cand_query * num_groups) * GROUP + inner % GROUP + b0
             del hits, hit_query, passed, inner, inner_hit
-            for p0 in range(0, qi_all.shape[0], pair_chunk):
-                qi, bj = qi_all[p0:p0 + pair_chunk], bj_all[p0:p0 + pair_chunk]
+            for p0 in range(0, cand_query.shape[0], pair_chunk):
+                qi, bj = cand_query[p0:p0 + pair_chunk], cand_row[p0:p0 + pair_chunk]
+                if r2:  # finer bound over r2 dims from direct differences (no expansion error), same argument
+                    fine = _row_dist(rotated.index_select(0, qi), self.bank_refine_.index_select(0, bj))
+                    limit = _unkey(best)[0].index_select(0, qi) * stretch2 + shift2.index_select(0, qi)
+                    keep = (fine <= limit).nonzero()[:, 0]
+                    qi, bj = qi.index_select(0, keep), bj.index_select(0, keep)
                 dist = _row_dist(q.index_select(0, qi), self.bank_.index_select(0, bj))
                 best.scatter_reduce_(0, qi, _key(dist, bj), "amin")
         return best, heavy_any

@@ -17,7 +17,7 @@ from .backbones import Backbone, build_backbone
 from .config import PatchCoreConfig
 from .coreset import coreset_count, greedy_coreset, random_projection
 from .feature_store import FeatureStore
-from .features import channel_pooling_matrix, level_dims, patch_embeddings
+from .features import level_dims, level_reductions, patch_embeddings
 from .images import ImageReadError, LoadedBatch, Preprocess, as_uint8_tensor, iter_image_batches
 from .knn import nearest, squared_norms
 from .model_file import ModelFileError, read_model_file, write_model_file
@@ -95,9 +95,8 @@ class PatchCore:
             if self.device.type == "cuda":
                 self._backbone = self._backbone.to(memory_format=torch.channels_last)
             self._preprocess = Preprocess(cfg.resize, cfg.crop, spec.mean, spec.std)
-            dims = level_dims(backbone.channels, cfg.embedding_dim)
-            self._pooling = [None if d == c else channel_pooling_matrix(c, d).to(self.device)
-                             for c, d in zip(backbone.channels, dims)]
+            self._pooling = [r.to(self.device) if isinstance(r, torch.Tensor) else r
+                             for r in level_reductions(backbone.channels, cfg.embedding_dim)]
         return self._backbone
 
     @property
