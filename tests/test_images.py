@@ -244,3 +244,20 @@ def test_preprocess_rejects_non_uint8_batches():
         pre(torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError):
         pre(torch.zeros(3, 4, 4, dtype=torch.uint8))
+
+
+def test_fast_png_path_is_bit_identical_to_pil(tmp_path):
+    from patchcore.images import _decode_plain_png
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    fast_rgb, fast_grey = _decode_plain_png(tmp_path / "rgb.png"), _decode_plain_png(tmp_path / "grey.png")
+    if fast_rgb is None:
+        pytest.skip("torchvision has no PNG decoder here: PIL decodes everything")
+    assert np.array_equal(fast_rgb, rgb) and np.array_equal(read_image(tmp_path / "rgb.png"), rgb)
+    assert np.array_equal(fast_grey, np.repeat(grey[..., None], 3, axis=2))
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    assert _decode_plain_png(tmp_path / "palette.png") is None  # other kinds go through PIL

