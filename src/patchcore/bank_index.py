@@ -55,7 +55,7 @@ def _row_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class BankIndex:
     """Exact 1-NN over a fixed bank: PCA-ordered lower bound prunes, exact distances verify."""
 
-    def __init__(self, bank: torch.Tensor, *, prefix_dims: int = 32, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    def __init__(self, bank: torch.Tensor, *, prefix_dims: int = 64, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  max_candidate_fraction: float = 0.05):
         if bank.ndim != 2 or bank.shape[0] < 1:
             raise ValueError(f"bank must be (M >= 1, D), got {tuple(bank.shape)}")
@@ -69,11 +69,11 @@ class BankIndex:
         self.bank_ = bank.float().contiguous()
         self.bank_sq_norms_ = squared_norms(self.bank_)
         num_bank, dim = self.bank_.shape
-        self.pruning_ = dim > prefix_dims
-        if not self.pruning_:
-            return
         r = prefix_dims
         self.refine_dims_ = REFINE_FACTOR * r if 2 * REFINE_FACTOR * r <= dim else 0
+        self.pruning_ = dim > r
+        if not self.pruning_:
+            return
         self.mean_ = self.bank_.double().mean(0).float()
         centred = self.bank_.double() - self.mean_.double()  # the float32 mean, as queries will use
         eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)  # ascending; float64 keeps the order stable
@@ -102,7 +102,7 @@ class BankIndex:
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, D) -> distances (Q,), indices (Q,) of the nearest bank row (exact Euclidean, not squared)."""
-        num_bank, dim = self.bank_.shape
+        dim = self.bank_.shape[1]
         if queries.ndim != 2 or queries.shape[1] != dim:
             raise ValueError(f"queries must be (Q, {dim}), got {tuple(queries.shape)}")
         queries = queries.to(device=self.bank_.device, dtype=torch.float32)
@@ -173,14 +173,18 @@ class BankIndex:
         # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims (a, b: prefixes), here the length-(r+1) dot
         # product [a, 1].[-2b, ||b||^2]: it errs by <= (2 u_in + (r+1) u) times the sum of |terms|, which is
         # <= ||a||^2 + 2||b||^2; the squared norms by r u each. In all <= (2 u_in + (2r+2) u)(||a||^2 + 2||b||^2).
-        expansion = _SAFETY * (2 * _gemm_input_roundoff(device) + (2 * r + 2) * u) * (prefix_sq + 2 * self._max_prefix_sq)
+        u_gemm = 2 * _gemm_input_roundoff(device) + (2 * r + 2) * u
+        expansion = _SAFETY * u_gemm * (prefix_sq + 2 * self._max_prefix_sq)
         if r2:
-            shift2, stretch2 = self._shift(centred_norm, r2, device), self._stretch(r2, dim) * (1 + _SAFETY * (r2 + 4) * u)
+            # Direct differences over r2 dims: the computed norm errs by <= (r2 + 4) u relatively.
+            shift2, stretch2 = self._shift(centred_norm, r2, device), self._stretch(r2, dim)
+            slack2 = 1 + _SAFETY * (r2 + 4) * u
         best = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.long, device=device)
         heavy_any = torch.zeros(n, dtype=torch.bool, device=device)
         rows = torch.arange(n, device=device)
         budget = self.max_candidate_fraction * num_bank
-        pair_chunk = max(1, min(self.chunk_elements // dim, _VERIFY_PAIRS if device.type == "cpu" else num_bank))
+        # Each pair chunk gathers two (pairs, D) tensors and their difference.
+        pair_chunk = max(1, min(self.chunk_elements // (4 * dim), _VERIFY_PAIRS if device.type == "cpu" else num_bank))
         for b0 in range(0, self.bank_aug_.shape[0], bank_chunk):
             # bound[i, j] = (prefix distance of q_i and row j)^2 - ||prefix_i||^2: the lower bound, shifted.
             bound = query_aug @ self.bank_aug_[b0:b0 + bank_chunk].T
@@ -226,7 +230,7 @@ class BankIndex:
                 qi, bj = cand_query[p0:p0 + pair_chunk], cand_row[p0:p0 + pair_chunk]
                 if r2:  # finer bound over r2 dims from direct differences (no expansion error), same argument
                     fine = _row_dist(rotated.index_select(0, qi), self.bank_refine_.index_select(0, bj))
-                    limit = _unkey(best)[0].index_select(0, qi) * stretch2 + shift2.index_select(0, qi)
+                    limit = (_unkey(best)[0].index_select(0, qi) * stretch2 + shift2.index_select(0, qi)) * slack2
                     keep = (fine <= limit).nonzero()[:, 0]
                     qi, bj = qi.index_select(0, keep), bj.index_select(0, keep)
                 dist = _row_dist(q.index_select(0, qi), self.bank_.index_select(0, bj))

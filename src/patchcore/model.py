@@ -19,7 +19,8 @@ from .coreset import coreset_count, greedy_coreset, random_projection
 from .feature_store import FeatureStore
 from .features import level_dims, level_reductions, patch_embeddings
 from .images import ImageReadError, LoadedBatch, Preprocess, as_uint8_tensor, iter_image_batches
-from .knn import nearest, squared_norms
+from .bank_index import BankIndex
+from .knn import squared_norms
 from .model_file import ModelFileError, read_model_file, write_model_file
 from .scoring import anomaly_maps, reweighted_image_scores, typical_nn_distance
 
@@ -213,6 +214,14 @@ class PatchCore:
         if not hasattr(self, "memory_bank_"):
             raise NotFittedError("this PatchCore model is not fitted yet: call fit() or PatchCore.load()")
 
+    @property
+    def bank_index(self) -> BankIndex:
+        """The search structure over memory_bank_, built on first use (derived state: never saved)."""
+        index = getattr(self, "_index", None)
+        if index is None or index.bank_.data_ptr() != self.memory_bank_.data_ptr():
+            self._index = index = BankIndex(self.memory_bank_)
+        return index
+
     @torch.inference_mode()
     def _score_uint8(self, images: torch.Tensor) -> PatchCoreResult:
         """uint8 (B, 3, H, W), all the same size -> scores (B,), maps (B, H', W'), labels, masks."""
@@ -220,7 +229,7 @@ class PatchCore:
         batch, patches, dim = features.shape
         if dim != self.memory_bank_.shape[1]:
             raise ModelFileError(f"feature size {dim} does not match the memory bank's {self.memory_bank_.shape[1]}")
-        dist, idx = nearest(features.reshape(-1, dim), self.memory_bank_, 1, bank_sq_norms=self._bank_sq_norms)
+        dist, idx = self.bank_index.search(features.reshape(-1, dim))  # exact 1-NN of every patch
         patch_dist, patch_idx = dist.view(batch, patches), idx.view(batch, patches)
         scores = reweighted_image_scores(features, patch_dist, patch_idx, self.memory_bank_, self._bank_sq_norms,
                                          self.config.reweight_neighbours, self.distance_scale_)

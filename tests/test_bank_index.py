@@ -1,0 +1,157 @@
+"""Pruned exact 1-NN (BankIndex) against torch.cdist on structured, unstructured and degenerate banks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchcore.bank_index import BankIndex
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _low_rank(num: int, dim: int, rank: int, gen: torch.Generator, noise: float = 0.01) -> torch.Tensor:
+    """Rows of a rank-`rank` model plus small isotropic noise: the spectrum PatchCore banks have."""
+    factors = torch.randn(num, rank, generator=gen) * torch.linspace(3.0, 0.5, rank)
+    return factors @ torch.randn(rank, dim, generator=gen) + noise * torch.randn(num, dim, generator=gen)
+
+
+def _assert_exact_nearest(queries, bank, dist, idx):
+    ref = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    assert dist.shape == idx.shape == (queries.shape[0],)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.long
+    best = ref.min(1).values
+    chosen = ref.gather(1, idx[:, None])[:, 0]
+    assert bool((chosen - best <= 1e-5 * best + 1e-6).all())  # a nearest row, up to float near-ties
+    if bank.shape[0] > 1:  # where the runner-up is clearly farther, exactly cdist's answer
+        top2 = ref.topk(2, dim=1, largest=False).values
+        clear = top2[:, 1] - top2[:, 0] > 1e-5 * top2[:, 0] + 1e-6
+        assert torch.equal(idx[clear], ref.argmin(1)[clear])
+    direct = (queries.double() - bank.double()[idx]).norm(dim=1)
+    torch.testing.assert_close(dist.double(), direct, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix_dims", [8, 16])  # 8: with the finer second bound (4 * 8 <= 64 / 2); 16: without
+def test_structured_bank_near_and_far_queries(prefix_dims):
+    gen = _gen(0)
+    bank = _low_rank(2000, 64, 8, gen)
+    near = bank[torch.randint(0, 2000, (300,), generator=gen)] + 0.05 * torch.randn(300, 64, generator=gen)
+    far = 5.0 * _low_rank(100, 64, 8, gen) + torch.randn(100, 64, generator=gen)  # anomalous: far off the bank
+    queries = torch.cat([near, far])
+    index = BankIndex(bank, prefix_dims=prefix_dims)
+    assert index.pruning_ and index.refine_dims_ == (32 if prefix_dims == 8 else 0)
+    _assert_exact_nearest(queries, bank, *index.search(queries))
+
+
+def test_queries_that_all_fall_back_to_the_plain_search():
+    gen = _gen(1)
+    bank = _low_rank(1500, 48, 6, gen)
+    queries = 3.0 * torch.randn(600, 48, generator=gen)  # isotropic: the prefix bound prunes nothing
+    index = BankIndex(bank, prefix_dims=8, chunk_elements=4 * 1504 * 64)  # 64 queries a block: switches to plain
+    assert index.pruning_
+    _, fell_back = index._search_rows(queries[:64])
+    assert bool(fell_back.all())  # the per-query fallback path is the one under test
+    _assert_exact_nearest(queries, bank, *index.search(queries))
+
+
+def test_gaussian_bank_is_calibrated_to_the_plain_search():
+    gen = _gen(2)
+    bank = torch.randn(1000, 40, generator=gen)
+    queries = torch.randn(200, 40, generator=gen)
+    index = BankIndex(bank, prefix_dims=8)
+    assert not index.pruning_
+    _assert_exact_nearest(queries, bank, *index.search(queries))
+
+
+@pytest.mark.parametrize("chunk_elements", [64, 1000, 5000])  # tiny: many query, bank and pair chunks
+def test_tiny_chunks_give_the_same_answer(chunk_elements):
+    gen = _gen(3)
+    bank = _low_rank(300, 24, 4, gen)
+    queries = torch.cat([bank[:40] + 0.02 * torch.randn(40, 24, generator=gen), 4 * torch.randn(10, 24, generator=gen)])
+    index = BankIndex(bank, prefix_dims=4, chunk_elements=chunk_elements)
+    dist, idx = index.search(queries)
+    _assert_exact_nearest(queries, bank, dist, idx)
+    ref_dist, ref_idx = BankIndex(bank, prefix_dims=4).search(queries)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+
+
+def test_prefix_not_shorter_than_the_features_uses_the_plain_search():
+    gen = _gen(4)
+    bank, queries = torch.randn(200, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    index = BankIndex(bank, prefix_dims=16)
+    assert not index.pruning_
+    _assert_exact_nearest(queries, bank, *index.search(queries))
+
+
+def test_duplicate_bank_rows():
+    gen = _gen(5)
+    rows = _low_rank(150, 32, 4, gen)
+    bank = torch.cat([rows, rows, rows[:50]])  # exact ties between bank rows
+    queries = torch.cat([rows[:30], rows[:30] + 0.01 * torch.randn(30, 32, generator=gen)])
+    index = BankIndex(bank, prefix_dims=4)
+    dist, idx = index.search(queries)
+    _assert_exact_nearest(queries, bank, dist, idx)
+    assert bool((dist[:30] == 0).all())  # a query equal to a bank row is at distance 0
+
+
+def test_single_row_bank():
+    gen = _gen(6)
+    bank, queries = torch.randn(1, 20, generator=gen), torch.randn(7, 20, generator=gen)
+    dist, idx = BankIndex(bank, prefix_dims=4).search(queries)
+    assert torch.equal(idx, torch.zeros(7, dtype=torch.long))
+    torch.testing.assert_close(dist, (queries - bank).norm(dim=1), rtol=1e-6, atol=1e-7)
+
+
+def test_no_cancellation_error_far_from_the_origin():
+    # Centring removes the offset; the reported distances are direct norms whatever the offset.
+    gen = _gen(7)
+    bank = 1000.0 + 0.01 * _low_rank(400, 24, 4, gen)
+    queries = 1000.0 + 0.01 * (bank[:60] - 1000.0 + 0.05 * torch.randn(60, 24, generator=gen))
+    dist, idx = BankIndex(bank, prefix_dims=4).search(queries)
+    _assert_exact_nearest(queries, bank, dist, idx)
+    assert bool((dist > 0).all())
+
+
+def test_margins_cover_gemm_rounding_for_tight_clusters_far_from_the_mean():
+    # Rows ~200 from the bank mean, neighbours ~0.02 apart: the bound GEMM's rounding (~1e-7 * 200^2 per
+    # term) dwarfs the squared distances, so without its margins the test drops true neighbours (26 of
+    # 300 answers wrong when the margins are zeroed). The margins keep each cluster as candidates.
+    gen = _gen(11)
+    centres = 30.0 * torch.randn(40, 3, generator=gen) @ torch.randn(3, 24, generator=gen)
+    bank = (centres[:, None, :] + 0.01 * torch.randn(40, 100, 24, generator=gen)).reshape(4000, 24)
+    queries = centres[torch.randint(0, 40, (300,), generator=gen)] + 0.01 * torch.randn(300, 24, generator=gen)
+    index = BankIndex(bank, prefix_dims=4)
+    _, fell_back = index._search_rows(queries)
+    assert index.pruning_ and not bool(fell_back.any())  # the pruned path alone answers
+    _assert_exact_nearest(queries, bank, *index.search(queries))
+
+
+def test_deterministic_for_the_same_bank_and_empty_queries():
+    gen = _gen(8)
+    bank = _low_rank(500, 32, 5, gen)
+    queries = bank[:50] + 0.1 * torch.randn(50, 32, generator=gen)
+    a, b = BankIndex(bank, prefix_dims=6), BankIndex(bank.clone(), prefix_dims=6)
+    assert torch.equal(a.basis_, b.basis_)
+    assert all(torch.equal(x, y) for x, y in zip(a.search(queries), b.search(queries)))
+    dist, idx = a.search(queries[:0])
+    assert dist.shape == idx.shape == (0,)
+
+
+def test_invalid_shapes_raise():
+    index = BankIndex(torch.randn(10, 8), prefix_dims=2)
+    with pytest.raises(ValueError, match="queries must be"):
+        index.search(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="bank must be"):
+        BankIndex(torch.randn(0, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    gen = _gen(9)
+    bank = _low_rank(3000, 64, 8, gen)
+    near = bank[:500] + 0.05 * torch.randn(500, 64, generator=gen)
+    queries = torch.cat([near, 3 * torch.randn(50, 64, generator=gen)])
+    dist, idx = BankIndex(bank.cuda(), prefix_dims=8).search(queries.cuda())
+    assert dist.is_cuda and idx.is_cuda
+    _assert_exact_nearest(queries, bank, dist.cpu(), idx.cpu())
