@@ -118,7 +118,6 @@ def predict_to_folder(model, paths: list[Path], output: Path, *, quiet: bool = F
     import numpy as np
     from PIL import Image
 
-    from .images import as_uint8_tensor, read_image
     from .visualize import colormap, normalise_map, overlay
 
     names = output_names(paths)
@@ -126,15 +125,16 @@ def predict_to_folder(model, paths: list[Path], output: Path, *, quiet: bool = F
         (output / sub).mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
     with progress_bar(len(paths), "predict", quiet) as bar:
-        for done, result, failed in model.iter_predict(paths):
-            failures += failed
-            bar.update(len(done) + len(failed))
-            for i, path in enumerate(done):
+        for batch in model.iter_predict(paths):
+            failures += batch.failures
+            bar.update(len(batch.paths) + len(batch.failures))
+            result = batch.result
+            for i, path in enumerate(batch.paths):
                 name = names[path]
                 anomaly_map = result.maps[i].numpy()
                 heat = colormap(normalise_map(anomaly_map, model.pixel_threshold_))
                 Image.fromarray(heat).save(output / "heatmaps" / f"{name}.png")
-                picture = model.preprocess.geometry(as_uint8_tensor(read_image(path))).permute(1, 2, 0).numpy()
+                picture = model.preprocess.geometry(batch.images[i]).permute(1, 2, 0).numpy()
                 mask = None if result.masks is None else result.masks[i].numpy()
                 Image.fromarray(overlay(picture, heat, mask)).save(output / "overlays" / f"{name}.png")
                 if mask is not None:

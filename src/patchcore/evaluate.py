@@ -138,9 +138,10 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     maps: np.ndarray | None = None  # (N, h, w) float32: ~200 kB per image at 224 x 224
     started = time.perf_counter()
     with progress_bar(len(paths), f"{split.name} test", quiet) as bar:
-        for done, result, failures in model.iter_predict(paths):
-            if failures:
-                raise DatasetError(f"unreadable test image: {failures[0]}")
+        for batch in model.iter_predict(paths):
+            done, result = batch.paths, batch.result
+            if batch.failures:
+                raise DatasetError(f"unreadable test image: {batch.failures[0]}")
             bar.update(len(done))
             batch_maps = result.maps.numpy().astype(np.float32, copy=False)
             if maps is None:

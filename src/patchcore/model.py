@@ -49,6 +49,17 @@ class PatchCoreResult(NamedTuple):
 
 
 @dataclass
+class PredictedBatch:
+    """One batch from `iter_predict`: the scored files, their result, the files that failed to read,
+    and the decoded images (uint8 (3, H, W), for drawing overlays without decoding twice)."""
+
+    paths: list[Path]
+    result: PatchCoreResult | None
+    failures: list[ImageReadError]
+    images: list[torch.Tensor]
+
+
+@dataclass
 class FitReport:
     """Where fit time went; kept on the model as `fit_report_` (not saved)."""
 
@@ -261,18 +272,12 @@ class PatchCore:
             parts += [self._score_uint8(stacked) for stacked in _same_size_stacks(batch.images)]
         return _concat_results(parts)
 
-    def iter_predict(self, paths: Sequence[str | Path]) -> Iterator[tuple[list[Path], PatchCoreResult | None, list[ImageReadError]]]:
-        """Stream (paths, result, failures) per batch: unreadable files are reported, the rest scored."""
+    def iter_predict(self, paths: Sequence[str | Path]) -> Iterator[PredictedBatch]:
+        """Stream batches: unreadable files are reported in `failures`, the rest scored (order kept)."""
         self._check_fitted()
         for batch in iter_image_batches(paths, self.config.batch_size):
-            done: list[Path] = []
-            parts = []
-            start = 0
-            for stacked in _same_size_stacks(batch.images):
-                parts.append(self._score_uint8(stacked))
-                done += batch.paths[start:start + stacked.shape[0]]
-                start += stacked.shape[0]
-            yield done, (_concat_results(parts) if parts else None), batch.failures
+            parts = [self._score_uint8(stacked) for stacked in _same_size_stacks(batch.images)]
+            yield PredictedBatch(batch.paths, _concat_results(parts) if parts else None, batch.failures, batch.images)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
