@@ -213,6 +213,19 @@ def test_exact_resize_and_non_square_crop():
     assert cropped(_batch(300, 600)).shape == (2, 3, 60, 90)
 
 
+def test_float_resize_for_gpus_agrees_with_the_uint8_kernel():
+    # CUDA has no uint8 antialiased resize: the GPU path resizes in float and rounds. Same result to 1 level.
+    from patchcore.images import resize_uint8
+
+    images = _batch(300, 437)
+    for size in [(256, 373), (64, 90), (400, 600)]:
+        exact = resize_uint8(images, size, in_float=False)
+        via_float = resize_uint8(images, size, in_float=True)
+        assert exact.dtype == via_float.dtype == torch.uint8 and exact.shape == via_float.shape == (2, 3, *size)
+        assert (exact.int() - via_float.int()).abs().max() <= 1
+        assert (exact == via_float).float().mean() > 0.75  # most pixels identical, even on noise
+
+
 def test_centre_crop_takes_the_centre():
     image = torch.arange(6 * 10, dtype=torch.uint8).view(1, 1, 6, 10).expand(1, 3, 6, 10).contiguous()
     pre = Preprocess(resize=None, crop=(2, 4), mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
