@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,21 @@ def make_images(source: Path, out: Path, count: int, seed: int = 0) -> None:
         image.save(out / f"{i:05d}.png")
 
 
+def sample_memory(pid: int, peaks: dict, stop: threading.Event, started: float) -> None:
+    """Poll /proc/PID/status (Linux): the peaks of anonymous and file-backed resident memory, and when."""
+    while not stop.is_set():
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            break
+        for key in ("VmRSS", "RssAnon", "RssFile"):
+            if key in fields:
+                mib = int(fields[key].split()[0]) / 1024.0
+                if mib > peaks.get(key, (0.0, 0.0))[0]:
+                    peaks[key] = (mib, time.perf_counter() - started)
+        stop.wait(0.25)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--source", required=True)
@@ -49,7 +65,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/patchcore-large-fit")
     ap.add_argument("--backbone", default="wide_resnet50_2_random")
     ap.add_argument("--coreset-ratio", default="0.01")
-    ap.add_argument("--max-feature-memory-gb", default="2")
+    ap.add_argument("--max-feature-memory-gb", default="1", help="in-RAM feature budget before spilling (fit's default)")
     ap.add_argument("--out", default=None, help="JSON result file")
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -62,8 +78,16 @@ def main() -> int:
                "--max-feature-memory-gb", a.max_feature_memory_gb, "--quiet", "--device", "cpu"]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TMPDIR=str(work))
     started = time.perf_counter()
-    process = subprocess.run(command, env=env, capture_output=True, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks: dict = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_memory, args=(process.pid, peaks, stop, started), daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    stop.set()
+    sampler.join()
     wall = time.perf_counter() - started
+    process = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     print(process.stderr, file=sys.stderr)
     if process.returncode != 0:
@@ -77,7 +101,8 @@ def main() -> int:
     result = {"images": a.count, "backbone": a.backbone, "coreset_ratio": float(a.coreset_ratio),
               "patches": patches, "embedding_dim": bank[1], "bank_shape": bank,
               "all_features_float32_gib": patches * bank[1] * 4 / 2**30,
-              "peak_rss_gib": peak_mib / 1024.0, "fit_wall_s": wall, "fit_log": process.stderr.strip().splitlines()}
+              "peak_rss_gib": peak_mib / 1024.0, "fit_wall_s": wall,
+              "sampled_peaks_mib_at_s": {k: [round(v[0]), round(v[1])] for k, v in peaks.items()}, "fit_log": process.stderr.strip().splitlines()}
     print(json.dumps({k: v for k, v in result.items() if k != "fit_log"}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))

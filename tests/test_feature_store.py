@@ -82,6 +82,16 @@ def test_appends_after_spilling_keep_order(tmp_path):
         assert _bytes(store.gather(index)) == _bytes(rows)
 
 
+def test_gather_between_appends(tmp_path):
+    # Reading rows back must not disturb where the next append goes.
+    rows = _rows(6)
+    with FeatureStore(DIM, max_memory_bytes=0, spill_dir=tmp_path) as store:
+        store.append(rows[:20])
+        assert _bytes(store.gather(torch.tensor([19, 3]))) == _bytes(rows[[19, 3]])
+        store.append(rows[20:])
+        assert _bytes(store.gather(torch.arange(rows.shape[0]))) == _bytes(rows)
+
+
 def test_other_dtypes_are_stored_as_float32(tmp_path):
     rows = _rows(5)[:10].double()
     with FeatureStore(DIM, max_memory_bytes=0, spill_dir=tmp_path) as store:

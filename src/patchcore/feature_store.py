@@ -60,13 +60,15 @@ class FeatureStore:
                 out[inside] = chunk[index[inside] - start]
                 start += chunk.shape[0]
         else:
+            # Plain reads, not a memory map: mapped file pages count in the process's resident memory
+            # (with fault-around, 64 kB per touched row), read() goes through the page cache only.
             self._file.flush()
-            mapped = np.memmap(self._file.name, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
-            order = np.argsort(index, kind="stable")  # read the file front to back
-            for lo in range(0, index.size, 65536):
-                part = order[lo:lo + 65536]
-                out[part] = mapped[index[part]]
-            del mapped
+            row_bytes = self.dim * 4
+            for position in np.argsort(index, kind="stable"):  # front to back through the file
+                self._file.seek(int(index[position]) * row_bytes)
+                if self._file.readinto(memoryview(out[position]).cast("B")) != row_bytes:
+                    raise OSError(f"feature file {self._file.name} is shorter than expected")
+            self._file.seek(0, 2)  # back to the end, for further appends
         return torch.from_numpy(out)
 
     def close(self) -> None:
