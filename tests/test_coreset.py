@@ -37,6 +37,12 @@ def low_dimensional(n: int, d: int, seed: int) -> torch.Tensor:
     return curve @ torch.randn(4, d, generator=gen)
 
 
+def integer_grid(side: int) -> torch.Tensor:
+    """side x side integer points in the plane: squared distances are exact integers, full of ties."""
+    axis = torch.arange(side, dtype=torch.float32)
+    return torch.cartesian_prod(axis, axis)
+
+
 DATASETS = {
     # name: (features, coreset size). N^2 * d stays <= ~4e7 floats for the O(N^2) reference.
     "gaussian-500": (lambda: gaussian(500, 16, 1), 50),
@@ -45,6 +51,8 @@ DATASETS = {
     "clustered-3000": (lambda: clustered(3000, 4, 4), 150),
     "low-dim-1000": (lambda: low_dimensional(1000, 32, 5), 150),
     "far-from-origin-800": (lambda: gaussian(800, 16, 6) + 300.0, 80),  # large norms, small gaps
+    # Exact ties everywhere: the first index must win, as in the plain algorithm.
+    "integer-grid-with-duplicates-800": (lambda: integer_grid(20).repeat(2, 1), 60),
 }
 
 

@@ -10,6 +10,7 @@ coreset has grown. `greedy_coreset_reference` is the plain O(N^2) algorithm, kep
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Conservative slack on the pruning test, so that float rounding can never skip an element whose
@@ -53,7 +54,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, generator: torch.Generator
     prune_bound = nearest_sq * (4.0 * _PRUNE_SLACK)
     nearest_centre = torch.zeros(total, dtype=torch.long, device=device)
     for k in range(1, n):
-        farthest = int(torch.argmax(nearest_sq))  # first index on ties, as the plain algorithm
+        farthest = _argmax(nearest_sq)  # first index on ties, as the plain algorithm
         centre = features[farthest]
         centre_sq = centre.pow(2).sum()
         selected[k], centres[k], centre_sq_norms[k] = farthest, centre, centre_sq
@@ -63,7 +64,7 @@ def greedy_coreset(features: torch.Tensor, n: int, *, generator: torch.Generator
         centre_gap_sq = torch.addmv(norm_sum, centres[:k], centre, alpha=-2.0).sub_(norm_sum, alpha=_GEMV_MARGIN)
         # Triangle inequality: ||x - c|| >= ||c - a(x)|| - ||x - a(x)||, so x can only move to c if
         # ||c - a(x)||^2 < 4 ||x - a(x)||^2 (prune_bound holds 4 ||x - a(x)||^2 with slack).
-        candidates = torch.nonzero(centre_gap_sq[nearest_centre] < prune_bound).squeeze(1)
+        candidates = _below(centre_gap_sq, nearest_centre, prune_bound)
         if candidates.numel() == 0:
             continue
         distance_sq = _squared_distances(features, candidates, centre)
@@ -73,6 +74,23 @@ def greedy_coreset(features: torch.Tensor, n: int, *, generator: torch.Generator
         prune_bound[moved] = moved_sq * (4.0 * _PRUNE_SLACK)
         nearest_centre[moved] = k
     return selected
+
+
+# The two O(N) scans of every step run in numpy on the CPU: its argmax, take and flatnonzero are
+# 3-20x faster there than torch's for one 1-D array (bottle at 10%: 37 s of a 51 s selection were
+# these scans). Same results: argmax takes the first maximum in both; comparisons are exact.
+def _argmax(values: torch.Tensor) -> int:
+    if values.device.type == "cpu":
+        return int(values.numpy().argmax())
+    return int(torch.argmax(values))
+
+
+def _below(per_centre: torch.Tensor, nearest_centre: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Indices x with per_centre[nearest_centre[x]] < bound[x], ascending."""
+    if per_centre.device.type == "cpu":
+        mask = per_centre.numpy().take(nearest_centre.numpy()) < bound.numpy()
+        return torch.from_numpy(np.flatnonzero(mask))
+    return torch.nonzero(per_centre.index_select(0, nearest_centre) < bound).squeeze(1)
 
 
 def _squared_distances(features: torch.Tensor, rows: torch.Tensor, centre: torch.Tensor,
