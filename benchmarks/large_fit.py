@@ -44,13 +44,14 @@ def make_images(source: Path, out: Path, count: int, seed: int = 0) -> None:
 
 
 def sample_memory(pid: int, peaks: dict, stop: threading.Event, started: float) -> None:
-    """Poll /proc/PID/status (Linux): the peaks of anonymous and file-backed resident memory, and when."""
+    """Poll /proc/PID/status (Linux): the peaks of anonymous and file-backed resident memory, and when
+    (the total peak comes exactly from getrusage; this says what it was made of)."""
     while not stop.is_set():
         try:
             fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
         except (OSError, ValueError):
             break
-        for key in ("VmRSS", "RssAnon", "RssFile"):
+        for key in ("RssAnon", "RssFile"):
             if key in fields:
                 mib = int(fields[key].split()[0]) / 1024.0
                 if mib > peaks.get(key, (0.0, 0.0))[0]:
@@ -83,13 +84,12 @@ def main() -> int:
     stop = threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(process.pid, peaks, stop, started), daemon=True)
     sampler.start()
-    stdout, stderr = process.communicate()
+    _, fit_log = process.communicate()
     stop.set()
     sampler.join()
     wall = time.perf_counter() - started
-    process = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    print(process.stderr, file=sys.stderr)
+    print(fit_log, file=sys.stderr)
     if process.returncode != 0:
         return process.returncode
     from safetensors import safe_open
@@ -102,7 +102,7 @@ def main() -> int:
               "patches": patches, "embedding_dim": bank[1], "bank_shape": bank,
               "all_features_float32_gib": patches * bank[1] * 4 / 2**30,
               "peak_rss_gib": peak_mib / 1024.0, "fit_wall_s": wall,
-              "sampled_peaks_mib_at_s": {k: [round(v[0]), round(v[1])] for k, v in peaks.items()}, "fit_log": process.stderr.strip().splitlines()}
+              "sampled_peaks_mib_at_s": {k: [round(v[0]), round(v[1])] for k, v in peaks.items()}, "fit_log": fit_log.strip().splitlines()}
     print(json.dumps({k: v for k, v in result.items() if k != "fit_log"}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))

@@ -103,9 +103,7 @@ class PatchCore:
         if self._backbone is None:
             cfg = self.config
             backbone, spec = build_backbone(cfg.backbone, cfg.feature_strides, weights=cfg.weights, seed=cfg.seed)
-            self._backbone = backbone.to(self.device)
-            if self.device.type == "cuda":
-                self._backbone = self._backbone.to(memory_format=torch.channels_last)
+            self._backbone = backbone.to(self.device)  # keeps the channels-last layout Backbone chose
             self._preprocess = Preprocess(cfg.resize, cfg.crop, spec.mean, spec.std)
             self._pooling = [r.to(self.device) if isinstance(r, torch.Tensor) else r
                              for r in level_reductions(backbone.channels, cfg.embedding_dim)]
@@ -125,9 +123,7 @@ class PatchCore:
         """uint8 (B, 3, H, W) -> patch features (B, h*w, D), grid (h, w), input size (H', W')."""
         backbone = self.backbone
         x = self.preprocess(images.to(self.device, non_blocking=True))
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        feature_maps = backbone(x)
+        feature_maps = backbone(x)  # Backbone.forward makes the input channels-last on every device
         grid = tuple(feature_maps[0].shape[-2:])
         return patch_embeddings(feature_maps, self._pooling, self.config.patch_size), grid, tuple(x.shape[-2:])
 
