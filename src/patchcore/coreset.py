@@ -76,9 +76,10 @@ def greedy_coreset(features: torch.Tensor, n: int, *, generator: torch.Generator
     return selected
 
 
-# The two O(N) scans of every step run in numpy on the CPU: its argmax, take and flatnonzero are
-# 3-20x faster there than torch's for one 1-D array (bottle at 10%: 37 s of a 51 s selection were
-# these scans). Same results: argmax takes the first maximum in both; comparisons are exact.
+# The two O(N) scans of every step run in numpy on the CPU: on a 164k vector numpy's argmax took
+# 16 us against torch's 335 us, and the candidate test 0.3 ms against 1.4 ms (bottle at 10%: the
+# selection went from 52 s to 34 s). Same results: argmax takes the first maximum in both, and
+# comparisons are exact.
 def _argmax(values: torch.Tensor) -> int:
     if values.device.type == "cpu":
         return int(values.numpy().argmax())

@@ -60,8 +60,8 @@ class FeatureStore:
                 out[inside] = chunk[index[inside] - start]
                 start += chunk.shape[0]
         else:
-            # Plain reads, not a memory map: mapped file pages count in the process's resident memory
-            # (with fault-around, 64 kB per touched row), read() goes through the page cache only.
+            # Plain reads, not a memory map: pages of a mapped file count in the process's resident
+            # memory (the kernel may map up to 64 kB around each touched row); read() copies only the row.
             self._file.flush()
             row_bytes = self.dim * 4
             for position in np.argsort(index, kind="stable"):  # front to back through the file
