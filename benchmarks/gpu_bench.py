@@ -31,7 +31,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 def main() -> int:
     from patchcore import PatchCore, PatchCoreConfig
-    from patchcore.coreset import greedy_coreset, random_projection
+    from patchcore.core.coreset import greedy_coreset, random_projection
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="wide_resnet50_2_random")
@@ -60,11 +60,8 @@ def main() -> int:
     model = PatchCore(PatchCoreConfig(backbone=a.backbone, calibration_ratio=0.0), device=device)
     images = torch.randint(0, 256, (64, 3, 256, 256), dtype=torch.uint8, generator=g)
     model.fit(images[:21])  # any images: only the bank's size matters for timing
-    model.memory_bank_ = features[torch.randperm(a.bank_rows, generator=g)[:n].to(device)].contiguous()
-    from patchcore.knn import squared_norms
-    model._bank_sq_norms = squared_norms(model.memory_bank_)
-    if hasattr(model, "_index"):
-        model._index = None
+    bank = features[torch.randperm(a.bank_rows, generator=g)[:n].to(device)].contiguous()
+    model.set_state(model.state_.replace(memory_bank=bank))
     batch = images[:a.batch].to(device)
     single = images[:1].to(device)
     for _ in range(3):

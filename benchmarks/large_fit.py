@@ -74,7 +74,7 @@ def main() -> int:
     started = time.perf_counter()
     make_images(Path(a.source), images, a.count)
     print(f"{a.count} images in {images} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    command = [sys.executable, "-m", "patchcore.cli", "fit", str(images), "-o", str(work / "large.model"),
+    command = [sys.executable, "-m", "patchcore.app.cli", "fit", str(images), "-o", str(work / "large.model"),
                "--backbone", a.backbone, "--coreset-ratio", a.coreset_ratio, "--calibration-ratio", "0",
                "--max-feature-memory-gb", a.max_feature_memory_gb, "--quiet", "--device", "cpu"]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TMPDIR=str(work))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from patchcore import PatchCore, PatchCoreConfig
-from patchcore.synthetic import make_category
+from patchcore.evaluation.synthetic import make_category
 
 SIZE = 128
 

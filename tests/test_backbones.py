@@ -10,7 +10,8 @@ import timm
 import torch
 import torchvision
 
-from patchcore.backbones import (BACKBONES, WeightsUnavailableError, backbone_names, build_backbone,
+from patchcore.errors import WeightsUnavailableError
+from patchcore.backbones.networks import (BACKBONES, backbone_names, build_backbone,
                                  lukemelas_to_timm, read_state_dict, resolve, state_dict_sha256)
 
 RANDOM_NAMES = ["wide_resnet50_2_random", "resnet18_random", "efficientnet_lite0_random"]
@@ -274,7 +275,7 @@ def test_batchnorm_is_folded_and_the_function_is_unchanged(name):
     import timm
     from torch import nn
 
-    from patchcore.backbones import fold_batchnorm, resolve
+    from patchcore.backbones.networks import fold_batchnorm, resolve
 
     backbone, _ = build_backbone(name, STRIDES, seed=3)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.network.modules())
@@ -301,7 +302,7 @@ def test_batchnorm_is_folded_and_the_function_is_unchanged(name):
 def test_folding_keeps_the_original_when_the_result_would_differ():
     from torch import nn
 
-    from patchcore.backbones import fold_batchnorm
+    from patchcore.backbones.networks import fold_batchnorm
 
     class BnBeforeConv(nn.Module):  # registered conv-then-BN, but the BN runs first: folding is wrong
         def __init__(self):

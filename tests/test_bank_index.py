@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchcore.bank_index import BankIndex
+from patchcore.core.bank_index import BankIndex
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from patchcore.cli import main
+from patchcore.app.cli import main
 
 
 def test_bench_reports_fit_split_latency_throughput_memory_and_accuracy(category, tmp_path, capsys):

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from patchcore import PatchCoreConfig
-from patchcore.cli import build_parser, config_from_args, main, output_names
+from patchcore.app.cli import build_parser, main
+from patchcore.app.options import config_from_args
+from patchcore.app.predict_folder import output_names
 
 
 def test_every_config_field_is_a_fit_option_with_the_same_default():

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from patchcore.coreset import (coreset_count, coverage_radius, greedy_coreset, greedy_coreset_reference,
+from patchcore.core.coreset import (coreset_count, coverage_radius, greedy_coreset, greedy_coreset_reference,
                                random_projection)
 
 

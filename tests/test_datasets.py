@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore.datasets import DatasetError, find_categories, image_size, layout_of, load_split, read_mask
-from patchcore.synthetic import make_category
+from patchcore.errors import DatasetError
+from patchcore.evaluation.datasets import find_categories, image_size, layout_of, load_split, read_mask
+from patchcore.evaluation.synthetic import make_category
 
 
 def _grey(path, value=128, size=(16, 16)):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from patchcore import ModelFileError, NotFittedError, PatchCore, PatchCoreConfig
-from patchcore.model_file import read_model_file, write_model_file
+from patchcore.io.model_file import read_model_file, write_model_file
 
 from conftest import small_config
 

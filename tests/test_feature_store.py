@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from patchcore.feature_store import FeatureStore
+from patchcore.io.feature_store import FeatureStore
 
 DIM = 12
 CHUNKS = [5, 1, 17, 3, 40, 9]  # rows per append: uneven on purpose

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchcore.features import channel_pooling_matrix, level_dims, local_aggregate, patch_embeddings
+from patchcore.core.features import channel_pooling_matrix, level_dims, local_aggregate, patch_embeddings
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -108,7 +108,7 @@ def test_patch_embeddings_rows_follow_the_grid_row_major():
 
 
 def test_level_reductions_weigh_every_level_equally():
-    from patchcore.features import level_reductions
+    from patchcore.core.features import level_reductions
 
     wide, narrow = level_reductions([1024, 40], 1024)
     torch.testing.assert_close(wide, channel_pooling_matrix(1024, 512))

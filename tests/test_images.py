@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore.images import (ImageReadError, Preprocess, as_uint8_tensor, expand_inputs, iter_image_batches,
-                              list_images, read_image)
+from patchcore.errors import ImageReadError, InputError
+from patchcore.io.images import as_uint8_tensor, expand_inputs, iter_image_batches, list_images, read_image
+from patchcore.io.preprocess import Preprocess
 
 
 def _rgb(h: int = 6, w: int = 5, seed: int = 0) -> np.ndarray:
@@ -116,9 +117,9 @@ def test_unreadable_files_raise_image_read_error_naming_the_file(tmp_path, kind)
 def test_list_images_sorted_filtered_and_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=str(empty)):
+    with pytest.raises(InputError, match=str(empty)):
         list_images(empty)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
+    with pytest.raises(InputError, match=str(tmp_path / "absent")):
         list_images(tmp_path / "absent")
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -215,7 +216,7 @@ def test_exact_resize_and_non_square_crop():
 
 def test_float_resize_for_gpus_agrees_with_the_uint8_kernel():
     # CUDA has no uint8 antialiased resize: the GPU path resizes in float and rounds. Same result to 1 level.
-    from patchcore.images import resize_uint8
+    from patchcore.io.preprocess import resize_uint8
 
     images = _batch(300, 437)
     for size in [(256, 373), (64, 90), (400, 600)]:
@@ -260,7 +261,7 @@ def test_preprocess_rejects_non_uint8_batches():
 
 
 def test_fast_png_path_is_bit_identical_to_pil(tmp_path):
-    from patchcore.images import _decode_plain_png
+    from patchcore.io.images import _decode_plain_png
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchcore.knn import nearest, squared_norms
+from patchcore.core.knn import nearest, squared_norms
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 
-from patchcore.metrics import aupro, auroc, f1_max, image_metrics, pixel_metrics
+from patchcore.evaluation.metrics import aupro, auroc, f1_max, image_metrics, pixel_metrics
 
 
 # ------------------------------------------------------------------------------------- AUROC

@@ -12,8 +12,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save
 
-import patchcore.model_file as model_file
-from patchcore.model_file import FORMAT_NAME, FORMAT_VERSION, ModelFileError, read_model_file, write_model_file
+import patchcore.io.model_file as model_file
+from patchcore.errors import ModelFileError
+from patchcore.io.model_file import FORMAT_NAME, FORMAT_VERSION, read_model_file, write_model_file
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-from patchcore.knn import nearest, squared_norms
-from patchcore.scoring import (anomaly_maps, gaussian_blur, gaussian_kernel1d, reweighted_image_scores,
+from patchcore.core.knn import nearest, squared_norms
+from patchcore.core.scoring import (anomaly_maps, gaussian_blur, gaussian_kernel1d, reweighted_image_scores,
                                typical_nn_distance)
 
 

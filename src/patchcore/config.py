@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class PatchCoreConfig:
@@ -19,8 +21,9 @@ class PatchCoreConfig:
     feature_strides: tuple[int, ...] = field(default=(8, 16), metadata={
         "help": "network stages to use, by output stride (paper: layer2 + layer3 = strides 8, 16)"})
     # --- preprocessing (MVTec protocol by default)
-    resize: tuple[int, int] | int = field(default=256, metadata={
-        "help": "resize: one int = shorter side (aspect kept), or H,W for an exact size"})
+    resize: tuple[int, int] | int | None = field(default=256, metadata={
+        "help": "resize: one int = shorter side (aspect kept), H,W for an exact size, or 'none' "
+                "(keep each image's own size)"})
     crop: tuple[int, int] | int | None = field(default=224, metadata={
         "help": "centre crop after resizing: int, H,W or 'none'"})
     # --- locally aware patch features
@@ -53,30 +56,30 @@ class PatchCoreConfig:
                 object.__setattr__(self, name, tuple(value))
         strides = self.feature_strides
         if not strides or any(s <= 0 for s in strides) or any(a >= b for a, b in zip(strides, strides[1:])):
-            raise ValueError(f"feature_strides must be positive and strictly increasing (finest level first), "
+            raise ConfigError(f"feature_strides must be positive and strictly increasing (finest level first), "
                              f"got {strides}")
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            if name == "crop" and value is None:
+            if value is None:
                 continue
             sizes = (value,) if isinstance(value, int) else tuple(value or ())
             if len(sizes) not in (1, 2) or any(int(v) < 1 for v in sizes):
-                raise ValueError(f"{name} must be a positive int or (H, W){' or None' if name == 'crop' else ''}, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int or (H, W) or None, got {value!r}")
         for name in ("projection_dim", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise ValueError(f"patch_size must be odd and >= 1, got {self.patch_size}")
+            raise ConfigError(f"patch_size must be odd and >= 1, got {self.patch_size}")
         if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+            raise ConfigError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.coreset_size is not None and self.coreset_size < 1:
-            raise ValueError(f"coreset_size must be >= 1, got {self.coreset_size}")
+            raise ConfigError(f"coreset_size must be >= 1, got {self.coreset_size}")
         if not 0.0 <= self.calibration_ratio < 1.0:
-            raise ValueError(f"calibration_ratio must be in [0, 1), got {self.calibration_ratio}")
+            raise ConfigError(f"calibration_ratio must be in [0, 1), got {self.calibration_ratio}")
         if self.reweight_neighbours < 0:
-            raise ValueError("reweight_neighbours must be >= 0")
+            raise ConfigError("reweight_neighbours must be >= 0")
         if self.embedding_dim < len(self.feature_strides):
-            raise ValueError("embedding_dim must be at least the number of levels")
+            raise ConfigError("embedding_dim must be at least the number of levels")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,5 +89,5 @@ class PatchCoreConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown PatchCoreConfig fields: {unknown}")
+            raise ConfigError(f"unknown PatchCoreConfig fields: {unknown}")
         return cls(**values)

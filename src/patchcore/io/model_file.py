@@ -14,13 +14,11 @@ from typing import Any
 
 import torch
 
+from ..errors import ModelFileError
+
 FORMAT_NAME = "patchcore-model"
 FORMAT_VERSION = 1
 _METADATA_KEY = "patchcore"
-
-
-class ModelFileError(ValueError):
-    """A model file is missing, not a patchcore model, of an unknown version, or damaged."""
 
 
 def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -7,14 +7,19 @@ at the end; and, on an MVTec-layout category, image and pixel AUROC.
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ..config import PatchCoreConfig
+from ..estimator import PatchCore
+from ..io.images import as_uint8_tensor, read_image
+from .datasets import load_split
+from .evaluate import evaluate_category, peak_rss_mib
+from .progress import Progress, no_progress
 
 
 def _sync(device: torch.device) -> None:
@@ -22,17 +27,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(data: Path, config, *, device: str = "auto", throughput_batch: int = 32, latency_images: int = 20,
-              quiet: bool = True) -> dict:
+def run_bench(data: Path, config: PatchCoreConfig, *, device: str = "auto", throughput_batch: int = 32,
+              latency_images: int = 20, progress: Progress = no_progress) -> dict:
     """Fit and score `data` (an MVTec-layout category) through `evaluate`, then time the tensor path."""
-    from .datasets import load_split
-    from .evaluate import evaluate_category, peak_rss_mib
-    from .images import as_uint8_tensor, read_image
-    from .model import PatchCore
-
     split = load_split(data)
     model = PatchCore(config, device=device)
-    record = evaluate_category(split, config, quiet=quiet, model=model)
+    record = evaluate_category(split, config, progress=progress, model=model)
     timings = record["timings"]
     result = {
         "fit_s": timings["fit_seconds"], "fit_embed_s": timings["embed_seconds"],
@@ -87,26 +87,3 @@ def format_table(result: dict) -> str:
     rows.append(("image / pixel AUROC", f"{result['image_auroc']:.4f} / {pixel}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def add_parser(sub, common) -> None:
-    from .cli import add_config_options
-
-    parser = sub.add_parser("bench", help="time fit and predict, measure peak memory (and AUROC on MVTec data)")
-    parser.add_argument("data", help="a category folder in a layout `evaluate` reads (MVTec: train/good, test/, ground_truth/)")
-    parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
-    parser.add_argument("--throughput-batch", type=int, default=32, help="batch for the throughput run (default 32)")
-    common(parser)
-    add_config_options(parser)
-    parser.set_defaults(run=_run_cli)
-
-
-def _run_cli(args) -> int:
-    from .cli import config_from_args
-
-    result = run_bench(Path(args.data), config_from_args(args), device=args.device,
-                       throughput_batch=args.throughput_batch, quiet=args.quiet)
-    print(format_table(result), file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1))
-    return 0

@@ -15,15 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, WeightsUnavailableError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite (TF) weights expect inputs in [-1, 1]
 HALF_STD = (0.5, 0.5, 0.5)
 RANDOM_SUFFIX = "_random"
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be found; the message says how to provide them."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ def resolve(name: str) -> tuple[BackboneSpec, bool]:
     random_init = name.endswith(RANDOM_SUFFIX)
     base = name[: -len(RANDOM_SUFFIX)] if random_init else name
     if base not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}")
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}")
     return BACKBONES[base], random_init
 
 
@@ -72,7 +70,7 @@ class Backbone(nn.Module):
         super().__init__()
         if any(a >= b for a, b in zip(strides, strides[1:])):
             # timm returns stages in network order: the requested order must be that order.
-            raise ValueError(f"strides must be strictly increasing, got {tuple(strides)}")
+            raise ConfigError(f"strides must be strictly increasing, got {tuple(strides)}")
         info = list(network.feature_info)
         self.indices: list[int] = []
         for stride in strides:
@@ -80,7 +78,7 @@ class Backbone(nn.Module):
             matches = [i for i, stage in enumerate(info) if stage["reduction"] == stride]
             if not matches:
                 available = sorted({stage["reduction"] for stage in info})
-                raise ValueError(f"backbone has no stage at stride {stride}; available strides: {available}")
+                raise ConfigError(f"backbone has no stage at stride {stride}; available strides: {available}")
             self.indices.append(matches[-1])
         self.channels = [int(info[i]["num_chs"]) for i in self.indices]
         self.strides = [int(info[i]["reduction"]) for i in self.indices]
@@ -138,7 +136,7 @@ def build_backbone(name: str, strides: tuple[int, ...], *, weights: str | None =
     spec, random_init = resolve(name)
     if random_init:
         if weights is not None:
-            raise ValueError(f"{name} is random-init by name; do not pass weights (use {name[:-7]!r})")
+            raise ConfigError(f"{name} is random-init by name; do not pass weights (use {name[:-7]!r})")
         with torch.random.fork_rng(devices=[]):  # explicit, seeded, and no effect on global RNG state
             torch.manual_seed(seed)
             network = timm.create_model(spec.timm_name, pretrained=False)

@@ -7,7 +7,6 @@ to <output>/<category>.json, summary.json and results.md, rewritten after every 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -19,12 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .cli import EXIT_OK, progress_bar, add_config_options, config_from_args
-from .config import PatchCoreConfig
-from .datasets import DatasetError, TestSet, find_categories, image_size, load_split, read_mask
-from .images import Preprocess
+from .._version import __version__
+from ..config import PatchCoreConfig
+from ..errors import DatasetError
+from ..estimator import PatchCore
+from ..io.preprocess import Preprocess
+from .datasets import TestSet, find_categories, image_size, load_split, read_mask
 from .metrics import image_metrics, pixel_metrics
+from .progress import Progress, no_progress
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
 AUPRO_FPR_LIMIT = 0.3
@@ -109,12 +110,12 @@ def peak_rss_mib() -> float:
 
 # ---------------------------------------------------------------------------- one category
 def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = "auto",
-                      max_feature_memory: int = 1 << 30, quiet: bool = True, model=None) -> dict[str, Any]:
+                      max_feature_memory: int = 1 << 30, progress: Progress = no_progress,
+                      model: PatchCore | None = None) -> dict[str, Any]:
     """Fit on split.train, score split.items, return the category's JSON record.
 
-    `model`: an unfitted PatchCore to use (and leave fitted for the caller, e.g. the benchmark)."""
-    from .model import PatchCore
-
+    `model`: an unfitted PatchCore to use (and leave fitted for the caller, e.g. the benchmark).
+    `progress(total, description)`: a context manager with `update(n)`, e.g. a progress bar."""
     model = model if model is not None else PatchCore(config, device=device)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
@@ -124,7 +125,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     masks = load_masks(split, preprocess)  # before fitting: a bad mask fails in seconds, not after the fit
 
     started = time.perf_counter()
-    with progress_bar(len(split.train), f"{split.name} fit", quiet) as bar:
+    with progress(len(split.train), f"{split.name} fit") as bar:
         model.fit(split.train, progress=bar.update, max_feature_memory=max_feature_memory)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -137,7 +138,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     scores = np.zeros(len(paths), dtype=np.float64)
     maps: np.ndarray | None = None  # (N, h, w) float32: ~200 kB per image at 224 x 224
     started = time.perf_counter()
-    with progress_bar(len(paths), f"{split.name} test", quiet) as bar:
+    with progress(len(paths), f"{split.name} test") as bar:
         for batch in model.iter_predict(paths):
             done, result = batch.paths, batch.result
             if batch.failures:
@@ -346,7 +347,7 @@ def write_results(output: Path, records: list[dict[str, Any]], requested: list[s
 # ---------------------------------------------------------------------------- driver
 def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, categories: list[str] | None = None,
              train: str | Path | None = None, device: str = "auto", max_feature_memory: int = 1 << 30,
-             quiet: bool = True, log=None) -> list[dict[str, Any]]:
+             progress: Progress = no_progress, log=None) -> list[dict[str, Any]]:
     """Evaluate every category under `root` (or the named ones); write results as each one finishes."""
     log = log or (lambda text: None)
     folders = find_categories(root, categories)
@@ -361,7 +362,8 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
     for n, split in enumerate(splits, 1):
         log(f"[{n}/{len(splits)}] {split.name} ({split.layout} layout): fit on {len(split.train)} training "
             f"images, score {len(split.items)} test images")
-        record = evaluate_category(split, config, device=device, max_feature_memory=max_feature_memory, quiet=quiet)
+        record = evaluate_category(split, config, device=device, max_feature_memory=max_feature_memory,
+                                   progress=progress)
         records.append(record)
         write_atomic(output / f"{split.name}.json", _json(record))
         write_results(output, records, requested)
@@ -373,35 +375,3 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
             f"{t['coreset_seconds']:.1f} s), predict {t['predict_ms_per_image']:.1f} ms/img, "
             f"peak RSS {t['peak_rss_mib']:.0f} MiB")
     return records
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    output = Path(args.output)
-
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    evaluate(args.root, config, output, categories=args.category, train=args.train, device=args.device,
-             max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)), quiet=args.quiet, log=log)
-    log(f"wrote {output / 'results.md'}, {output / 'summary.json'} and one JSON per category in {output}")
-    return EXIT_OK
-
-
-def add_parser(sub, common) -> None:
-    parser = sub.add_parser(
-        "evaluate", help="fit and score MVTec-layout (or folder-layout) categories; write metrics",
-        description="Fit on each category's training images, score its test images, and write image AUROC, "
-                    "pixel AUROC, AUPRO and F1-max per category and their mean (JSON and Markdown).")
-    parser.add_argument("root", help="a category folder, or a folder of categories (e.g. the MVTec AD root)")
-    parser.add_argument("--category", action="append", default=None,
-                        help="evaluate only this category (repeatable; default: all found)")
-    parser.add_argument("-o", "--output", default="results", help="results folder (default: results)")
-    parser.add_argument("--train", default=None,
-                        help="folder of defect-free training images, for a single category without "
-                             "<category>/train/good (folder layout)")
-    parser.add_argument("--max-feature-memory-gb", type=float, default=1.0,
-                        help="training features beyond this go to a temporary file (default: 1)")
-    common(parser)
-    add_config_options(parser)
-    parser.set_defaults(run=cmd_evaluate)

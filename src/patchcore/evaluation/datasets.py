@@ -20,17 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .images import IMAGE_SUFFIXES
+from ..errors import DatasetError
+from ..io.images import IMAGE_SUFFIXES
 
 GOOD = "good"
 MASK_FOLDERS = ("ground_truth", "masks")  # first one found wins
 TRAIN_FOLDER = "train"
 # Folder names that are never a defect type in the generic layout.
 RESERVED = {GOOD, TRAIN_FOLDER, "test", *MASK_FOLDERS}
-
-
-class DatasetError(ValueError):
-    """The evaluation data is incomplete or inconsistent; the message names the file or folder."""
 
 
 @dataclass(frozen=True)

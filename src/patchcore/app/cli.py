@@ -1,0 +1,213 @@
+"""Command line: `patchcore fit | predict | demo | evaluate | bench`.
+
+Model options are generated from PatchCoreConfig's fields (app/options.py), so the CLI cannot drift from
+the model. Exit status: 0 done; 1 done, but some input files could not be read (listed at the end);
+2 a user error (bad input, model file, weights or option), printed as one line; 3 an internal error
+(a bug, out of memory, ...), printed with its traceback; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .._version import __version__
+from ..config import PatchCoreConfig
+from ..errors import PatchCoreError
+from ..estimator import PatchCore
+from ..evaluation.bench import format_table, run_bench
+from ..evaluation.evaluate import evaluate
+from ..evaluation.metrics import auroc
+from ..evaluation.synthetic import make_category
+from ..io.images import expand_inputs
+from .options import add_config_options, config_from_args
+from .predict_folder import predict_to_folder
+from .progress import progress_bars
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_fit(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    paths = expand_inputs(args.train)
+    print(f"fitting {config.backbone} on {len(paths)} images (coreset "
+          f"{config.coreset_size or config.coreset_ratio}, device {args.device})", file=sys.stderr)
+    started = time.perf_counter()
+    with progress_bars(args.quiet)(len(paths), "fit") as bar:
+        model = PatchCore(config, device=args.device).fit(
+            paths, progress=bar.update, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)))
+    model.save(args.output)
+    report = model.fit_report_
+    print(f"wrote {args.output}: bank {tuple(model.memory_bank_.shape)} from {report.n_patches} patches of "
+          f"{report.n_images} images; fit {time.perf_counter() - started:.1f} s (features {report.embed_seconds:.1f} s, "
+          f"coreset {report.coreset_seconds:.1f} s)", file=sys.stderr)
+    if model.image_threshold_ is not None:
+        print(f"decision threshold {model.image_threshold_:.4g} (image), {model.pixel_threshold_:.4g} (pixel), "
+              f"from {report.n_calibration_images} held-out training images", file=sys.stderr)
+    else:
+        print("no decision threshold (fewer than 10 training images or --calibration-ratio 0): "
+              "predict writes scores and heatmaps but no good/defect labels", file=sys.stderr)
+    for failure in report.skipped:
+        print(f"skipped unreadable training image: {failure}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = PatchCore.load(args.model, device=args.device, weights=args.weights)
+    # Each threshold is on its own scale (image scores vs pixel scores): one never stands in for the other.
+    model.with_thresholds(image=args.threshold, pixel=args.pixel_threshold)
+    paths = expand_inputs(args.inputs)
+    rows, failures = predict_to_folder(model, paths, Path(args.output), progress=progress_bars(args.quiet),
+                                       save_maps=args.save_maps)
+    print(f"scored {len(rows)} images -> {args.output}/scores.csv, heatmaps in {args.output}/heatmaps, "
+          f"overlays in {args.output}/overlays", file=sys.stderr)
+    return _report_failures(failures)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    root = Path(args.output)
+    data = make_category(root / "data", seed=args.seed)
+    print(f"made a synthetic inspection set in {data} (MVTec layout: train/good, test/<type>, ground_truth)",
+          file=sys.stderr)
+    config = PatchCoreConfig(backbone=args.backbone, resize=128, crop=None, coreset_ratio=0.1, seed=args.seed)
+    model = PatchCore(config, device=args.device).fit(expand_inputs([data / "train" / "good"]))
+    model.save(root / "demo.model")
+    tests = sorted((data / "test").glob("*/*.png"))
+    rows, failures = predict_to_folder(model, tests, root / "predictions", progress=progress_bars(args.quiet))
+    labels = [0 if Path(r["file"]).parent.name == "good" else 1 for r in rows]
+    score = auroc(labels, [r["score"] for r in rows])
+    print(f"model: {root / 'demo.model'}\nimage AUROC on the synthetic test set: {score:.3f}\n"
+          f"heatmaps: {root / 'predictions' / 'heatmaps'}\noverlays: {root / 'predictions' / 'overlays'}\n"
+          f"scores:   {root / 'predictions' / 'scores.csv'}", file=sys.stderr)
+    return _report_failures(failures)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    evaluate(args.root, config_from_args(args), output, categories=args.category, train=args.train,
+             device=args.device, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)),
+             progress=progress_bars(args.quiet), log=log)
+    log(f"wrote {output / 'results.md'}, {output / 'summary.json'} and one JSON per category in {output}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = run_bench(Path(args.data), config_from_args(args), device=args.device,
+                       throughput_batch=args.throughput_batch, progress=progress_bars(args.quiet))
+    print(format_table(result), file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1))
+    return EXIT_OK
+
+
+def _report_failures(failures) -> int:
+    if not failures:
+        return EXIT_OK
+    print(f"{len(failures)} file(s) could not be read:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return EXIT_SOME_FAILED
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchcore", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto picks cuda when present (default: auto)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def feature_memory(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-feature-memory-gb", type=float, default=1.0,
+                       help="training features beyond this go to a temporary file (default: 1)")
+
+    fit = sub.add_parser("fit", help="build a model from folders or files of good images")
+    fit.add_argument("train", nargs="+", help="folders (their images) or image files, all defect-free")
+    fit.add_argument("-o", "--output", required=True, help="model file to write")
+    feature_memory(fit)
+    common(fit)
+    add_config_options(fit)
+    fit.set_defaults(run=cmd_fit)
+
+    predict = sub.add_parser("predict", help="score images: scores, heatmaps, overlays, masks")
+    predict.add_argument("model", help="model file from `patchcore fit`")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("-o", "--output", required=True, help="output folder")
+    predict.add_argument("--weights", default=None, help="local backbone weights file, if the model's is elsewhere")
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="image decision threshold on the image-score scale: labels are 'defect' when the "
+                              "score is above it (default: the model's, calibrated at fit); the pixel threshold "
+                              "for masks is separate, see --pixel-threshold")
+    predict.add_argument("--pixel-threshold", type=float, default=None,
+                         help="pixel threshold for the defect masks, on the pixel-score scale of the maps "
+                              "(default: the model's, calibrated at fit)")
+    predict.add_argument("--save-maps", action="store_true", help="also write raw float32 maps as .npy")
+    common(predict)
+    predict.set_defaults(run=cmd_predict)
+
+    demo = sub.add_parser("demo", help="make a synthetic inspection set, fit, predict, show where results are")
+    demo.add_argument("-o", "--output", default="patchcore-demo", help="folder for everything (default: patchcore-demo)")
+    demo.add_argument("--backbone", default="efficientnet_lite0", help="default: efficientnet_lite0 (offline weights)")
+    demo.add_argument("--seed", type=int, default=0)
+    common(demo)
+    demo.set_defaults(run=cmd_demo)
+
+    evaluate_parser = sub.add_parser(
+        "evaluate", help="fit and score MVTec-layout (or folder-layout) categories; write metrics",
+        description="Fit on each category's training images, score its test images, and write image AUROC, "
+                    "pixel AUROC, AUPRO and F1-max per category and their mean (JSON and Markdown).")
+    evaluate_parser.add_argument("root", help="a category folder, or a folder of categories (e.g. the MVTec AD root)")
+    evaluate_parser.add_argument("--category", action="append", default=None,
+                                 help="evaluate only this category (repeatable; default: all found)")
+    evaluate_parser.add_argument("-o", "--output", default="results", help="results folder (default: results)")
+    evaluate_parser.add_argument("--train", default=None,
+                                 help="folder of defect-free training images, for a single category without "
+                                      "<category>/train/good (folder layout)")
+    feature_memory(evaluate_parser)
+    common(evaluate_parser)
+    add_config_options(evaluate_parser)
+    evaluate_parser.set_defaults(run=cmd_evaluate)
+
+    bench = sub.add_parser("bench", help="time fit and predict, measure peak memory (and AUROC on MVTec data)")
+    bench.add_argument("data", help="a category folder in a layout `evaluate` reads (MVTec: train/good, test/, "
+                                    "ground_truth/)")
+    bench.add_argument("-o", "--output", default=None, help="write the results as JSON here")
+    bench.add_argument("--throughput-batch", type=int, default=32, help="batch for the throughput run (default 32)")
+    common(bench)
+    add_config_options(bench)
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except PatchCoreError as err:  # the user's input: one clean line
+        print(f"patchcore {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"patchcore {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # a bug or the environment (out of memory, full disk): keep the traceback
+        traceback.print_exc()
+        print(f"patchcore {args.command}: internal error (exit {EXIT_INTERNAL}); the traceback above says where",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

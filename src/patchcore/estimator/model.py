@@ -1,0 +1,389 @@
+"""The PatchCore estimator: fit on nominal images, score new ones (sklearn-style: learned state ends in `_`).
+
+It composes the pure functions of `core` as the config says; it holds no algorithm of its own.
+fit: extract patch features -> JL projection -> greedy k-center coreset -> memory bank (section 2),
+then score held-out training images to set the decision thresholds.
+predict: patch features -> exact 1-NN in the bank -> eq. 6/7 image score and the blurred map (section 3).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .._version import __version__
+from ..config import PatchCoreConfig
+from ..core.bank_index import BankIndex
+from ..core.coreset import coreset_count, greedy_coreset, random_projection
+from ..core.knn import squared_norms
+from ..core.scoring import anomaly_maps, reweighted_image_scores, typical_nn_distance
+from ..core.thresholds import calibration_split, nominal_threshold
+from ..errors import DeviceError, InputError, ModelFileError, NotFittedError
+from ..io.feature_store import FeatureStore
+from ..io.images import ImageReadError
+from ..io.model_file import read_model_file, write_model_file
+from ..io.preprocess import Preprocess
+from .extractor import Embedding, FeatureExtractor
+from .inputs import ImageInput, as_image_list, iter_batches, same_size_stacks
+from .state import FittedState
+
+log = logging.getLogger("patchcore")
+
+DEFAULT_MAX_FEATURE_MEMORY = 1 << 30  # bytes of full-dimensional training features kept in RAM
+
+
+class PatchCoreResult(NamedTuple):
+    """What `predict` returns, always the same fields.
+
+    scores: (N,) image anomaly scores (paper eq. 7). maps: (N, H, W) pixel scores at the model's input
+    geometry (after resize and crop). labels: True = defect, by the image threshold (None without one);
+    masks: True = defect pixel, by the pixel threshold (None without one). Both thresholds are
+    calibrated on held-out training images; they are on different scales (image score vs pixel score).
+    """
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+    labels: torch.Tensor | None
+    masks: torch.Tensor | None
+
+
+@dataclass
+class PredictedBatch:
+    """One batch from `iter_predict`: the scored files, their result, the files that failed to read,
+    and the decoded images (uint8 (3, H, W), for drawing overlays without decoding twice)."""
+
+    paths: list[Path]
+    result: PatchCoreResult | None
+    failures: list[ImageReadError]
+    images: list[torch.Tensor]
+
+
+@dataclass
+class FitReport:
+    """Where fit time went; kept on the model as `fit_report_` (not saved)."""
+
+    n_images: int = 0
+    n_calibration_images: int = 0
+    n_patches: int = 0
+    coreset_size: int = 0
+    embed_seconds: float = 0.0
+    coreset_seconds: float = 0.0
+    calibration_seconds: float = 0.0
+    features_spilled_to_disk: bool = False
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """The learned state and what is derived from it, swapped together so a concurrent predict never
+    sees a bank with another bank's index."""
+
+    state: FittedState
+    index: BankIndex  # exact 1-NN search structure over the bank (derived, never saved)
+    bank_sq_norms: torch.Tensor  # (M,) for the eq. 7 neighbourhood search
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+class PatchCore:
+    """PatchCore (Roth et al., CVPR 2022). Safe to share between threads for concurrent predict calls.
+
+    >>> model = PatchCore(PatchCoreConfig(backbone="efficientnet_lite0")).fit(train_paths)
+    >>> result = model.predict(test_paths)   # PatchCoreResult(scores, maps, labels, masks)
+    """
+
+    def __init__(self, config: PatchCoreConfig | None = None, *, device: str | torch.device = "auto"):
+        self.config = config or PatchCoreConfig()
+        self.device = resolve_device(device)
+        self.extractor = FeatureExtractor(self.config, self.device)
+        self._fitted: _Fitted | None = None
+
+    # ------------------------------------------------------------------ features
+    @property
+    def backbone(self):
+        return self.extractor.backbone
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.extractor.preprocess
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.extractor.embedding_dim
+
+    def embed(self, images: torch.Tensor) -> Embedding:
+        """uint8 (B, 3, H, W) -> Embedding(features (B, h*w, D), grid (h, w), input size (H', W'))."""
+        return self.extractor(images)
+
+    def _iter_stacks(self, images: list) -> Iterator[tuple[object, list[torch.Tensor]]]:
+        """(batch, same-size uint8 stacks) in input order: the one walk every entry point uses."""
+        for batch in iter_batches(images, self.config.batch_size):
+            yield batch, list(same_size_stacks(batch.images))
+
+    # ------------------------------------------------------------------ fitted state
+    @property
+    def state_(self) -> FittedState:
+        fitted = self._fitted
+        if fitted is None:
+            raise NotFittedError("this PatchCore model is not fitted yet: call fit() or PatchCore.load()")
+        return fitted.state
+
+    def set_state(self, state: FittedState) -> "PatchCore":
+        """Install a learned state (from fit, load, an update, or a benchmark's own bank) and build what
+        derives from it, once, here: never on first use. A concurrent predict sees the old state or the
+        new one, never a mix."""
+        bank = state.memory_bank.to(self.device)
+        state = state.replace(memory_bank=bank)
+        self._fitted = _Fitted(state, BankIndex(bank), squared_norms(bank))
+        return self
+
+    def with_thresholds(self, *, image: float | None = None, pixel: float | None = None) -> "PatchCore":
+        """Override the decision thresholds (each on its own scale); None keeps the current one."""
+        state = self.state_
+        changes = {}
+        if image is not None:
+            changes["image_threshold"] = float(image)
+        if pixel is not None:
+            changes["pixel_threshold"] = float(pixel)
+        fitted = self._fitted
+        self._fitted = _Fitted(state.replace(**changes), fitted.index, fitted.bank_sq_norms)
+        return self
+
+    # Read-only views of the learned state, sklearn-style.
+    memory_bank_ = property(lambda self: self.state_.memory_bank)
+    distance_scale_ = property(lambda self: self.state_.distance_scale)
+    image_threshold_ = property(lambda self: self.state_.image_threshold)
+    pixel_threshold_ = property(lambda self: self.state_.pixel_threshold)
+    calibration_scores_ = property(lambda self: list(self.state_.calibration_scores))
+    grid_ = property(lambda self: self.state_.grid)
+    input_size_ = property(lambda self: self.state_.input_size)
+    n_train_images_ = property(lambda self: self.state_.n_train_images)
+    n_train_patches_ = property(lambda self: self.state_.n_train_patches)
+    weights_sha256_ = property(lambda self: self.state_.backbone_weights_sha256)
+
+    @property
+    def bank_index(self) -> BankIndex:
+        self.state_  # noqa: B018 (raises NotFittedError)
+        return self._fitted.index
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, images: Sequence[ImageInput], *, progress: Callable[[int], None] | None = None,
+            max_feature_memory: int = DEFAULT_MAX_FEATURE_MEMORY, spill_dir: str | Path | None = None) -> "PatchCore":
+        """Build the coreset memory bank from nominal images (paths, arrays, PIL images or tensors).
+
+        A share of the images (config.calibration_ratio) is held out from the bank and scored to set
+        the decision thresholds. Unreadable files are skipped with a warning naming each
+        (`fit_report_.skipped`); no readable image at all is an error.
+        """
+        cfg = self.config
+        images = as_image_list(images)
+        if not images:
+            raise InputError("fit needs at least one image")
+        fit_images, calibration_images = calibration_split(images, cfg.calibration_ratio, cfg.seed)
+        report = FitReport(n_calibration_images=len(calibration_images))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        started = time.perf_counter()
+        store = None
+        try:
+            store, projected, grid, input_size = self._extract_training_features(
+                fit_images, report, generator, progress, max_feature_memory, spill_dir)
+            report.embed_seconds = time.perf_counter() - started
+
+            started = time.perf_counter()
+            projected -= projected.mean(0)  # k-center is translation invariant; see greedy_coreset
+            report.n_patches = projected.shape[0]
+            n = coreset_count(report.n_patches, cfg.coreset_ratio, cfg.coreset_size)
+            selected = greedy_coreset(projected.to(self.device), n, generator=generator).cpu()
+            del projected
+            # Sorted: bank order follows the training data, so the file is independent of selection order.
+            bank = store.gather(selected.sort().values).to(self.device)
+            report.coreset_size = n
+            report.features_spilled_to_disk = store.spilled
+            report.coreset_seconds = time.perf_counter() - started
+        finally:
+            if store is not None:
+                store.close()
+        self.set_state(FittedState(
+            memory_bank=bank,
+            distance_scale=typical_nn_distance(bank, squared_norms(bank), generator=generator),  # T of eq. 7
+            image_threshold=None, pixel_threshold=None, calibration_scores=(),
+            grid=grid, input_size=input_size, n_train_images=report.n_images, n_train_patches=report.n_patches,
+            backbone_weights_sha256=self.extractor.weights_sha256))
+
+        started = time.perf_counter()
+        if calibration_images:
+            self._calibrate(calibration_images, report)
+        report.calibration_seconds = time.perf_counter() - started
+        self.fit_report_ = report
+        return self
+
+    def _extract_training_features(self, images: list, report: FitReport, generator: torch.Generator,
+                                   progress, max_feature_memory: int, spill_dir):
+        """Every training patch feature into a FeatureStore (spilled to disk past the budget), and its
+        d*-dimensional JL projection (psi, section 2) into one preallocated (N, d*) tensor."""
+        cfg = self.config
+        store = projection = projected = grid = input_size = None
+        rows_done = 0
+        try:
+            for batch, stacks in self._iter_stacks(images):
+                report.skipped += [str(err) for err in batch.failures]
+                for err in batch.failures:
+                    log.warning("skipped training image %s", err)
+                if progress is not None:
+                    progress(len(batch.images) + len(batch.failures))
+                for stack in stacks:
+                    embedding = self.embed(stack)
+                    rows = embedding.features.flatten(0, 1)
+                    if store is None:
+                        store = FeatureStore(rows.shape[1], max_memory_bytes=max_feature_memory, spill_dir=spill_dir)
+                        projection = random_projection(rows.shape[1], cfg.projection_dim, generator).to(self.device)
+                        grid, input_size = embedding.grid, embedding.input_size
+                        # Allocated once: no list + cat doubling for large sets.
+                        projected = torch.empty(len(images) * embedding.features.shape[1], cfg.projection_dim)
+                    elif embedding.grid != grid:
+                        raise InputError(f"all training images must give the same feature grid; got "
+                                         f"{embedding.grid} and {grid} (set a fixed --resize H,W or a --crop)")
+                    projected[rows_done:rows_done + rows.shape[0]] = (rows @ projection).cpu()
+                    rows_done += rows.shape[0]
+                    store.append(rows)
+                    report.n_images += stack.shape[0]
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
+        if store is None:
+            raise InputError("no readable training image: " + "; ".join(report.skipped[:5]))
+        return store, projected[:rows_done], grid, input_size  # a view: skipped files leave the tail unused
+
+    def _calibrate(self, images: list, report: FitReport) -> None:
+        """Thresholds from held-out nominal images: image scores for the image threshold, each image's
+        largest pixel score for the pixel threshold (never from test images)."""
+        scores, pixel_max = [], []
+        for batch, result in self._iter_scored(images):
+            report.skipped += [str(err) for err in batch.failures]
+            if result is not None:
+                scores += result.scores.tolist()
+                pixel_max += result.maps.flatten(1).amax(1).tolist()
+        if scores:
+            state = self.state_.replace(calibration_scores=tuple(float(s) for s in scores),
+                                        image_threshold=nominal_threshold(scores),
+                                        pixel_threshold=nominal_threshold(pixel_max))
+            fitted = self._fitted
+            self._fitted = _Fitted(state, fitted.index, fitted.bank_sq_norms)
+
+    # ------------------------------------------------------------------ predict
+    @torch.inference_mode()
+    def _score_stack(self, images: torch.Tensor) -> PatchCoreResult:
+        """The one scoring core. uint8 (B, 3, H, W), all the same size -> PatchCoreResult."""
+        fitted = self._fitted  # read once: a concurrent swap cannot mix two states in one result
+        state = fitted.state
+        embedding = self.embed(images)
+        features = embedding.features
+        batch, patches, dim = features.shape
+        if dim != state.memory_bank.shape[1]:
+            raise RuntimeError(f"feature size {dim} does not match the memory bank's {state.memory_bank.shape[1]}")
+        dist, idx = fitted.index.search(features.reshape(-1, dim))  # exact 1-NN of every patch
+        patch_dist, patch_idx = dist.view(batch, patches), idx.view(batch, patches)
+        scores = reweighted_image_scores(features, patch_dist, patch_idx, state.memory_bank, fitted.bank_sq_norms,
+                                         self.config.reweight_neighbours, state.distance_scale)
+        maps = anomaly_maps(patch_dist, embedding.grid, embedding.input_size, self.config.blur_sigma)
+        labels = None if state.image_threshold is None else scores > state.image_threshold
+        masks = None if state.pixel_threshold is None else maps > state.pixel_threshold
+        return PatchCoreResult(scores, maps, labels, masks)
+
+    def _iter_scored(self, images: list) -> Iterator[tuple[object, PatchCoreResult | None]]:
+        for batch, stacks in self._iter_stacks(images):
+            parts = [self._score_stack(stack) for stack in stacks]
+            yield batch, _concat_results(parts) if parts else None
+
+    def predict_batch(self, images: torch.Tensor) -> PatchCoreResult:
+        """Score one uint8 (B, 3, H, W) batch in a single pass (the serving path; tensors may be on the GPU)."""
+        self.state_  # noqa: B018 (raises NotFittedError)
+        return self._score_stack(images)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> PatchCoreResult:
+        """Score one image or a sequence of images (paths, arrays, PIL images, (3, H, W) tensors), or a uint8
+        (B, 3, H, W) batch, which may already be on the model's device. An unreadable file raises
+        ImageReadError naming it; `iter_predict` instead reports such files and goes on."""
+        self.state_  # noqa: B018 (raises NotFittedError)
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            step = self.config.batch_size
+            return _concat_results([self._score_stack(images[i:i + step]) for i in range(0, images.shape[0], step)])
+        parts = []
+        for batch, result in self._iter_scored(as_image_list(images)):
+            if batch.failures:
+                raise batch.failures[0]
+            if result is not None:
+                parts.append(result)
+        return _concat_results(parts)
+
+    def iter_predict(self, paths: Sequence[str | Path]) -> Iterator[PredictedBatch]:
+        """Stream batches: unreadable files are reported in `failures`, the rest scored (order kept)."""
+        self.state_  # noqa: B018 (raises NotFittedError)
+        for batch, result in self._iter_scored(as_image_list(paths)):
+            yield PredictedBatch(batch.paths, result, batch.failures, batch.images)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        """Write the model atomically: bank as safetensors, everything else as JSON (no pickle)."""
+        state = self.state_
+        header = {
+            "package_version": __version__,
+            "config": self.config.to_dict(),
+            "backbone": self.config.backbone,
+            "backbone_weights_sha256": state.backbone_weights_sha256,
+            "fitted": state.fitted_header(),
+        }
+        write_model_file(path, {"memory_bank": state.memory_bank.float()}, header)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "auto", weights: str | None = None) -> "PatchCore":
+        """Rebuild a saved model. `weights` points at a local copy of the backbone weights when the
+        path recorded at fit time does not exist here; they must hash to what the model was fitted with."""
+        tensors, header = read_model_file(path)
+        try:
+            saved = dict(header["config"])
+            if weights is not None:
+                saved["weights"] = weights
+            config = PatchCoreConfig.from_dict(saved)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFileError(f"{path}: incomplete or invalid model file ({err})") from None
+        state = FittedState.from_file(tensors, header, path)
+        model = cls(config, device=device)
+        if model.extractor.weights_sha256 != state.backbone_weights_sha256:
+            raise ModelFileError(
+                f"{path}: the backbone weights found here for {config.backbone} are not the ones this model was "
+                f"fitted with (sha256 {model.extractor.weights_sha256[:12]}... here, "
+                f"{state.backbone_weights_sha256[:12]}... in the file); pass the original weights file")
+        bank = state.memory_bank
+        if bank.ndim != 2 or bank.shape[1] != model.embedding_dim:
+            raise ModelFileError(f"{path}: memory bank of shape {tuple(bank.shape)} does not fit backbone "
+                                 f"{config.backbone} with embedding size {model.embedding_dim}")
+        model.set_state(state)
+        return model
+
+
+def _concat_results(parts: list[PatchCoreResult]) -> PatchCoreResult:
+    if not parts:
+        raise InputError("no images to score")
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat([v.cpu() for v in values])
+
+    maps = [p.maps.cpu() for p in parts]
+    if len({m.shape[1:] for m in maps}) > 1:
+        raise InputError("images gave maps of different sizes; use a fixed --resize H,W or a --crop")
+    return PatchCoreResult(cat("scores"), torch.cat(maps), cat("labels"), cat("masks"))

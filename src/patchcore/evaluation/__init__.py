@@ -1,0 +1,1 @@
+"""The MVTec AD protocol, datasets, metrics and benchmarks, on top of the estimator."""

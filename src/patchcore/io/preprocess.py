@@ -1,0 +1,101 @@
+"""The model's input preprocessing: uint8 images -> resized, centre-cropped, normalised float tensors.
+
+One code path for every input (files, arrays, decoded tensors on a GPU), so fitting and scoring always
+see identically prepared pixels (MVTec protocol: resize 256, centre crop 224, ImageNet mean and std).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 (B, 3, H, W) -> normalised float (B, 3, h, w): resize, centre crop, normalise.
+
+    One code path for every input (files, arrays, decoded tensors on a GPU), so fitting and
+    scoring always see identically prepared pixels.
+    """
+
+    resize: tuple[int, int] | int | None
+    crop: tuple[int, int] | int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        size = self.resized_size(height, width)
+        if self.crop is not None:
+            size = _pair(self.crop)
+        return size
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the centre crop inside the resized image of an H x W input."""
+        size = self.resized_size(height, width)
+        if self.crop is None:
+            return 0, 0, size[0], size[1]
+        ch, cw = _pair(self.crop)
+        if ch > size[0] or cw > size[1]:
+            raise InputError(f"crop {ch}x{cw} is larger than the resized image {size[0]}x{size[1]}")
+        return int(round((size[0] - ch) / 2.0)), int(round((size[1] - cw) / 2.0)), ch, cw
+
+    def mask_geometry(self, mask: np.ndarray) -> np.ndarray:
+        """bool (H, W) at image size -> bool (h, w) aligned with the maps: the image's resize (nearest
+        neighbour, so the mask stays binary), then the same centre crop."""
+        height, width = mask.shape
+        size = self.resized_size(height, width)
+        picture = Image.fromarray(mask.astype(np.uint8) * 255)
+        if size != (height, width):
+            picture = picture.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        top, left, h, w = self.crop_box(height, width)
+        return np.asarray(picture)[top:top + h, left:left + w] > 0
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.resize is None:
+            return height, width
+        if isinstance(self.resize, int):  # shorter side -> resize, aspect kept (torchvision rule)
+            short, long = (height, width) if height <= width else (width, height)
+            new_long = int(self.resize * long / short)
+            return (self.resize, new_long) if height <= width else (new_long, self.resize)
+        return _pair(self.resize)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"expected uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        top, left, ch, cw = self.crop_box(height, width)
+        x = self._resize(images)[..., top:top + ch, left:left + cw].float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def geometry(self, image: torch.Tensor) -> torch.Tensor:
+        """The same resize and crop without normalisation: the picture the maps align with."""
+        top, left, ch, cw = self.crop_box(*image.shape[-2:])
+        return self._resize(image[None])[0, :, top:top + ch, left:left + cw]
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> uint8 at the resized size; bilinear with antialiasing, as PIL's resize in
+        the MVTec protocol code, and like PIL in 8 bit: 5x faster on CPU than in float, and 1/4 the memory."""
+        size = self.resized_size(*images.shape[-2:])
+        if size == tuple(images.shape[-2:]):
+            return images
+        return resize_uint8(images, size, in_float=images.device.type != "cpu")
+
+
+def resize_uint8(images: torch.Tensor, size: tuple[int, int], *, in_float: bool) -> torch.Tensor:
+    """Bilinear antialiased resize of a uint8 batch, to uint8. torch's uint8 kernel exists on CPU only;
+    elsewhere (CUDA) resize in float and round, which agrees with it to within 1 grey level."""
+    if not in_float:
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pair(value: tuple[int, int] | int) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
