@@ -1,0 +1,143 @@
+"""The package's layers, read from its source: nothing imports upward, no cycles, and argparse, progress
+bars and web frameworks only in the application layer (STYLE.md 12)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "patchcore"
+
+# Lower number = lower layer. A module may import from its own layer or any lower one.
+LAYERS = {
+    "patchcore._version": 0, "patchcore.errors": 0, "patchcore.config": 0,
+    "patchcore.core": 1,
+    "patchcore.backbones": 2, "patchcore.io": 2,
+    "patchcore.estimator": 3,
+    "patchcore.evaluation": 4,
+    "patchcore.app": 5,
+}
+APP_ONLY = {"argparse", "tqdm", "fastapi", "starlette", "uvicorn", "flask", "aiohttp", "jinja2", "multipart",
+            "python_multipart", "prometheus_client", "selenium", "playwright"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> int | None:
+    for prefix, layer in sorted(LAYERS.items(), key=lambda kv: -len(kv[0])):
+        if module == prefix or module.startswith(prefix + "."):
+            return layer
+    return None
+
+
+def imports_of(path: Path) -> list[str]:
+    """Absolute names of everything a module imports, relative imports resolved, lazy ones included."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # `from . import x` may import a submodule x: count both the package and the submodule.
+            found.append(target)
+            found += [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES]
+    return found
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def internal_graph() -> dict[str, set[str]]:
+    graph = {}
+    for name, path in MODULES.items():
+        targets = set()
+        for target in imports_of(path):
+            # resolve to the longest known module name
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != name and target.startswith("patchcore"):
+                targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in MODULES if m != "patchcore" and layer_of(m) is None)
+    assert not unplaced, f"modules outside the layer map: {unplaced}"
+
+
+def test_no_module_imports_the_package_facade():
+    offenders = sorted(name for name, targets in internal_graph().items() if name != "patchcore" and "patchcore" in targets)
+    assert not offenders, f"import from the layer that defines them instead of `patchcore`: {offenders}"
+
+
+def test_no_upward_imports():
+    upward = []
+    for name, targets in internal_graph().items():
+        if name == "patchcore":
+            continue
+        for target in targets:
+            # a package's __init__ imports its own submodules; that is not upward
+            if layer_of(target) > layer_of(name):
+                upward.append(f"{name} -> {target}")
+    assert not upward, "upward imports: " + ", ".join(sorted(upward))
+
+
+def test_no_import_cycles():
+    graph = internal_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(trail[trail.index(target):] + [target]))
+            elif target not in state:
+                visit(target, trail + [target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(cycles)
+
+
+def test_application_libraries_only_in_the_application_layer():
+    offenders = []
+    for name, path in MODULES.items():
+        if name == "patchcore" or layer_of(name) == LAYERS["patchcore.app"]:
+            continue
+        for target in imports_of(path):
+            if target.split(".")[0] in APP_ONLY:
+                offenders.append(f"{name} imports {target}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from ..app.cli import main\n", "upward"),
+    ("import tqdm\n", "app-only"),
+])
+def test_the_checks_catch_a_violation(tmp_path, monkeypatch, source, expected):
+    """The rules above are live: plant an offending module in a copy of the layer map and see it flagged."""
+    planted = PACKAGE / "core" / "_planted_violation.py"
+    monkeypatch.setitem(MODULES, "patchcore.core._planted_violation", planted)
+    original = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source if self == planted else original(self, *a, **k))
+    if expected == "upward":
+        with pytest.raises(AssertionError, match="patchcore.core._planted_violation -> patchcore.app.cli"):
+            test_no_upward_imports()
+    else:
+        with pytest.raises(AssertionError, match="_planted_violation imports tqdm"):
+            test_application_libraries_only_in_the_application_layer()
