@@ -25,7 +25,8 @@ def main() -> int:
     rows = [
         ("fit s", med(ours, "fit_s"), med(peer, "fit_s")),
         ("of which coreset s", med(ours, "fit_coreset_s"), med(peer, "coreset_s")),
-        ("predict ms/img (from files)", med(ours, "predict_ms_per_image_from_files"), 1000 * med(peer, "predict_s_per_image")),
+        ("predict ms/img (from files)", med(ours, "predict_ms_per_image_from_files"),
+         1000 * med(peer, "predict_s_per_image")),
         ("peak RSS MiB during fit", med(ours, "peak_rss_after_fit_mib"), med(peer, "peak_rss_after_fit_mib")),
         ("image AUROC", med(ours, "image_auroc"), med(peer, "image_auroc")),
         ("pixel AUROC", med(ours, "pixel_auroc"), med(peer, "pixel_auroc")),

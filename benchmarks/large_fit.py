@@ -66,7 +66,8 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/patchcore-large-fit")
     ap.add_argument("--backbone", default="wide_resnet50_2_random")
     ap.add_argument("--coreset-ratio", default="0.01")
-    ap.add_argument("--max-feature-memory-gb", default="1", help="in-RAM feature budget before spilling (fit's default)")
+    ap.add_argument("--max-feature-memory-gb", default="1",
+                    help="in-RAM feature budget before spilling (fit's default)")
     ap.add_argument("--out", default=None, help="JSON result file")
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -102,7 +103,8 @@ def main() -> int:
               "patches": patches, "embedding_dim": bank[1], "bank_shape": bank,
               "all_features_float32_gib": patches * bank[1] * 4 / 2**30,
               "peak_rss_gib": peak_mib / 1024.0, "fit_wall_s": wall,
-              "sampled_peaks_mib_at_s": {k: [round(v[0]), round(v[1])] for k, v in peaks.items()}, "fit_log": fit_log.strip().splitlines()}
+              "sampled_peaks_mib_at_s": {k: [round(v[0]), round(v[1])] for k, v in peaks.items()},
+              "fit_log": fit_log.strip().splitlines()}
     print(json.dumps({k: v for k, v in result.items() if k != "fit_log"}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))

@@ -78,7 +78,8 @@ def test_every_module_has_a_layer():
 
 
 def test_no_module_imports_the_package_facade():
-    offenders = sorted(name for name, targets in internal_graph().items() if name != "patchcore" and "patchcore" in targets)
+    offenders = sorted(name for name, targets in internal_graph().items()
+                       if name != "patchcore" and "patchcore" in targets)
     assert not offenders, f"import from the layer that defines them instead of `patchcore`: {offenders}"
 
 

@@ -10,9 +10,16 @@ import timm
 import torch
 import torchvision
 
+from patchcore.backbones.networks import (
+    BACKBONES,
+    backbone_names,
+    build_backbone,
+    lukemelas_to_timm,
+    read_state_dict,
+    resolve,
+    state_dict_sha256,
+)
 from patchcore.errors import WeightsUnavailableError
-from patchcore.backbones.networks import (BACKBONES, backbone_names, build_backbone,
-                                 lukemelas_to_timm, read_state_dict, resolve, state_dict_sha256)
 
 RANDOM_NAMES = ["wide_resnet50_2_random", "resnet18_random", "efficientnet_lite0_random"]
 STRIDES = (8, 16)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 from PIL import Image
 
 from patchcore import ModelFileError, NotFittedError, PatchCore, PatchCoreConfig
 from patchcore.io.model_file import read_model_file, write_model_file
-
-from conftest import small_config
 
 
 def _test_items(category):
@@ -31,7 +30,7 @@ def test_every_defect_scores_above_every_normal_image_and_peaks_inside_it(fitted
     normal = [float(s) for s, (_, kind, _) in zip(result.scores, items) if kind == "good"]
     defect = [float(s) for s, (_, kind, _) in zip(result.scores, items) if kind != "good"]
     assert min(defect) > max(normal)
-    for anomaly_map, (path, kind, mask) in zip(result.maps, items):
+    for anomaly_map, (path, _kind, mask) in zip(result.maps, items):
         if mask is None:
             continue
         peak = np.unravel_index(int(anomaly_map.argmax()), anomaly_map.shape)
@@ -43,7 +42,8 @@ def test_thresholds_come_from_held_out_training_images(fitted, category):
     assert fitted.fit_report_.n_calibration_images == 5
     assert fitted.n_train_images_ == 15
     held_out = torch.tensor(fitted.calibration_scores_, dtype=torch.float64)
-    assert fitted.image_threshold_ == pytest.approx(max(float(held_out.max()), float(held_out.mean() + 3 * held_out.std())))
+    expected = max(float(held_out.max()), float(held_out.mean() + 3 * held_out.std()))
+    assert fitted.image_threshold_ == pytest.approx(expected)
     assert fitted.image_threshold_ >= float(held_out.max())
     normal = fitted.predict(sorted((category / "test" / "good").glob("*.png")))
     assert torch.equal(normal.labels, normal.scores > fitted.image_threshold_)
@@ -151,7 +151,7 @@ def test_grey_rgba_and_16_bit_inputs_are_scored(fitted, category, tmp_path):
     source = np.asarray(Image.open(sorted((category / "test" / "hole").glob("*.png"))[0]).convert("RGB"))
     grey8 = np.asarray(Image.fromarray(source).convert("L"))
     Image.fromarray(grey8).save(tmp_path / "grey.png")
-    Image.fromarray((grey8.astype(np.uint16) * 257)).save(tmp_path / "grey16.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
     Image.fromarray(source).convert("RGBA").save(tmp_path / "rgba.png")
     result = fitted.predict([tmp_path / "grey.png", tmp_path / "grey16.png", tmp_path / "rgba.png"])
     assert torch.isfinite(result.scores).all()

@@ -14,8 +14,8 @@ from patchcore.app.cli import main
 from patchcore.config import PatchCoreConfig
 from patchcore.evaluation.datasets import load_split
 from patchcore.evaluation.evaluate import METRICS, evaluate_category, resolution_text, threshold_metrics
-from patchcore.io.preprocess import Preprocess
 from patchcore.evaluation.synthetic import fabric_texture, make_category, paste_defect
+from patchcore.io.preprocess import Preprocess
 
 FAST = ["--backbone", "resnet18_random", "--resize", "64", "--crop", "none", "--batch-size", "8",
         "--device", "cpu", "--quiet"]
@@ -210,7 +210,7 @@ def test_a_crash_keeps_finished_categories(mvtec_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate_module, "evaluate_category", second_fails)
     out = tmp_path / "out"
-    assert main(["evaluate", str(mvtec_root), "-o", str(out), *FAST]) == 3  # an internal error: traceback and exit 3, not a one-line user error
+    assert main(["evaluate", str(mvtec_root), "-o", str(out), *FAST]) == 3  # internal error: traceback, exit 3
     assert (out / "fabric.json").is_file() and not (out / "weave.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["categories_done"] == ["fabric"] and not summary["complete"]

@@ -7,7 +7,6 @@ from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
 
 from patchcore.evaluation.metrics import aupro, auroc, f1_max, image_metrics, pixel_metrics
 
-
 # ------------------------------------------------------------------------------------- AUROC
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from patchcore.core.knn import nearest, squared_norms
-from patchcore.core.scoring import (anomaly_maps, gaussian_blur, gaussian_kernel1d, reweighted_image_scores,
-                               typical_nn_distance)
+from patchcore.core.scoring import (
+    anomaly_maps,
+    gaussian_blur,
+    gaussian_kernel1d,
+    reweighted_image_scores,
+    typical_nn_distance,
+)
 
 
 def _gen(seed: int) -> torch.Generator:

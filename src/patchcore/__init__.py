@@ -8,8 +8,16 @@ This module is the public facade; no module inside the package imports it.
 """
 from ._version import __version__
 from .config import PatchCoreConfig
-from .errors import (ConfigError, DatasetError, ImageReadError, InputError, ModelFileError, NotFittedError,
-                     PatchCoreError, WeightsUnavailableError)
+from .errors import (
+                     ConfigError,
+                     DatasetError,
+                     ImageReadError,
+                     InputError,
+                     ModelFileError,
+                     NotFittedError,
+                     PatchCoreError,
+                     WeightsUnavailableError,
+)
 from .estimator import FittedState, PatchCore, PatchCoreResult
 
 __all__ = ["PatchCore", "PatchCoreConfig", "PatchCoreResult", "FittedState", "PatchCoreError", "ConfigError",

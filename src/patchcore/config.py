@@ -85,7 +85,7 @@ class PatchCoreConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PatchCoreConfig":
+    def from_dict(cls, values: dict[str, Any]) -> PatchCoreConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -44,7 +44,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model.save(args.output)
     report = model.fit_report_
     print(f"wrote {args.output}: bank {tuple(model.memory_bank_.shape)} from {report.n_patches} patches of "
-          f"{report.n_images} images; fit {time.perf_counter() - started:.1f} s (features {report.embed_seconds:.1f} s, "
+          f"{report.n_images} images; fit {time.perf_counter() - started:.1f} s "
+          f"(features {report.embed_seconds:.1f} s, "
           f"coreset {report.coreset_seconds:.1f} s)", file=sys.stderr)
     if model.image_threshold_ is not None:
         print(f"decision threshold {model.image_threshold_:.4g} (image), {model.pixel_threshold_:.4g} (pixel), "
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=cmd_predict)
 
     demo = sub.add_parser("demo", help="make a synthetic inspection set, fit, predict, show where results are")
-    demo.add_argument("-o", "--output", default="patchcore-demo", help="folder for everything (default: patchcore-demo)")
+    demo.add_argument("-o", "--output", default="patchcore-demo",
+                      help="folder for everything (default: patchcore-demo)")
     demo.add_argument("--backbone", default="efficientnet_lite0", help="default: efficientnet_lite0 (offline weights)")
     demo.add_argument("--seed", type=int, default=0)
     common(demo)

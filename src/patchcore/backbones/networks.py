@@ -88,7 +88,7 @@ class Backbone(nn.Module):
         self.network = fold_batchnorm(network, self.indices).to(memory_format=torch.channels_last)
         self.weights_sha256 = weights_sha256
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         return super().train(False)  # frozen, always in eval mode: BatchNorm uses ImageNet statistics
 
     @torch.inference_mode()
@@ -130,7 +130,8 @@ def fold_batchnorm(network: nn.Module, indices: list[int]) -> nn.Module:
     return folded if close else network
 
 
-def build_backbone(name: str, strides: tuple[int, ...], *, weights: str | None = None, seed: int = 0) -> tuple[Backbone, BackboneSpec]:
+def build_backbone(name: str, strides: tuple[int, ...], *, weights: str | None = None,
+                   seed: int = 0) -> tuple[Backbone, BackboneSpec]:
     import timm
 
     spec, random_init = resolve(name)
@@ -182,7 +183,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is the same user error
+    except Exception as err:
         raise WeightsUnavailableError(f"{path}: not a readable weights file ({err})") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -202,7 +203,7 @@ def _torchvision_weights(name: str, enum_member: str) -> dict[str, torch.Tensor]
     try:
         # torchvision's key names equal timm's for ResNets (verified by the strict load below).
         return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:  # noqa: BLE001 - network errors come in many types
+    except Exception as err:
         raise WeightsUnavailableError(
             f"could not get the ImageNet weights for {name} ({type(err).__name__}: {err}).\n"
             f"  On a machine with internet they download once, from {weights.url}, into {cached}.\n"
@@ -237,7 +238,8 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], network: nn.Module) -> dic
     depthwise_separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     inverted_residual = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
                          "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    top_level = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    top_level = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                 "_fc": "classifier"}
     renamed = {}
     for key, tensor in state.items():
         parts = key.split(".")

@@ -140,7 +140,7 @@ class PatchCore:
             raise NotFittedError("this PatchCore model is not fitted yet: call fit() or PatchCore.load()")
         return fitted.state
 
-    def set_state(self, state: FittedState) -> "PatchCore":
+    def set_state(self, state: FittedState) -> PatchCore:
         """Install a learned state (from fit, load, an update, or a benchmark's own bank) and build what
         derives from it, once, here: never on first use. A concurrent predict sees the old state or the
         new one, never a mix."""
@@ -149,7 +149,7 @@ class PatchCore:
         self._fitted = _Fitted(state, BankIndex(bank), squared_norms(bank))
         return self
 
-    def with_thresholds(self, *, image: float | None = None, pixel: float | None = None) -> "PatchCore":
+    def with_thresholds(self, *, image: float | None = None, pixel: float | None = None) -> PatchCore:
         """Override the decision thresholds (each on its own scale); None keeps the current one."""
         state = self.state_
         changes = {}
@@ -180,7 +180,7 @@ class PatchCore:
 
     # ------------------------------------------------------------------ fit
     def fit(self, images: Sequence[ImageInput], *, progress: Callable[[int], None] | None = None,
-            max_feature_memory: int = DEFAULT_MAX_FEATURE_MEMORY, spill_dir: str | Path | None = None) -> "PatchCore":
+            max_feature_memory: int = DEFAULT_MAX_FEATURE_MEMORY, spill_dir: str | Path | None = None) -> PatchCore:
         """Build the coreset memory bank from nominal images (paths, arrays, PIL images or tensors).
 
         A share of the images (config.calibration_ratio) is held out from the bank and scored to set
@@ -349,7 +349,7 @@ class PatchCore:
         write_model_file(path, {"memory_bank": state.memory_bank.float()}, header)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "auto", weights: str | None = None) -> "PatchCore":
+    def load(cls, path: str | Path, *, device: str | torch.device = "auto", weights: str | None = None) -> PatchCore:
         """Rebuild a saved model. `weights` points at a local copy of the backbone weights when the
         path recorded at fit time does not exist here; they must hash to what the model was fitted with."""
         tensors, header = read_model_file(path)

@@ -40,11 +40,11 @@ class FittedState:
             values[name] = list(values[name])
         return values
 
-    def replace(self, **changes: Any) -> "FittedState":
+    def replace(self, **changes: Any) -> FittedState:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_file(cls, tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Any) -> "FittedState":
+    def from_file(cls, tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Any) -> FittedState:
         """Rebuild from a model file's tensors and header; a missing or mistyped field is a ModelFileError."""
         try:
             fitted = header["fitted"]

@@ -77,7 +77,8 @@ def run_bench(data: Path, config: PatchCoreConfig, *, device: str = "auto", thro
 
 def format_table(result: dict) -> str:
     rows = [
-        ("fit s (embed + coreset)", f"{result['fit_s']:.1f} ({result['fit_embed_s']:.1f} + {result['fit_coreset_s']:.1f})"),
+        ("fit s (embed + coreset)",
+         f"{result['fit_s']:.1f} ({result['fit_embed_s']:.1f} + {result['fit_coreset_s']:.1f})"),
         ("predict ms/img from files", f"{result['predict_ms_per_image_from_files']:.1f}"),
         ("latency ms, batch 1", f"{result['latency_ms_batch1_median']:.1f}"),
         (f"throughput img/s, batch {result['throughput_batch']}", f"{result['throughput_images_per_s']:.1f}"),

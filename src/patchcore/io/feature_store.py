@@ -77,7 +77,7 @@ class FeatureStore:
             self._file = None
         self._chunks = []
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,7 +21,8 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
 
 
-def normalise_map(anomaly_map: np.ndarray, threshold: float | None, value_range: tuple[float, float] | None = None) -> np.ndarray:
+def normalise_map(anomaly_map: np.ndarray, threshold: float | None,
+                  value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Map scores to [0, 1] on a scale shared by all images of a model, so colours compare across images.
 
     With a calibrated pixel threshold, the threshold sits at the middle of the colour scale (0.5) and
