@@ -20,6 +20,7 @@ from .._version import __version__
 from ..config import PatchCoreConfig
 from ..core.bank_index import BankIndex
 from ..core.coreset import coreset_count, greedy_coreset, random_projection
+from ..core.coreset_update import UpdateReport, extend_coreset
 from ..core.knn import squared_norms
 from ..core.scoring import anomaly_maps, reweighted_image_scores, typical_nn_distance
 from ..core.thresholds import calibration_split, nominal_threshold
@@ -133,12 +134,15 @@ class PatchCore:
             yield batch, list(same_size_stacks(batch.images))
 
     # ------------------------------------------------------------------ fitted state
-    @property
-    def state_(self) -> FittedState:
+    def _checked_fitted(self) -> _Fitted:
         fitted = self._fitted
         if fitted is None:
             raise NotFittedError("this PatchCore model is not fitted yet: call fit() or PatchCore.load()")
-        return fitted.state
+        return fitted
+
+    @property
+    def state_(self) -> FittedState:
+        return self._checked_fitted().state
 
     def set_state(self, state: FittedState) -> PatchCore:
         """Install a learned state (from fit, load, an update, or a benchmark's own bank) and build what
@@ -175,8 +179,7 @@ class PatchCore:
 
     @property
     def bank_index(self) -> BankIndex:
-        self.state_  # noqa: B018 (raises NotFittedError)
-        return self._fitted.index
+        return self._checked_fitted().index
 
     # ------------------------------------------------------------------ fit
     def fit(self, images: Sequence[ImageInput], *, progress: Callable[[int], None] | None = None,
@@ -271,7 +274,7 @@ class PatchCore:
         """Thresholds from held-out nominal images: image scores for the image threshold, each image's
         largest pixel score for the pixel threshold (never from test images)."""
         scores, pixel_max = [], []
-        for batch, result in self._iter_scored(images):
+        for batch, result in self._iter_scored(images, self._checked_fitted()):
             report.skipped += [str(err) for err in batch.failures]
             if result is not None:
                 scores += result.scores.tolist()
@@ -285,9 +288,11 @@ class PatchCore:
 
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
-    def _score_stack(self, images: torch.Tensor) -> PatchCoreResult:
-        """The one scoring core. uint8 (B, 3, H, W), all the same size -> PatchCoreResult."""
-        fitted = self._fitted  # read once: a concurrent swap cannot mix two states in one result
+    def _score_stack(self, images: torch.Tensor, fitted: _Fitted) -> PatchCoreResult:
+        """The one scoring core. uint8 (B, 3, H, W), all the same size -> PatchCoreResult.
+
+        `fitted` is read once per call by the entry points, so a concurrent `set_state` cannot mix two
+        states in one result."""
         state = fitted.state
         embedding = self.embed(images)
         features = embedding.features
@@ -303,26 +308,26 @@ class PatchCore:
         masks = None if state.pixel_threshold is None else maps > state.pixel_threshold
         return PatchCoreResult(scores, maps, labels, masks)
 
-    def _iter_scored(self, images: list) -> Iterator[tuple[object, PatchCoreResult | None]]:
+    def _iter_scored(self, images: list, fitted: _Fitted) -> Iterator[tuple[object, PatchCoreResult | None]]:
         for batch, stacks in self._iter_stacks(images):
-            parts = [self._score_stack(stack) for stack in stacks]
+            parts = [self._score_stack(stack, fitted) for stack in stacks]
             yield batch, _concat_results(parts) if parts else None
 
     def predict_batch(self, images: torch.Tensor) -> PatchCoreResult:
         """Score one uint8 (B, 3, H, W) batch in a single pass (the serving path; tensors may be on the GPU)."""
-        self.state_  # noqa: B018 (raises NotFittedError)
-        return self._score_stack(images)
+        return self._score_stack(images, self._checked_fitted())
 
     def predict(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> PatchCoreResult:
         """Score one image or a sequence of images (paths, arrays, PIL images, (3, H, W) tensors), or a uint8
         (B, 3, H, W) batch, which may already be on the model's device. An unreadable file raises
         ImageReadError naming it; `iter_predict` instead reports such files and goes on."""
-        self.state_  # noqa: B018 (raises NotFittedError)
+        fitted = self._checked_fitted()
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             step = self.config.batch_size
-            return _concat_results([self._score_stack(images[i:i + step]) for i in range(0, images.shape[0], step)])
+            return _concat_results([self._score_stack(images[i:i + step], fitted)
+                                    for i in range(0, images.shape[0], step)])
         parts = []
-        for batch, result in self._iter_scored(as_image_list(images)):
+        for batch, result in self._iter_scored(as_image_list(images), fitted):
             if batch.failures:
                 raise batch.failures[0]
             if result is not None:
@@ -331,9 +336,63 @@ class PatchCore:
 
     def iter_predict(self, paths: Sequence[str | Path]) -> Iterator[PredictedBatch]:
         """Stream batches: unreadable files are reported in `failures`, the rest scored (order kept)."""
-        self.state_  # noqa: B018 (raises NotFittedError)
-        for batch, result in self._iter_scored(as_image_list(paths)):
+        fitted = self._checked_fitted()  # one state for the whole stream
+        for batch, result in self._iter_scored(as_image_list(paths), fitted):
             yield PredictedBatch(batch.paths, result, batch.failures, batch.images)
+
+    # ---- incremental update
+    def update(self, images: Sequence[ImageInput], *, max_new: int | None = None,
+               radius: float | None = None) -> PatchCore:
+        """Add new nominal images to the fitted bank without refitting; returns self (as fit does).
+
+        The greedy k-center selection continues from the bank (its rows count as selected) over the new
+        images' patches, until every new patch is within `radius` of the bank or `max_new` rows were
+        added. `radius` defaults to distance_scale, an estimate of the bank's coverage radius. The
+        old bank stays, in order, as the first rows; new rows follow in selection order. Thresholds,
+        calibration scores and distance_scale (T of eq. 7) are kept: they were set on held-out nominal
+        images, and more nominal coverage only lowers nearest-neighbour distances. The new state is
+        built aside and installed with set_state, so concurrent predicts see the old or the new bank.
+        One update at a time per model. Report: `update_report_`.
+        """
+        started = time.perf_counter()
+        state = self.state_
+        images = as_image_list(images)
+        if not images:
+            raise InputError("update needs at least one image")
+        report = UpdateReport(bank_before=state.memory_bank.shape[0])
+        rows = []
+        for batch, stacks in self._iter_stacks(images):
+            report.skipped += [str(err) for err in batch.failures]
+            for err in batch.failures:
+                log.warning("skipped update image %s", err)
+            for stack in stacks:
+                embedding = self.embed(stack)
+                if embedding.grid != state.grid:
+                    raise InputError(f"update images give the feature grid {embedding.grid}, the model's is "
+                                     f"{state.grid}: use images of the training geometry")
+                rows.append(embedding.features.flatten(0, 1).to(state.memory_bank.device))
+                report.n_images += stack.shape[0]
+        if not rows:
+            raise InputError("no readable update image: " + "; ".join(report.skipped[:5]))
+        features = torch.cat(rows)
+        report.n_patches = features.shape[0]
+        bank, bank_sq_norms = state.memory_bank, self._fitted.bank_sq_norms
+        if radius is None:
+            # T (the bank's median nearest-other distance) came within a few % below the D-space coverage
+            # radius of the fit's own patches in our measurements (docs/SERVER.md): new patches end up
+            # covered at least as tightly as the training patches were. Saved in every model file.
+            radius = state.distance_scale
+        extension = extend_coreset(bank, features, float(radius), max_new=max_new, bank_sq_norms=bank_sq_norms)
+        new_bank = torch.cat([bank, features[extension.selected.to(features.device)]])
+        self.set_state(state.replace(memory_bank=new_bank, n_train_images=state.n_train_images + report.n_images,
+                                     n_train_patches=state.n_train_patches + report.n_patches))
+        report.bank_after = new_bank.shape[0]
+        report.radius, report.stopped_by = float(radius), extension.stopped_by
+        report.initial_radius, report.covering_radius = extension.initial_radius, extension.covering_radius
+        report.seconds = time.perf_counter() - started
+        self.update_report_ = report
+        return self
+    # ---- end incremental update
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
