@@ -27,6 +27,7 @@ from ..io.images import expand_inputs
 from .options import add_config_options, config_from_args
 from .predict_folder import predict_to_folder
 from .progress import progress_bars
+from .server_commands import add_parsers as add_server_parsers
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(bench)
     add_config_options(bench)
     bench.set_defaults(run=cmd_bench)
+    add_server_parsers(sub, common)
     return parser
 
 
