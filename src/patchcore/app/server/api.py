@@ -1,0 +1,418 @@
+"""The HTTP API (FastAPI): thin routes over the registry, the batcher and the review store.
+
+Routes parse, check limits and auth, and call the estimator; no algorithm or file format lives here.
+State-changing routes (feedback, apply-update, reload) always need the bearer token; predict needs it
+too when the server listens beyond loopback, unless started with --open-predict.
+"""
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..._version import __version__
+from ...errors import PatchCoreError
+from ...io.render import colormap, normalise_map, overlay
+from .batcher import Batcher, ScoredImage
+from .decode import UploadError, decode_upload
+from .metrics import Metrics
+from .registry import ModelEntry, ModelRegistry, file_digest
+from .review import ReviewStore
+from .settings import ServerSettings
+from .versions import previous_versions, save_keeping_previous
+
+log = logging.getLogger("patchcore.server")
+
+
+# ---------------------------------------------------------------------------- shared objects
+class Recent:
+    """Recent uploads by result_id (bounded in count and bytes), so feedback can name what was scored."""
+
+    def __init__(self, max_items: int, max_bytes: int):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: OrderedDict[str, dict] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, result_id: str, item: dict) -> None:
+        self._items[result_id] = item
+        self._bytes += len(item["data"])
+        while self._items and (len(self._items) > self.max_items or self._bytes > self.max_bytes):
+            _, old = self._items.popitem(last=False)
+            self._bytes -= len(old["data"])
+
+    def get(self, result_id: str) -> dict | None:
+        return self._items.get(result_id)
+
+
+class Services:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(settings.models_dir, device=settings.device)
+        self.review = ReviewStore(settings.review_dir)
+        self.batcher = Batcher(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                               max_queue=settings.max_queue, on_batch=self.metrics.batch_size.observe)
+        self.recent = Recent(settings.recent_results, settings.recent_bytes)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.metrics.in_flight.set_function(lambda: self.batcher.in_flight)
+        self.ready = False
+
+    def publish(self, entry: ModelEntry) -> None:
+        self.metrics.model_version.labels(entry.name).set(entry.version)
+        self.metrics.bank_size.labels(entry.name).set(entry.model.memory_bank_.shape[0])
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def model_entry(name: str, svc: Annotated[Services, Depends(services)]) -> ModelEntry:
+    entry = svc.registry.get(name)
+    if entry is None:
+        raise HTTPException(404, f"no model named {name!r}; GET /v1/models lists them")
+    return entry
+
+
+# ---------------------------------------------------------------------------- auth
+def _check_token(request: Request, token: str | None) -> None:
+    if token is None:
+        raise HTTPException(403, "this server was started without a token (--token-file or PATCHCORE_TOKEN), "
+                                 "so this endpoint is disabled")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise HTTPException(401, "this endpoint needs 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(403, "wrong token")
+
+
+def require_token(request: Request, svc: Annotated[Services, Depends(services)]) -> None:
+    """Every state-changing endpoint: missing token 401, wrong token (or none configured) 403."""
+    _check_token(request, svc.settings.token)
+
+
+def predict_access(request: Request, svc: Annotated[Services, Depends(services)]) -> None:
+    if svc.settings.predict_needs_token:
+        _check_token(request, svc.settings.token)
+
+
+# ---------------------------------------------------------------------------- middleware
+class BodyLimit:
+    """Refuse request bodies over the limit with 413: by Content-Length up front, and by counting the
+    bytes of a body without one (chunked), before multipart parsing buffers them."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _send_413(send, self.limit)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413, f"request body over this server's limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _send_413(send, limit: int) -> None:
+    body = f'{{"detail":"request body over this server\'s limit of {limit} bytes"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------- schemas
+class Timing(BaseModel):
+    decode: float
+    queue: float
+    compute: float
+    total: float
+
+
+class Prediction(BaseModel):
+    model: str
+    model_version: int
+    result_id: str = Field(description="refer to this image in POST .../feedback (kept in memory for a while)")
+    score: float = Field(description="image anomaly score (paper eq. 7)")
+    label: Literal["good", "defect"] | None = Field(description="score > threshold; null without a threshold")
+    threshold: float | None
+    pixel_threshold: float | None
+    batch_size: int = Field(description="images scored together with this one")
+    timing_ms: Timing
+    image_size: tuple[int, int]
+    overlay_png: str | None = Field(None, description="base64 PNG: heat over the (resized, cropped) input")
+    heatmap_png: str | None = None
+    map: list[list[float]] | None = Field(None, description="pixel scores at the model's input geometry")
+
+
+class FeedbackIn(BaseModel):
+    result_id: str = Field(max_length=64)
+    verdict: Literal["good", "defect"]
+    note: str | None = Field(None, max_length=1000)
+
+
+class UpdateIn(BaseModel):
+    max_new: int | None = Field(None, ge=0, description="budget: most bank rows one update may add")
+
+
+# ---------------------------------------------------------------------------- app
+def create_app(settings: ServerSettings) -> FastAPI:
+    svc = Services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(svc.registry.load_all)
+        for entry in svc.registry.entries.values():
+            svc.publish(entry)
+        svc.batcher.start()
+        svc.ready = bool(svc.registry.entries)
+        try:
+            yield
+        finally:
+            svc.ready = False
+            svc.batcher.stop()
+
+    app = FastAPI(title="patchcore", version=__version__, lifespan=lifespan,
+                  description="PatchCore anomaly detection: score images, review results, update models.")
+    app.state.services = svc
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # room for multipart framing
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "other")
+        svc.metrics.requests.labels(path, str(response.status_code)).inc()
+        svc.metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(PatchCoreError)
+    async def user_error(request: Request, err: PatchCoreError):
+        return JSONResponse({"detail": str(err)}, status_code=422)
+
+    # -------------------------------------------------------------- health and metadata
+    @app.get("/healthz", tags=["ops"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz():
+        ready = svc.ready and svc.batcher.running
+        body = {"ready": ready, "models": sorted(svc.registry.entries), "load_errors": svc.registry.errors}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics():
+        return Response(svc.metrics.render(), media_type=svc.metrics.content_type)
+
+    @app.get("/v1/models", tags=["models"])
+    async def list_models():
+        return {"models": [_summary(e) for e in svc.registry.entries.values()]}
+
+    @app.get("/v1/models/{name}", tags=["models"])
+    async def model_info(entry: Annotated[ModelEntry, Depends(model_entry)]):
+        m = entry.model
+        info = _summary(entry)
+        info.update(config=m.config.to_dict(), distance_scale=m.distance_scale_, grid=list(m.grid_),
+                    n_train_patches=m.n_train_patches_, file_sha256=entry.file_sha256,
+                    previous_versions=[p.name for p in previous_versions(entry.path)],
+                    feedback=await run_in_threadpool(svc.review.counts, entry.name))
+        return info
+
+    # -------------------------------------------------------------- scoring
+    @app.post("/v1/models/{name}/predict", tags=["scoring"], response_model=Prediction,
+              dependencies=[Depends(predict_access)],
+              responses={413: {"description": "upload too large"}, 415: {"description": "not an image"},
+                         503: {"description": "queue full; retry after Retry-After seconds"}})
+    async def predict(file: Annotated[UploadFile, File(description="the image (PNG, JPEG, BMP, TIFF, WebP)")],
+                      entry: Annotated[ModelEntry, Depends(model_entry)],
+                      overlay_png: Annotated[bool, Query(alias="overlay", description="the overlay PNG")] = False,
+                      heatmap_png: Annotated[bool, Query(alias="heatmap", description="the heatmap PNG")] = False,
+                      include_map: Annotated[bool, Query(alias="map", description="the pixel score map")] = False):
+        started = time.perf_counter()
+        if file.content_type and not (file.content_type.startswith("image/")
+                                      or file.content_type == "application/octet-stream"):
+            svc.metrics.rejected.labels("media_type").inc()
+            raise HTTPException(415, f"expected an image upload (image/png, image/jpeg, ...), "
+                                     f"got {file.content_type}")
+        if not svc.batcher.admit():
+            svc.metrics.rejected.labels("queue_full").inc()
+            retry = max(1, math.ceil(svc.batcher.in_flight / max(1, settings.max_batch) * 0.5))
+            raise HTTPException(503, "server busy: the scoring queue is full", headers={"Retry-After": str(retry)})
+        try:
+            data = await file.read(settings.max_upload_bytes + 1)
+            if len(data) > settings.max_upload_bytes:
+                svc.metrics.rejected.labels("too_large").inc()
+                raise HTTPException(413, f"upload over this server's limit of {settings.max_upload_bytes} bytes")
+            try:
+                image, suffix = await run_in_threadpool(decode_upload, data, settings.max_pixels)
+            except UploadError as err:
+                svc.metrics.rejected.labels("bad_image").inc()
+                raise HTTPException(err.status, str(err)) from None
+            decoded = time.perf_counter()
+            try:
+                scored = await svc.batcher.score(entry, image)
+            except PatchCoreError as err:
+                raise HTTPException(422, str(err)) from None
+        finally:
+            svc.batcher.release()
+        result_id = uuid.uuid4().hex
+        svc.recent.put(result_id, {"model": entry.name, "data": data, "suffix": suffix, "score": scored.score,
+                                   "version": scored.version})
+        extras = {}
+        if overlay_png or heatmap_png or include_map:
+            extras = await run_in_threadpool(_pictures, entry, image, scored, overlay_png, heatmap_png, include_map)
+        total = (time.perf_counter() - started) * 1000.0
+        return Prediction(
+            model=entry.name, model_version=scored.version, result_id=result_id, score=scored.score,
+            label=None if scored.label is None else ("defect" if scored.label else "good"),
+            threshold=scored.threshold, pixel_threshold=entry.model.pixel_threshold_, batch_size=scored.batch_size,
+            timing_ms=Timing(decode=(decoded - started) * 1000.0, queue=scored.queue_ms, compute=scored.compute_ms,
+                             total=total),
+            image_size=(int(image.shape[1]), int(image.shape[2])), **extras)
+
+    # -------------------------------------------------------------- review and update (token)
+    @app.post("/v1/models/{name}/feedback", tags=["review"], dependencies=[Depends(require_token)], status_code=201)
+    async def feedback(body: FeedbackIn, entry: Annotated[ModelEntry, Depends(model_entry)]):
+        item = svc.recent.get(body.result_id)
+        if item is None or item["model"] != entry.name:
+            raise HTTPException(404, f"no recent result {body.result_id!r} for model {entry.name!r} (results are "
+                                     f"kept in memory for the last {settings.recent_results} uploads); score the "
+                                     f"image again")
+        stored = await run_in_threadpool(
+            lambda: svc.review.add(model=entry.name, result_id=body.result_id, image=item["data"],
+                                   suffix=item["suffix"], verdict=body.verdict, score=item["score"],
+                                   model_version=item["version"], note=body.note))
+        counts = await run_in_threadpool(svc.review.counts, entry.name)
+        return {"feedback_id": stored.id, "verdict": stored.verdict,
+                "stored_as": stored.image_path.relative_to(svc.review.folder).as_posix(), "counts": counts}
+
+    @app.post("/v1/models/{name}/apply-update", tags=["review"], dependencies=[Depends(require_token)])
+    async def apply_update(entry: Annotated[ModelEntry, Depends(model_entry)], body: UpdateIn | None = None):
+        """Fold the accepted good feedback into the model (incremental coreset update), write the new
+        model file (previous kept as .prev), and swap it in: requests in flight finish on the old bank."""
+        async with entry.lock:
+            pending = await run_in_threadpool(svc.review.pending_good, entry.name)
+            if not pending:
+                raise HTTPException(409, "no accepted good feedback waiting for this model")
+            max_new = body.max_new if body is not None else None
+            outcome = await run_in_threadpool(_update_and_save, entry, pending, max_new)
+            entry.version += 1
+            entry.file_sha256 = outcome.pop("file_sha256")
+            entry.loaded_at = time.time()
+            await run_in_threadpool(svc.review.mark_applied, [f.id for f in pending], entry.version)
+            svc.metrics.updates.labels(entry.name).inc()
+            svc.publish(entry)
+        return {"model": entry.name, "model_version": entry.version, **outcome}
+
+    @app.post("/v1/models/{name}/reload", tags=["models"], dependencies=[Depends(require_token)])
+    async def reload(entry: Annotated[ModelEntry, Depends(model_entry)]):
+        """Load the model file again (after `patchcore update` or a rollback by file) and swap it in."""
+        async with entry.lock:
+            from ...estimator import PatchCore
+
+            model = await run_in_threadpool(PatchCore.load, entry.path, device=settings.device)
+            entry.model = model
+            entry.version += 1
+            entry.file_sha256 = await run_in_threadpool(file_digest, entry.path)
+            entry.loaded_at = time.time()
+            svc.publish(entry)
+        return _summary(entry)
+
+    # -------------------------------------------------------------- inspection page
+    page = resources.files("patchcore.app.server") / "page"
+    app.mount("/page", StaticFiles(directory=str(page), html=True), name="page")
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/page/")
+
+    return app
+
+
+def _summary(entry: ModelEntry) -> dict:
+    m = entry.model
+    return {"name": entry.name, "version": entry.version, "file": entry.path.name, "backbone": m.config.backbone,
+            "bank_rows": int(m.memory_bank_.shape[0]), "threshold": m.image_threshold_,
+            "pixel_threshold": m.pixel_threshold_, "input_size": list(m.input_size_),
+            "n_train_images": m.n_train_images_, "loaded_at": entry.loaded_at}
+
+
+def _png_base64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pictures(entry: ModelEntry, image, scored: ScoredImage, want_overlay: bool, want_heatmap: bool,
+              want_map: bool) -> dict:
+    """The heatmap and overlay as predict_folder draws them (same colour scale), base64 PNG."""
+    anomaly_map = scored.anomaly_map.numpy()
+    out = {}
+    heat = colormap(normalise_map(anomaly_map, entry.model.pixel_threshold_))
+    if want_heatmap:
+        out["heatmap_png"] = _png_base64(heat)
+    if want_overlay:
+        picture = entry.model.preprocess.geometry(image).permute(1, 2, 0).numpy()
+        mask = None if scored.mask is None else scored.mask.numpy()
+        out["overlay_png"] = _png_base64(overlay(picture, heat, mask))
+    if want_map:
+        out["map"] = np.round(anomaly_map, 4).tolist()
+    return out
+
+
+def _update_and_save(entry: ModelEntry, pending, max_new: int | None) -> dict:
+    """Worker thread: update the live model (predicts keep running on the old state until the swap), save
+    the new file atomically keeping the previous one, re-score the corrected images. On a failed save the
+    old state goes back in, so memory and disk never disagree."""
+    model = entry.model
+    previous = model.state_
+    before = {f.id: f.score for f in pending}
+    paths = [f.image_path for f in pending]
+    model.update(paths, max_new=max_new)
+    try:
+        kept = save_keeping_previous(model, entry.path)
+    except BaseException:
+        model.set_state(previous)
+        raise
+    report = model.update_report_
+    rescored = model.predict(paths)
+    return {
+        "file_sha256": file_digest(entry.path),
+        "previous_file": None if kept is None else kept.name,
+        "images": report.n_images, "bank_rows_before": report.bank_before, "bank_rows_after": report.bank_after,
+        "stopped_by": report.stopped_by, "radius": report.radius, "seconds": round(report.seconds, 3),
+        "threshold": model.image_threshold_,
+        "rescored": [{"feedback_id": f.id, "result_id": f.result_id, "score_before": before[f.id],
+                      "score_after": float(rescored.scores[i]),
+                      "label_after": None if rescored.labels is None else
+                      ("defect" if bool(rescored.labels[i]) else "good")} for i, f in enumerate(pending)],
+    }
+

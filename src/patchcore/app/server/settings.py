@@ -1,0 +1,58 @@
+"""Server settings (one frozen object, built by `patchcore serve` or by tests) and the bearer token."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import InputError
+
+TOKEN_ENV = "PATCHCORE_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    models_dir: Path  # every *.model in it is served, by file stem
+    review_dir: Path  # SQLite review store and the images inspectors gave feedback on
+    host: str = "127.0.0.1"
+    token: str | None = None  # bearer token for state-changing endpoints (and predict off loopback)
+    open_predict: bool = False  # off loopback, let predict through without the token
+    device: str = "auto"
+    max_batch: int = 8  # B: images per predict_batch call
+    max_wait_ms: float = 10.0  # T: how long the first image of a batch waits for company
+    max_queue: int = 32  # admitted predict requests (decoding, queued or computing); beyond: 503
+    max_upload_bytes: int = 20 << 20
+    max_pixels: int = 40_000_000
+    recent_results: int = 256  # uploads kept in memory so feedback can refer to them by result_id
+    recent_bytes: int = 256 << 20
+
+    @property
+    def predict_needs_token(self) -> bool:
+        return not is_loopback(self.host) and not self.open_predict
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | Path | None) -> str | None:
+    """The token from --token-file (first line, stripped) or else $PATCHCORE_TOKEN; None if neither."""
+    if token_file is not None:
+        path = Path(token_file)
+        try:
+            token = path.read_text().strip().splitlines()[0].strip() if path.read_text().strip() else ""
+        except OSError as err:
+            raise InputError(f"{path}: cannot read the token file ({err.strerror})") from None
+        if len(token) < 16:
+            raise InputError(f"{path}: the token must be at least 16 characters")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token and len(token) < 16:
+        raise InputError(f"${TOKEN_ENV}: the token must be at least 16 characters")
+    return token or None

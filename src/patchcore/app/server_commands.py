@@ -1,0 +1,94 @@
+"""`patchcore serve` (HTTP API and inspection page) and `patchcore update` (add good images to a model)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..estimator import PatchCore
+from ..io.images import expand_inputs
+from .server.versions import save_keeping_previous
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    model = PatchCore.load(args.model, device=args.device, weights=args.weights)
+    paths = expand_inputs(args.images)
+    before = model.memory_bank_.shape[0]
+    model.update(paths, max_new=args.max_new, radius=args.radius)
+    output = Path(args.output)
+    kept = save_keeping_previous(model, output)
+    report = model.update_report_
+    why = {"radius": f"every new patch is within the coverage radius {report.radius:.4g}",
+           "budget": f"the budget --max-new {args.max_new} was reached (farthest new patch still "
+                     f"{report.covering_radius:.4g} from the bank, radius {report.radius:.4g})",
+           "exhausted": "every new patch was added"}[report.stopped_by]
+    print(f"wrote {output}: bank {before} -> {report.bank_after} rows from {report.n_patches} patches of "
+          f"{report.n_images} images in {report.seconds:.1f} s; stopped because {why}", file=sys.stderr)
+    if kept is not None:
+        print(f"previous version kept as {kept} (roll back: mv {kept} {output})", file=sys.stderr)
+    for failure in report.skipped:
+        print(f"skipped unreadable image: {failure}", file=sys.stderr)
+    print("thresholds kept as calibrated at fit (added good images only lower scores)", file=sys.stderr)
+    return 1 if report.skipped else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server.api import create_app
+        from .server.settings import ServerSettings, is_loopback, read_token
+    except ImportError as err:
+        raise InputError(f"the server needs the 'serve' extra: pip install 'patchcore[serve]' ({err})") from None
+    token = read_token(args.token_file)
+    if not is_loopback(args.host) and token is None and not args.open_predict:
+        raise InputError(f"--host {args.host} is reachable from other machines: give a token (--token-file or "
+                         f"PATCHCORE_TOKEN), or --open-predict to serve predictions without one")
+    models = Path(args.models)
+    settings = ServerSettings(
+        models_dir=models, review_dir=Path(args.review_dir) if args.review_dir else models / "review",
+        host=args.host, token=token, open_predict=args.open_predict, device=args.device,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels)
+    print(f"serving {models}/*.model on http://{args.host}:{args.port}/ (page /page/, API docs /docs); "
+          f"state-changing endpoints {'need the token' if token else 'are disabled (no token)'}", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def add_parsers(sub, common) -> None:
+    update = sub.add_parser("update", help="add defect-free images to a fitted model without refitting",
+                            description="Continue the model's greedy k-center coreset over the new images' "
+                                        "patches; the previous model file is kept as MODEL.<time>.prev.")
+    update.add_argument("model", help="model file from `patchcore fit`")
+    update.add_argument("images", nargs="+", help="folders or files of new good images")
+    update.add_argument("-o", "--output", required=True, help="model file to write (may be MODEL itself)")
+    update.add_argument("--max-new", type=int, default=None,
+                        help="budget: add at most this many bank rows (default: until every new patch is covered)")
+    update.add_argument("--radius", type=float, default=None,
+                        help="coverage radius to reach (default: the model's distance scale, an estimate of "
+                             "its coverage radius)")
+    update.add_argument("--weights", default=None, help="local backbone weights file, if the model's is elsewhere")
+    common(update)
+    update.set_defaults(run=cmd_update)
+
+    serve = sub.add_parser("serve", help="HTTP API and inspection page for every *.model in a folder")
+    serve.add_argument("models", help="folder of *.model files (served by file stem)")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token-file", default=None,
+                       help="file holding the bearer token for feedback/update/reload (else $PATCHCORE_TOKEN)")
+    serve.add_argument("--open-predict", action="store_true",
+                       help="with a non-loopback --host, let predict through without the token")
+    serve.add_argument("--review-dir", default=None, help="review store folder (default: MODELS/review)")
+    serve.add_argument("--max-batch", type=int, default=8, help="images per predict_batch call (default 8)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="how long a batch waits to fill (default 10 ms)")
+    serve.add_argument("--max-queue", type=int, default=32, help="predict requests in flight before 503 (default 32)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MiB)")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (default 40 Mpixel)")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    common(serve)
+    serve.set_defaults(run=cmd_serve)
