@@ -27,7 +27,6 @@ import torch
 
 from patchcore.core.coreset import greedy_coreset
 
-
 # --- the previous implementation (commit 1f7e6d9), verbatim but for names: per-element triangle test ----
 _PRUNE_SLACK = 1.001
 _GEMV_MARGIN = 1e-4
@@ -184,7 +183,7 @@ def main() -> int:
         line = (f"{name:<14} {total:>9} {n:>6} {old_t:>8.2f} {new_t:>8.2f} {old_t / new_t:>8.1f} "
                 f"{new_t / total * 1e6:>12.2f} {work_old:>15.4f} {work_new:>15.4f} {same:>5}")
         print(line, flush=True)
-        print(f"    new runs {['%.2f' % t for t in new_all]}  stats {new_stats}", flush=True)
+        print(f"    new runs {[round(t, 2) for t in new_all]}  stats {new_stats}", flush=True)
         rows.append(line)
     return 0 if all("NO" not in r for r in rows) else 1
 
