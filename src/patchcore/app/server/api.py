@@ -168,6 +168,7 @@ class Prediction(BaseModel):
     image_size: tuple[int, int]
     overlay_png: str | None = Field(None, description="base64 PNG: heat over the (resized, cropped) input")
     heatmap_png: str | None = None
+    input_png: str | None = None
     map: list[list[float]] | None = Field(None, description="pixel scores at the model's input geometry")
 
 
@@ -255,7 +256,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                       entry: Annotated[ModelEntry, Depends(model_entry)],
                       overlay_png: Annotated[bool, Query(alias="overlay", description="the overlay PNG")] = False,
                       heatmap_png: Annotated[bool, Query(alias="heatmap", description="the heatmap PNG")] = False,
-                      include_map: Annotated[bool, Query(alias="map", description="the pixel score map")] = False):
+                      include_map: Annotated[bool, Query(alias="map", description="the pixel score map")] = False,
+                      input_png: Annotated[bool, Query(alias="input", description="the input as the model saw it "
+                                                       "(resized, cropped), for layering the heatmap")] = False):
         started = time.perf_counter()
         if file.content_type and not (file.content_type.startswith("image/")
                                       or file.content_type == "application/octet-stream"):
@@ -287,8 +290,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         svc.recent.put(result_id, {"model": entry.name, "data": data, "suffix": suffix, "score": scored.score,
                                    "version": scored.version})
         extras = {}
-        if overlay_png or heatmap_png or include_map:
-            extras = await run_in_threadpool(_pictures, entry, image, scored, overlay_png, heatmap_png, include_map)
+        if overlay_png or heatmap_png or include_map or input_png:
+            extras = await run_in_threadpool(_pictures, entry, image, scored, overlay_png, heatmap_png, include_map,
+                                             input_png)
         total = (time.perf_counter() - started) * 1000.0
         return Prediction(
             model=entry.name, model_version=scored.version, result_id=result_id, score=scored.score,
@@ -372,15 +376,17 @@ def _png_base64(array: np.ndarray) -> str:
 
 
 def _pictures(entry: ModelEntry, image, scored: ScoredImage, want_overlay: bool, want_heatmap: bool,
-              want_map: bool) -> dict:
+              want_map: bool, want_input: bool) -> dict:
     """The heatmap and overlay as predict_folder draws them (same colour scale), base64 PNG."""
     anomaly_map = scored.anomaly_map.numpy()
     out = {}
     heat = colormap(normalise_map(anomaly_map, entry.model.pixel_threshold_))
     if want_heatmap:
         out["heatmap_png"] = _png_base64(heat)
+    picture = entry.model.preprocess.geometry(image).permute(1, 2, 0).numpy()
+    if want_input:
+        out["input_png"] = _png_base64(picture)
     if want_overlay:
-        picture = entry.model.preprocess.geometry(image).permute(1, 2, 0).numpy()
         mask = None if scored.mask is None else scored.mask.numpy()
         out["overlay_png"] = _png_base64(overlay(picture, heat, mask))
     if want_map:

@@ -1,0 +1,173 @@
+// patchcore inspection page: plain JS against the server's /v1 API (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { model: null, threshold: null, results: [], counter: 0 };
+
+function token() { return $("token").value.trim(); }
+function authHeaders() { return token() ? { Authorization: "Bearer " + token() } : {}; }
+function setStatus(text) { $("status").textContent = text; }
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  let body = null;
+  try { body = await response.json(); } catch (err) { body = null; }
+  if (!response.ok) {
+    const detail = body && body.detail ? (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)) : response.statusText;
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return body;
+}
+
+async function loadModels() {
+  const { models } = await api("/v1/models");
+  const select = $("model");
+  select.innerHTML = "";
+  for (const m of models) {
+    const option = document.createElement("option");
+    option.value = m.name;
+    option.textContent = m.name;
+    select.appendChild(option);
+  }
+  if (models.length) await selectModel(models[0].name);
+  else setStatus("no models served");
+}
+
+async function selectModel(name) {
+  const info = await api(`/v1/models/${encodeURIComponent(name)}`);
+  state.model = info;
+  $("model-info").textContent = `v${info.version} · ${info.backbone} · bank ${info.bank_rows} rows · ` +
+    `threshold ${info.threshold === null ? "none" : info.threshold.toFixed(2)}`;
+  if (info.threshold !== null) setThreshold(info.threshold, true);
+  $("pending").textContent = info.feedback ? info.feedback.good_pending : 0;
+}
+
+function setThreshold(value, rescale) {
+  const slider = $("threshold");
+  if (rescale) {
+    const top = Math.max(2 * value, ...state.results.map((r) => r.score * 1.1), 1);
+    slider.max = top.toFixed(1);
+  }
+  slider.value = value;
+  state.threshold = Number(slider.value);
+  $("threshold-value").textContent = state.threshold.toFixed(1);
+  relabel();
+}
+
+function relabel() {
+  for (const r of state.results) {
+    const defect = state.threshold !== null && r.score > state.threshold;
+    const label = r.card.querySelector(".label");
+    label.textContent = defect ? "defect" : "good";
+    label.className = "label " + (defect ? "defect" : "good");
+    r.card.classList.toggle("defect", defect);
+    r.card.querySelector(".score").textContent = r.score.toFixed(2);
+  }
+}
+
+function render() {
+  const order = $("sort").value;
+  const sorted = [...state.results];
+  if (order === "score-desc") sorted.sort((a, b) => b.score - a.score);
+  else if (order === "score-asc") sorted.sort((a, b) => a.score - b.score);
+  else sorted.sort((a, b) => b.seq - a.seq);
+  const gallery = $("gallery");
+  for (const r of sorted) gallery.appendChild(r.card);  // appendChild moves: the gallery ends up in order
+}
+
+function makeCard(result, fileName) {
+  const card = $("card-template").content.firstElementChild.cloneNode(true);
+  card.dataset.resultId = result.result_id;
+  card.querySelector(".name").textContent = fileName;
+  card.querySelector(".input").src = "data:image/png;base64," + result.input_png;
+  const heat = card.querySelector(".heat");
+  heat.src = "data:image/png;base64," + result.heatmap_png;
+  heat.style.opacity = $("opacity").value;
+  card.querySelector(".mark-good").addEventListener("click", () => mark(result.result_id, "good"));
+  card.querySelector(".mark-defect").addEventListener("click", () => mark(result.result_id, "defect"));
+  return card;
+}
+
+async function scoreFiles(files) {
+  const name = $("model").value;
+  let done = 0;
+  setStatus(`scoring ${files.length} image(s)...`);
+  await Promise.all([...files].map(async (file) => {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    try {
+      const result = await api(`/v1/models/${encodeURIComponent(name)}/predict?heatmap=1&input=1`,
+                               { method: "POST", body: form, headers: authHeaders() });
+      const entry = { id: result.result_id, score: result.score, seq: state.counter++, card: makeCard(result, file.name) };
+      state.results.push(entry);
+      done += 1;
+      setThreshold(state.threshold ?? result.threshold ?? result.score, true);
+      render();
+    } catch (err) {
+      setStatus(`${file.name}: ${err.message}`);
+      throw err;
+    }
+  })).then(() => setStatus(`scored ${done} image(s)`), () => {});
+}
+
+async function mark(resultId, verdict) {
+  const entry = state.results.find((r) => r.id === resultId);
+  try {
+    const body = await api(`/v1/models/${encodeURIComponent($("model").value)}/feedback`, {
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify({ result_id: resultId, verdict }),
+    });
+    entry.card.querySelector(".verdict").textContent = `marked ${verdict}`;
+    $("pending").textContent = body.counts.good_pending;
+    setStatus(`feedback saved (${body.stored_as})`);
+  } catch (err) {
+    setStatus(`feedback refused: ${err.message}`);
+  }
+}
+
+async function applyUpdate() {
+  const button = $("apply-update");
+  button.disabled = true;
+  setStatus("updating the model...");
+  try {
+    const body = await api(`/v1/models/${encodeURIComponent($("model").value)}/apply-update`, {
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: "{}",
+    });
+    for (const r of body.rescored) {
+      const entry = state.results.find((e) => e.id === r.result_id);
+      if (!entry) continue;
+      entry.card.querySelector(".was").textContent = `(was ${entry.score.toFixed(2)})`;
+      entry.score = r.score_after;
+    }
+    await selectModel($("model").value);
+    setThreshold(state.threshold, false);
+    render();
+    setStatus(`model v${body.model_version}: bank ${body.bank_rows_before} -> ${body.bank_rows_after} rows ` +
+              `(stopped by ${body.stopped_by}); previous file kept as ${body.previous_file}`);
+  } catch (err) {
+    setStatus(`update refused: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function init() {
+  $("token").value = sessionStorage.getItem("patchcore-token") || "";
+  $("token").addEventListener("change", () => sessionStorage.setItem("patchcore-token", token()));
+  $("model").addEventListener("change", (e) => selectModel(e.target.value));
+  $("files").addEventListener("change", (e) => { scoreFiles(e.target.files); e.target.value = ""; });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); scoreFiles(e.dataTransfer.files); });
+  $("threshold").addEventListener("input", (e) => setThreshold(Number(e.target.value), false));
+  $("threshold-reset").addEventListener("click", () => state.model && setThreshold(state.model.threshold, true));
+  $("opacity").addEventListener("input", (e) => {
+    for (const img of document.querySelectorAll(".card .heat")) img.style.opacity = e.target.value;
+  });
+  $("sort").addEventListener("change", render);
+  $("apply-update").addEventListener("click", applyUpdate);
+  loadModels().catch((err) => setStatus(`cannot list models: ${err.message}`));
+}
+
+init();

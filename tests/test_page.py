@@ -1,0 +1,117 @@
+"""The inspection page in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+upload, read scores, move the threshold slider, mark a false alarm good, apply the update, see it pass."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+if not CHROMIUM.exists():
+    pytest.skip("needs Debian's chromium (/usr/bin/chromium): apt-get install chromium chromium-driver",
+                allow_module_level=True)
+if not CHROMEDRIVER.exists():
+    pytest.skip("needs /usr/bin/chromedriver: apt-get install chromium-driver", allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from test_server import TOKEN, live_server, make_settings  # noqa: E402
+
+from patchcore.evaluation.synthetic import fabric_texture  # noqa: E402
+
+SCREENSHOT = os.environ.get("PATCHCORE_PAGE_SCREENSHOT")  # e.g. docs/page.png
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def cards(driver) -> dict[str, dict]:
+    out = {}
+    for card in driver.find_elements(By.CSS_SELECTOR, "#gallery .card"):
+        out[card.find_element(By.CLASS_NAME, "name").text] = {
+            "card": card, "score": float(card.find_element(By.CLASS_NAME, "score").text),
+            "label": card.find_element(By.CLASS_NAME, "label").text}
+    return out
+
+
+def test_page_scores_relabels_takes_feedback_and_applies_the_update(browser, fitted, category, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    fitted.save(models / "fabric.model")
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(2):  # a new colour the model has not seen: false alarms
+        Image.fromarray(np.ascontiguousarray(fabric_texture(rng, 128)[..., [2, 0, 1]])).save(uploads / f"new_{i}.png")
+    shutil.copy(sorted((category / "test" / "good").glob("*.png"))[0], uploads / "good.png")
+    shutil.copy(sorted((category / "test" / "hole").glob("*.png"))[0], uploads / "hole.png")
+    files = sorted(uploads.glob("*.png"))
+    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+    with live_server(make_settings(models)) as url:
+        browser.get(url + "/page/")
+        wait.until(lambda d: "bank" in d.find_element(By.ID, "model-info").text)
+        token = browser.find_element(By.ID, "token")
+        token.send_keys(TOKEN)
+        token.send_keys(Keys.TAB)  # change event: kept in sessionStorage
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in files))
+        wait.until(lambda d: len(cards(d)) == len(files))
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("scored"))
+        seen = cards(browser)
+        threshold = fitted.image_threshold_
+        expected = fitted.predict(files).scores
+        for f, score in zip(files, expected.tolist()):
+            assert seen[f.name]["score"] == pytest.approx(score, abs=0.01)  # shown to 2 decimals
+        assert seen["hole.png"]["label"] == "defect" and seen["good.png"]["label"] == "good"
+        assert seen["new_0.png"]["label"] == "defect"  # the false alarm
+
+        slider = browser.find_element(By.ID, "threshold")
+        slider.send_keys(Keys.END)  # the slider to its top: everything passes
+        wait.until(lambda d: all(c["label"] == "good" for c in cards(d).values()))
+        slider.send_keys(Keys.HOME)  # to zero: everything fails
+        wait.until(lambda d: all(c["label"] == "defect" for c in cards(d).values()))
+        browser.find_element(By.ID, "threshold-reset").click()
+        wait.until(lambda d: cards(d)["good.png"]["label"] == "good")
+        browser.find_element(By.ID, "opacity").send_keys(Keys.HOME)
+        heat = cards(browser)["hole.png"]["card"].find_element(By.CLASS_NAME, "heat")
+        assert float(heat.value_of_css_property("opacity")) == 0.0
+        browser.find_element(By.ID, "opacity").send_keys(*[Keys.RIGHT] * 10)
+
+        sort = browser.find_element(By.ID, "sort")
+        sort.find_element(By.CSS_SELECTOR, "option[value=score-desc]").click()
+        shown = [float(e.text) for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .card .score")]
+        assert shown == sorted(shown, reverse=True)
+
+        cards(browser)["new_0.png"]["card"].find_element(By.CLASS_NAME, "mark-good").click()
+        wait.until(lambda d: "marked good" in cards(d)["new_0.png"]["card"].text)
+        assert browser.find_element(By.ID, "pending").text == "1"
+        browser.find_element(By.ID, "apply-update").click()
+        wait.until(lambda d: "model v2" in d.find_element(By.ID, "status").text)
+        after = cards(browser)
+        assert after["new_0.png"]["label"] == "good" and after["new_0.png"]["score"] < threshold
+        assert "was" in after["new_0.png"]["card"].find_element(By.CLASS_NAME, "was").text
+        assert after["hole.png"]["label"] == "defect"
+        assert "v2" in browser.find_element(By.ID, "model-info").text
+        time.sleep(0.2)  # let the last paint settle
+        target = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "page.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(target))
