@@ -28,7 +28,6 @@ from .options import add_config_options, config_from_args
 from .predict_folder import predict_to_folder
 from .progress import progress_bars
 from .server_commands import add_parsers as add_server_parsers
-from .server_commands import add_parsers as add_server_parsers
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -192,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     common(bench)
     add_config_options(bench)
     bench.set_defaults(run=cmd_bench)
-    add_server_parsers(sub, common)
     add_server_parsers(sub, common)
     return parser
 
