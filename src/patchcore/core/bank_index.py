@@ -67,6 +67,7 @@ class BankIndex:
         # past it, gathering candidate rows one by one costs more than the GEMM it saves.
         self.max_candidate_fraction = max_candidate_fraction
         self.bank_ = bank.float().contiguous()
+        self.reset_stats()
         self.bank_sq_norms_ = squared_norms(self.bank_)
         num_bank, dim = self.bank_.shape
         r = prefix_dims
@@ -99,6 +100,16 @@ class BankIndex:
         sample = torch.linspace(0, num_bank - 1, min(num_bank, _CALIBRATION_ROWS), device=self.bank_.device).long()
         _, heavy = self._search_rows(self.bank_[sample], exclude=sample)
         self.pruning_ = bool(heavy.float().mean() <= 0.5)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Work counters of `search` (in (query, bank row) pairs), for measuring how much the bound prunes.
+
+        pairs: queries x bank rows searched; candidates: pairs that passed the prefix bound (light queries);
+        exact: pairs whose full distance was computed; plain: pairs searched by the plain GEMM instead.
+        The pruned share is 1 - (candidates + plain) / pairs.
+        """
+        self.stats_ = dict(queries=0, pairs=0, candidates=0, exact=0, plain=0)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, D) -> distances (Q,), indices (Q,) of the nearest bank row (exact Euclidean, not squared)."""
@@ -106,7 +117,10 @@ class BankIndex:
         if queries.ndim != 2 or queries.shape[1] != dim:
             raise ValueError(f"queries must be (Q, {dim}), got {tuple(queries.shape)}")
         queries = queries.to(device=self.bank_.device, dtype=torch.float32)
+        self.stats_["queries"] += queries.shape[0]
+        self.stats_["pairs"] += queries.shape[0] * self.bank_.shape[0]
         if not self.pruning_ or queries.shape[0] == 0:
+            self.stats_["plain"] += queries.shape[0] * self.bank_.shape[0]
             dist, idx = nearest(queries, self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
                                 chunk_elements=self.chunk_elements)
             return dist[:, 0], idx[:, 0]
@@ -129,6 +143,7 @@ class BankIndex:
         keys, heavy, num_heavy = [], [], 0
         for q0 in range(0, queries.shape[0], query_chunk):
             if switch_to_plain and num_heavy > q0 / 2:  # e.g. a batch of anomalous images: skip the bounds
+                self.stats_["plain"] += (queries.shape[0] - q0) * self.bank_.shape[0]
                 dist, idx = nearest(queries[q0:], self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
                                     chunk_elements=self.chunk_elements)
                 keys.append(_key(dist[:, 0], idx[:, 0]))
@@ -212,6 +227,9 @@ class BankIndex:
             del bound, groups
             count = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, hit_query, passed.sum(1))
             heavy = count > budget
+            stats = self.stats_
+            stats["candidates"] += int(count[~heavy].sum())
+            stats["plain"] += int(heavy.sum()) * (min(num_bank, b0 + bank_chunk) - b0)
             if bool(heavy.any()):  # too many candidates: the plain GEMM is cheaper for these queries
                 heavy_any |= heavy
                 light = ~heavy.index_select(0, hit_query)
@@ -233,6 +251,7 @@ class BankIndex:
                     limit = (_unkey(best)[0].index_select(0, qi) * stretch2 + shift2.index_select(0, qi)) * slack2
                     keep = (fine <= limit).nonzero()[:, 0]
                     qi, bj = qi.index_select(0, keep), bj.index_select(0, keep)
+                stats["exact"] += qi.numel()
                 dist = _row_dist(q.index_select(0, qi), self.bank_.index_select(0, bj))
                 best.scatter_reduce_(0, qi, _key(dist, bj), "amin")
         return best, heavy_any
