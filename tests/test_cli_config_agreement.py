@@ -30,6 +30,8 @@ TYPED = {
     "blur_sigma": ("2.5", 2.5),
     "calibration_ratio": ("0.3", 0.3),
     "batch_size": ("2", 2),
+    "tile_size": ("512", 512),
+    "tile_overlap": ("96", 96),
 }
 
 

@@ -3,10 +3,24 @@ the CLI generates its fit options from these fields, so the two cannot drift."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+
+# Bounds on what a config (and so a model file) may ask for. They are far above any sensible setting
+# and exist so that a damaged or hostile model file is refused at load with a message naming the
+# field, instead of allocating without limit or producing NaN scores.
+MAX_SIDE = 16384  # resize and crop sides, pixels
+MAX_STRIDE = 1024  # feature_strides
+MAX_PATCH_SIZE = 63  # patch_size (the neighbourhood p)
+MAX_EMBEDDING_DIM = 16384  # embedding_dim and projection_dim
+MAX_BANK_ROWS = 1 << 27  # coreset_size; also the most rows a memory bank may have
+MAX_NEIGHBOURS = 4096  # reweight_neighbours (b of eq. 7)
+MAX_BLUR_SIGMA = 64.0  # blur_sigma, pixels
+MAX_BATCH_SIZE = 4096  # batch_size
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,12 @@ class PatchCoreConfig:
         "help": "fraction of training images held out to set the decision threshold (0: none)"})
     # --- runtime
     batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
+    # --- high resolution (fields after this line were added after model format 1: see to_dict)
+    tile_size: int | None = field(default=None, metadata={
+        "help": "extract features tile by tile, tiles this many input pixels square (a multiple of the "
+                "deepest feature stride), so activation memory is bounded by the tile; none: one pass"})
+    tile_overlap: int = field(default=128, metadata={
+        "help": "pixels two neighbouring tiles share; each keeps the half nearer its own centre"})
 
     def __post_init__(self) -> None:
         # Normalise types that JSON/CLI round trips turn into lists or strings.
@@ -54,35 +74,61 @@ class PatchCoreConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        # Types first (a model file is JSON anyone can edit), then ranges. Every message names the field.
+        if not isinstance(self.backbone, str) or not 0 < len(self.backbone) <= 200:
+            raise ConfigError(f"backbone must be a non-empty name, got {self.backbone!r}")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ConfigError(f"weights must be a file path or None, got {self.weights!r}")
+        for name in ("patch_size", "embedding_dim", "projection_dim", "seed", "reweight_neighbours", "batch_size"):
+            _require_int(name, getattr(self, name))
+        if self.coreset_size is not None:
+            _require_int("coreset_size", self.coreset_size)
+        for name in ("coreset_ratio", "blur_sigma", "calibration_ratio"):
+            _require_finite(name, getattr(self, name))
         strides = self.feature_strides
-        if not strides or any(s <= 0 for s in strides) or any(a >= b for a, b in zip(strides, strides[1:])):
+        if (not isinstance(strides, tuple) or not strides or len(strides) > 8
+                or any(not _is_int(s) or not 0 < s <= MAX_STRIDE for s in strides)
+                or any(a >= b for a, b in zip(strides, strides[1:]))):
             raise ConfigError(f"feature_strides must be positive and strictly increasing (finest level first), "
-                             f"got {strides}")
+                              f"at most 8 levels of stride <= {MAX_STRIDE}, got {strides!r}")
         for name in ("resize", "crop"):
             value = getattr(self, name)
             if value is None:
                 continue
-            sizes = (value,) if isinstance(value, int) else tuple(value or ())
-            if len(sizes) not in (1, 2) or any(int(v) < 1 for v in sizes):
-                raise ConfigError(f"{name} must be a positive int or (H, W) or None, got {value!r}")
-        for name in ("projection_dim", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise ConfigError(f"patch_size must be odd and >= 1, got {self.patch_size}")
+            sizes = (value,) if _is_int(value) else value if isinstance(value, tuple) else ()
+            if len(sizes) not in (1, 2) or any(not _is_int(v) or not 1 <= v <= MAX_SIDE for v in sizes):
+                raise ConfigError(f"{name} must be a positive int or (H, W) or None, each side at most "
+                                  f"{MAX_SIDE}, got {value!r}")
+        _require_range("projection_dim", self.projection_dim, 1, MAX_EMBEDDING_DIM)
+        _require_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        if self.patch_size < 1 or self.patch_size % 2 == 0 or self.patch_size > MAX_PATCH_SIZE:
+            raise ConfigError(f"patch_size must be odd, >= 1 and <= {MAX_PATCH_SIZE}, got {self.patch_size}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ConfigError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.coreset_size is not None and self.coreset_size < 1:
-            raise ConfigError(f"coreset_size must be >= 1, got {self.coreset_size}")
+        if self.coreset_size is not None:
+            _require_range("coreset_size", self.coreset_size, 1, MAX_BANK_ROWS)
         if not 0.0 <= self.calibration_ratio < 1.0:
             raise ConfigError(f"calibration_ratio must be in [0, 1), got {self.calibration_ratio}")
-        if self.reweight_neighbours < 0:
-            raise ConfigError("reweight_neighbours must be >= 0")
+        _require_range("reweight_neighbours", self.reweight_neighbours, 0, MAX_NEIGHBOURS)
         if self.embedding_dim < len(self.feature_strides):
             raise ConfigError("embedding_dim must be at least the number of levels")
+        _require_range("embedding_dim", self.embedding_dim, 1, MAX_EMBEDDING_DIM)
+        if not 0.0 <= self.blur_sigma <= MAX_BLUR_SIGMA:
+            raise ConfigError(f"blur_sigma must be in [0, {MAX_BLUR_SIGMA}] pixels (0: no smoothing), "
+                              f"got {self.blur_sigma}")
+        if not -(1 << 63) <= self.seed < (1 << 64):
+            raise ConfigError(f"seed must fit in 64 bits, got {self.seed}")
+        _check_tiling(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields, except those added after model format 1 while they keep their defaults: a model
+        that does not use them is byte for byte what earlier releases write, and stays readable by them
+        (which refuse a model that does use them, naming the unknown field)."""
+        values = dataclasses.asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if values[name] == default:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PatchCoreConfig:
@@ -91,3 +137,35 @@ class PatchCoreConfig:
         if unknown:
             raise ConfigError(f"unknown PatchCoreConfig fields: {unknown}")
         return cls(**values)
+
+
+LATER_FIELDS = {"tile_size": None, "tile_overlap": 128}
+
+
+def _check_tiling(config: PatchCoreConfig) -> None:
+    if config.tile_size is not None:
+        _require_int("tile_size", config.tile_size)
+        _require_range("tile_size", config.tile_size, 32, MAX_SIDE)
+    _require_int("tile_overlap", config.tile_overlap)
+    _require_range("tile_overlap", config.tile_overlap, 0, MAX_SIDE)
+    if config.tile_size is not None and config.tile_overlap >= config.tile_size:
+        raise ConfigError(f"tile_overlap ({config.tile_overlap}) must be smaller than tile_size ({config.tile_size})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value: Any) -> None:
+    if not _is_int(value):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+
+
+def _require_finite(name: str, value: Any) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+def _require_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")

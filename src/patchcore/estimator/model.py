@@ -237,7 +237,8 @@ class PatchCore:
         """Every training patch feature into a FeatureStore (spilled to disk past the budget), and its
         d*-dimensional JL projection (psi, section 2) into one preallocated (N, d*) tensor."""
         cfg = self.config
-        store = projection = projected = grid = input_size = None
+        store = projection = projected = grid = input_size = inside = None
+        region = None
         rows_done = 0
         try:
             for batch, stacks in self._iter_stacks(images):
@@ -247,20 +248,29 @@ class PatchCore:
                 if progress is not None:
                     progress(len(batch.images) + len(batch.failures))
                 for stack in stacks:
-                    embedding = self.embed(stack)
-                    rows = embedding.features.flatten(0, 1)
+                    stack_grid, stack_input, pieces = self.extractor.pieces(stack)
                     if store is None:
-                        store = FeatureStore(rows.shape[1], max_memory_bytes=max_feature_memory, spill_dir=spill_dir)
-                        projection = random_projection(rows.shape[1], cfg.projection_dim, generator).to(self.device)
-                        grid, input_size = embedding.grid, embedding.input_size
-                        # Allocated once: no list + cat doubling for large sets.
-                        projected = torch.empty(len(images) * embedding.features.shape[1], cfg.projection_dim)
-                    elif embedding.grid != grid:
+                        grid, input_size = stack_grid, stack_input
+                        inside = self._region_patches(region, grid)
+                        per_image = grid[0] * grid[1] if inside is None else int(inside.sum())
+                    elif stack_grid != grid:
                         raise InputError(f"all training images must give the same feature grid; got "
-                                         f"{embedding.grid} and {grid} (set a fixed --resize H,W or a --crop)")
-                    projected[rows_done:rows_done + rows.shape[0]] = (rows @ projection).cpu()
-                    rows_done += rows.shape[0]
-                    store.append(rows)
+                                         f"{stack_grid} and {grid} (set a fixed --resize H,W or a --crop)")
+                    for piece in pieces:
+                        rows = piece.features
+                        if inside is not None:  # patches outside the inspection region never enter the bank
+                            kept = inside[piece.top:piece.top + piece.height, piece.left:piece.left + piece.width]
+                            rows = rows[:, kept.flatten().to(rows.device)]
+                        rows = rows.flatten(0, 1)
+                        if store is None:
+                            store = FeatureStore(rows.shape[1], max_memory_bytes=max_feature_memory,
+                                                 spill_dir=spill_dir)
+                            projection = random_projection(rows.shape[1], cfg.projection_dim, generator).to(self.device)
+                            # Allocated once: no list + cat doubling for large sets.
+                            projected = torch.empty(len(images) * per_image, cfg.projection_dim)
+                        projected[rows_done:rows_done + rows.shape[0]] = (rows @ projection).cpu()
+                        rows_done += rows.shape[0]
+                        store.append(rows)
                     report.n_images += stack.shape[0]
         except BaseException:
             if store is not None:
@@ -291,22 +301,59 @@ class PatchCore:
     def _score_stack(self, images: torch.Tensor, fitted: _Fitted) -> PatchCoreResult:
         """The one scoring core. uint8 (B, 3, H, W), all the same size -> PatchCoreResult.
 
+        Piece by piece (one piece without tiling): exact 1-NN of every patch, kept as a (B, h, w) grid of
+        distances; of the features only each image's farthest patch (m_test,*) is kept, for eq. 7.
         `fitted` is read once per call by the entry points, so a concurrent `set_state` cannot mix two
         states in one result."""
         state = fitted.state
-        embedding = self.embed(images)
-        features = embedding.features
-        batch, patches, dim = features.shape
-        if dim != state.memory_bank.shape[1]:
-            raise RuntimeError(f"feature size {dim} does not match the memory bank's {state.memory_bank.shape[1]}")
-        dist, idx = fitted.index.search(features.reshape(-1, dim))  # exact 1-NN of every patch
-        patch_dist, patch_idx = dist.view(batch, patches), idx.view(batch, patches)
-        scores = reweighted_image_scores(features, patch_dist, patch_idx, state.memory_bank, fitted.bank_sq_norms,
+        grid, input_size, pieces = self.extractor.pieces(images)
+        batch, (h, w) = images.shape[0], grid
+        inside = self._region_patches(state.region, grid)
+        patch_dist = torch.zeros(batch, h, w, device=self.device)
+        patch_idx = torch.zeros(batch, h, w, dtype=torch.long, device=self.device)
+        farthest = torch.full((batch,), -1.0, device=self.device)
+        farthest_feature = farthest_idx = None
+        for piece in pieces:
+            features = piece.features
+            dim = features.shape[-1]
+            if dim != state.memory_bank.shape[1]:
+                raise RuntimeError(f"feature size {dim} does not match the memory bank's {state.memory_bank.shape[1]}")
+            dist, idx = fitted.index.search(features.reshape(-1, dim))  # exact 1-NN of every patch
+            dist, idx = dist.view(batch, -1), idx.view(batch, -1)
+            rows, cols = slice(piece.top, piece.top + piece.height), slice(piece.left, piece.left + piece.width)
+            if inside is not None:  # outside the inspection region every patch scores zero
+                dist = dist * inside[rows, cols].flatten().to(dist)
+            patch_dist[:, rows, cols] = dist.view(batch, piece.height, piece.width)
+            patch_idx[:, rows, cols] = idx.view(batch, piece.height, piece.width)
+            piece_max, piece_arg = dist.max(1)  # s* candidates (eq. 6)
+            if farthest_feature is None:
+                farthest_feature = features.new_zeros(batch, dim)
+                farthest_idx = torch.zeros(batch, dtype=torch.long, device=self.device)
+            better = piece_max > farthest
+            rows_b = torch.arange(batch, device=self.device)
+            farthest = torch.where(better, piece_max, farthest)
+            farthest_feature[better] = features[rows_b, piece_arg][better]
+            farthest_idx[better] = idx[rows_b, piece_arg][better]
+        # eq. 7 needs only m_test,* and its distance: the same numbers as over all patches.
+        scores = reweighted_image_scores(farthest_feature[:, None], farthest[:, None], farthest_idx[:, None],
+                                         state.memory_bank, fitted.bank_sq_norms,
                                          self.config.reweight_neighbours, state.distance_scale)
-        maps = anomaly_maps(patch_dist, embedding.grid, embedding.input_size, self.config.blur_sigma)
+        maps = anomaly_maps(patch_dist.flatten(1), grid, input_size, self.config.blur_sigma)
+        if state.region is not None:
+            maps = maps * state.region.to(maps)
         labels = None if state.image_threshold is None else scores > state.image_threshold
         masks = None if state.pixel_threshold is None else maps > state.pixel_threshold
         return PatchCoreResult(scores, maps, labels, masks)
+
+    @staticmethod
+    def _region_patches(region: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor | None:
+        """(H', W') inspection region at the model input -> (h, w) bool: the patches whose centre it covers."""
+        if region is None:
+            return None
+        height, width = region.shape
+        ys = ((torch.arange(grid[0]) + 0.5) * height / grid[0]).long().clamp_max(height - 1)
+        xs = ((torch.arange(grid[1]) + 0.5) * width / grid[1]).long().clamp_max(width - 1)
+        return region.cpu()[ys][:, xs].bool()
 
     def _iter_scored(self, images: list, fitted: _Fitted) -> Iterator[tuple[object, PatchCoreResult | None]]:
         for batch, stacks in self._iter_stacks(images):
