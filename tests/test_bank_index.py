@@ -155,3 +155,37 @@ def test_cuda_matches_cpu():
     dist, idx = BankIndex(bank.cuda(), prefix_dims=8).search(queries.cuda())
     assert dist.is_cuda and idx.is_cuda
     _assert_exact_nearest(queries, bank, dist.cpu(), idx.cpu())
+
+
+def test_bank_of_outliers_queried_by_the_bulk_is_probed_and_pruned():
+    # A coreset of "compact bulk + scattered outliers" data is mostly outliers plus a few bulk rows. The bank
+    # rows (outliers) are isotropic to each other, so the calibration turns the bound off; bulk queries,
+    # though, have one clear nearest row and the bound prunes nearly all the bank for them.
+    gen = _gen(12)
+    outliers = torch.randn(400, 32, generator=gen)
+    bulk_rows = 0.2 * torch.randn(8, 32, generator=gen)
+    bank = torch.cat([outliers, bulk_rows])[torch.randperm(408, generator=gen)]
+    queries = 0.2 * torch.randn(500, 32, generator=gen)
+    index = BankIndex(bank, prefix_dims=8)
+    assert not index.pruning_  # calibrated on bank rows
+    dist, idx = index.search(queries)
+    _assert_exact_nearest(queries, bank, dist, idx)
+    stats = index.stats_
+    assert stats["queries"] == 500 and stats["pairs"] == 500 * 408
+    assert stats["plain"] + stats["candidates"] < 0.2 * stats["pairs"], stats  # the probe switched pruning on
+    # Queries like the bank rows: the probe finds them heavy and the rest goes to the plain search.
+    index.reset_stats()
+    far = torch.randn(300, 32, generator=gen)
+    _assert_exact_nearest(far, bank, *index.search(far))
+    assert index.stats_["plain"] > 0.5 * index.stats_["pairs"]
+
+
+def test_stats_count_the_pruned_share_on_a_structured_bank():
+    gen = _gen(13)
+    bank = _low_rank(2000, 64, 8, gen)
+    queries = bank[:200] + 0.05 * torch.randn(200, 64, generator=gen)
+    index = BankIndex(bank, prefix_dims=8)
+    _assert_exact_nearest(queries, bank, *index.search(queries))
+    stats = index.stats_
+    assert stats["pairs"] == 200 * 2000 and stats["plain"] == 0
+    assert 0 < stats["exact"] <= stats["candidates"] < 0.2 * stats["pairs"]

@@ -29,6 +29,9 @@ _VERIFY_PAIRS = 1 << 11  # candidate pairs gathered at once on CPU, for the same
 # is at most half of D (it only pays where a full row is much longer than the finer bound).
 REFINE_FACTOR = 4
 _CALIBRATION_ROWS = 256
+# Where the calibration turned the bound off, each search call of at least twice this many queries tries it on
+# this many first (their answers are kept: both paths are exact).
+PROBE_QUERIES = 64
 
 
 def _gemm_input_roundoff(device: torch.device) -> float:
@@ -72,7 +75,7 @@ class BankIndex:
         num_bank, dim = self.bank_.shape
         r = prefix_dims
         self.refine_dims_ = REFINE_FACTOR * r if 2 * REFINE_FACTOR * r <= dim else 0
-        self.pruning_ = dim > r
+        self.pruning_ = self.bounds_ = dim > r
         if not self.pruning_:
             return
         self.mean_ = self.bank_.double().mean(0).float()
@@ -117,13 +120,28 @@ class BankIndex:
         if queries.ndim != 2 or queries.shape[1] != dim:
             raise ValueError(f"queries must be (Q, {dim}), got {tuple(queries.shape)}")
         queries = queries.to(device=self.bank_.device, dtype=torch.float32)
-        self.stats_["queries"] += queries.shape[0]
-        self.stats_["pairs"] += queries.shape[0] * self.bank_.shape[0]
-        if not self.pruning_ or queries.shape[0] == 0:
-            self.stats_["plain"] += queries.shape[0] * self.bank_.shape[0]
-            dist, idx = nearest(queries, self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
+        num_queries, num_bank = queries.shape[0], self.bank_.shape[0]
+        self.stats_["queries"] += num_queries
+        self.stats_["pairs"] += num_queries * num_bank
+        keys, rest = [], queries
+        if not self.pruning_ and self.bounds_ and num_queries >= 2 * PROBE_QUERIES:
+            # The calibration judged from bank rows; queries can lie elsewhere (e.g. a bank of scattered
+            # outliers, queried by the compact bulk they were picked from: the bound prunes ~99% there, against
+            # nothing for bank rows). Probe a few queries; if most are light, search this call pruned.
+            probe, heavy = self._search_rows(queries[:PROBE_QUERIES])
+            keys.append(probe)
+            rest = queries[PROBE_QUERIES:]
+            if float(heavy.float().mean()) <= 0.5:
+                keys.append(self._search_rows(rest, switch_to_plain=True)[0])
+                return _unkey(torch.cat(keys))
+        if not self.pruning_ or rest.shape[0] == 0:
+            self.stats_["plain"] += rest.shape[0] * num_bank
+            dist, idx = nearest(rest, self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
                                 chunk_elements=self.chunk_elements)
-            return dist[:, 0], idx[:, 0]
+            if not keys:
+                return dist[:, 0], idx[:, 0]
+            keys.append(_key(dist[:, 0], idx[:, 0]))
+            return _unkey(torch.cat(keys))
         keys, _ = self._search_rows(queries, switch_to_plain=True)
         return _unkey(keys)
 
