@@ -425,7 +425,7 @@ class PatchCore:
         report.n_patches = features.shape[0]
         bank, bank_sq_norms = state.memory_bank, self._fitted.bank_sq_norms
         if radius is None:
-            # T (the bank's median nearest-other distance) came within a few % below the D-space coverage
+            # T (the bank's median nearest-other distance) came 0-13% below the D-space coverage
             # radius of the fit's own patches in our measurements (docs/SERVER.md): new patches end up
             # covered at least as tightly as the training patches were. Saved in every model file.
             radius = state.distance_scale
