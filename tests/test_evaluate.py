@@ -1,6 +1,7 @@
 """`patchcore evaluate` end to end on tiny synthetic data, plus its pieces against oracles."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -45,7 +46,10 @@ def test_cli_writes_json_and_markdown(evaluated):
     record = json.loads((out / "fabric.json").read_text())
     for name in METRICS:
         assert 0.0 <= record["metrics"][name] <= 1.0, name
-    assert record["pixel_resolution"].startswith("pixel metrics at 64x64 model input geometry (resize 64, no crop)")
+    assert record["pixel_resolution"].startswith("pixel metrics at each image's original resolution (64x64;")
+    assert set(record["per_defect_type"]) == {"hole", "scratch", "stain"}
+    for values in record["per_defect_type"].values():
+        assert values["n"] == 2 and 0 <= values["image_auroc"] <= 1 and 0 <= values["aupro"] <= 1
     assert PatchCoreConfig.from_dict(record["settings"]) == FAST_CONFIG  # the full config, CLI options applied
     assert record["package_version"]
     assert record["n_images"]["test"] == 9 and record["n_images"]["test_defect"] == 6
@@ -68,7 +72,7 @@ def test_summary_mean_and_markdown(evaluated):
     assert ("| category | image AUROC | pixel AUROC | AUPRO | image F1-max | pixel F1-max | fit s (coreset s) "
             "| predict ms/img | peak RSS MiB |") in text
     assert "| fabric | " in text and "| **mean** | " in text
-    assert "pixel metrics at 64x64 model input geometry (resize 64, no crop)" in text
+    assert "pixel metrics at each image's original resolution (64x64;" in text
     assert f"{100 * summary['mean']['image_auroc']:.1f}" in text
 
 
@@ -189,8 +193,7 @@ def test_grey_rectangular_folder_layout(tmp_path, bits, suffix, masks):
     assert record["layout"] == "folder"
     assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["metrics"]["image_f1_max"] > 0
     if masks:
-        assert record["pixel_resolution"].startswith(
-            "pixel metrics at 40x100 model input geometry (resize 40x100, no crop)")
+        assert record["pixel_resolution"].startswith("pixel metrics at each image's original resolution (40x100;")
         assert all(record["metrics"][m] is not None for m in METRICS)
     else:
         assert record["pixel_resolution"] == "no pixel metrics (no ground-truth masks)"
@@ -216,3 +219,25 @@ def test_a_crash_keeps_finished_categories(mvtec_root, tmp_path, monkeypatch):
     assert summary["categories_done"] == ["fabric"] and not summary["complete"]
     assert "Incomplete: 1 of 2" in (out / "results.md").read_text()
     assert not list(out.glob(".*.tmp"))
+
+
+def test_original_and_model_resolution_agree_when_the_geometry_is_the_identity(tmp_path):
+    root = make_category(tmp_path / "fabric", n_train=6, n_test_good=2, n_test_per_defect=2, size=64)
+    original = evaluate_category(load_split(root), FAST_CONFIG, device="cpu")
+    model = evaluate_category(load_split(root), FAST_CONFIG, device="cpu", pixel_resolution="model")
+    assert model["pixel_resolution"].startswith("pixel metrics at 64x64 model input geometry")
+    for name in ("pixel_auroc", "aupro"):
+        assert original["metrics"][name] == pytest.approx(model["metrics"][name], abs=2e-3), name
+
+
+def test_original_resolution_counts_what_the_crop_hides(tmp_path):
+    """128 x 128 images, resize 64 and crop 32: the model sees the middle quarter; full-resolution pixel
+    metrics say how many defect pixels it never saw and count them as not flagged, unlike model-geometry
+    metrics, which only look inside the crop."""
+    root = make_category(tmp_path / "fabric", n_train=6, n_test_good=2, n_test_per_defect=2, size=128)
+    config = dataclasses.replace(FAST_CONFIG, resize=64, crop=32)
+    original = evaluate_category(load_split(root), config, device="cpu")
+    text = original["pixel_resolution"]
+    share = float(text.split("); ")[1].split("%")[0])
+    assert 0 < share < 100 and "(128x128;" in text and "from the 32x32 model input" in text
+    assert original["metrics"]["pixel_auroc"] < 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -20,12 +21,13 @@ from ..config import PatchCoreConfig
 from ..errors import PatchCoreError
 from ..estimator import PatchCore
 from ..evaluation.bench import format_table, run_bench
-from ..evaluation.evaluate import evaluate
+from ..evaluation.evaluate import PIXEL_RESOLUTIONS, evaluate
 from ..evaluation.metrics import auroc
 from ..evaluation.synthetic import make_category
 from ..io.images import expand_inputs
+from ..io.model_file import check_output_file
 from .options import add_config_options, config_from_args
-from .predict_folder import predict_to_folder
+from .predict_folder import check_output_folder, collect_inputs, predict_to_folder
 from .progress import progress_bars
 from .server_commands import add_parsers as add_server_parsers
 
@@ -35,6 +37,8 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2
 # ---------------------------------------------------------------------------- commands
 def cmd_fit(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    # Before any work: a folder, a file in the way or a read-only folder is an error now, not after the fit.
+    output = check_output_file(args.output)
     paths = expand_inputs(args.train)
     print(f"fitting {config.backbone} on {len(paths)} images (coreset "
           f"{config.coreset_size or config.coreset_ratio}, device {args.device})", file=sys.stderr)
@@ -42,9 +46,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     with progress_bars(args.quiet)(len(paths), "fit") as bar:
         model = PatchCore(config, device=args.device).fit(
             paths, progress=bar.update, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)))
-    model.save(args.output)
+    model.save(output)  # atomic: a failure or Ctrl-C leaves no partial file and any previous model intact
     report = model.fit_report_
-    print(f"wrote {args.output}: bank {tuple(model.memory_bank_.shape)} from {report.n_patches} patches of "
+    print(f"wrote {output}: bank {tuple(model.memory_bank_.shape)} from {report.n_patches} patches of "
           f"{report.n_images} images; fit {time.perf_counter() - started:.1f} s "
           f"(features {report.embed_seconds:.1f} s, "
           f"coreset {report.coreset_seconds:.1f} s)", file=sys.stderr)
@@ -54,21 +58,31 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         print("no decision threshold (fewer than 10 training images or --calibration-ratio 0): "
               "predict writes scores and heatmaps but no good/defect labels", file=sys.stderr)
-    for failure in report.skipped:
-        print(f"skipped unreadable training image: {failure}", file=sys.stderr)
+    if report.skipped:  # the model is written, but not from every image given: exit 1 says so
+        print(f"{len(report.skipped)} training image(s) could not be read and were skipped:", file=sys.stderr)
+        for failure in report.skipped:
+            print(f"  {failure}", file=sys.stderr)
+        return EXIT_SOME_FAILED
     return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    check_output_folder(output, overwrite=args.overwrite)  # before any work; removes nothing
     model = PatchCore.load(args.model, device=args.device, weights=args.weights)
     # Each threshold is on its own scale (image scores vs pixel scores): one never stands in for the other.
     model.with_thresholds(image=args.threshold, pixel=args.pixel_threshold)
-    paths = expand_inputs(args.inputs)
-    rows, failures = predict_to_folder(model, paths, Path(args.output), progress=progress_bars(args.quiet),
-                                       save_maps=args.save_maps)
-    print(f"scored {len(rows)} images -> {args.output}/scores.csv, heatmaps in {args.output}/heatmaps, "
-          f"overlays in {args.output}/overlays", file=sys.stderr)
-    return _report_failures(failures)
+    paths = collect_inputs(args.inputs, exclude=output)
+    rows, failures = predict_to_folder(model, paths, output, progress=progress_bars(args.quiet),
+                                       save_maps=args.save_maps, overwrite=args.overwrite)
+    print(f"scored {len(rows)} images -> {output}/scores.csv, heatmaps in {output}/heatmaps, "
+          f"overlays in {output}/overlays", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} file(s) could not be read or scored:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -97,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate(args.root, config_from_args(args), output, categories=args.category, train=args.train,
              device=args.device, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)),
-             progress=progress_bars(args.quiet), log=log)
+             progress=progress_bars(args.quiet), log=log, pixel_resolution=args.pixel_resolution)
     log(f"wrote {output / 'results.md'}, {output / 'summary.json'} and one JSON per category in {output}")
     return EXIT_OK
 
@@ -121,6 +135,18 @@ def _report_failures(failures) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def finite_float(text: str) -> float:
+    """A float option that must be a finite number ('nan' and 'inf' parse as floats, and would label
+    every image good, or every one defect)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchcore", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
@@ -137,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="build a model from folders or files of good images")
     fit.add_argument("train", nargs="+", help="folders (their images) or image files, all defect-free")
-    fit.add_argument("-o", "--output", required=True, help="model file to write")
+    fit.add_argument("-o", "--output", required=True,
+                     help="model file to write (replaced atomically if it exists; missing folders are created). "
+                          "Checked before the fit starts: a folder, or a folder that cannot be written, is an error")
     feature_memory(fit)
     common(fit)
     add_config_options(fit)
@@ -145,14 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="score images: scores, heatmaps, overlays, masks")
     predict.add_argument("model", help="model file from `patchcore fit`")
-    predict.add_argument("inputs", nargs="+", help="image files or folders")
-    predict.add_argument("-o", "--output", required=True, help="output folder")
+    predict.add_argument("inputs", nargs="+",
+                         help="image files or folders; folders are searched recursively (an MVTec test/ folder of "
+                              "per-type subfolders works). Outputs are named by the path below the common folder "
+                              "of all inputs, '/' -> '_' (test/crack/000.png -> crack_000); a name already taken "
+                              "gets _2, _3, ...; a file given twice is scored once")
+    predict.add_argument("-o", "--output", required=True,
+                         help="output folder: scores.csv (written as it goes), scores.json (status complete, "
+                              "interrupted or failed), heatmaps/, overlays/, masks/. A folder with results of an "
+                              "earlier run is refused unless --overwrite")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace the results of an earlier run in the output folder (they are removed "
+                              "first, so old and new never mix; other files there stay)")
     predict.add_argument("--weights", default=None, help="local backbone weights file, if the model's is elsewhere")
-    predict.add_argument("--threshold", type=float, default=None,
+    predict.add_argument("--threshold", type=finite_float, default=None,
                          help="image decision threshold on the image-score scale: labels are 'defect' when the "
                               "score is above it (default: the model's, calibrated at fit); the pixel threshold "
                               "for masks is separate, see --pixel-threshold")
-    predict.add_argument("--pixel-threshold", type=float, default=None,
+    predict.add_argument("--pixel-threshold", type=finite_float, default=None,
                          help="pixel threshold for the defect masks, on the pixel-score scale of the maps "
                               "(default: the model's, calibrated at fit)")
     predict.add_argument("--save-maps", action="store_true", help="also write raw float32 maps as .npy")
@@ -178,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--train", default=None,
                                  help="folder of defect-free training images, for a single category without "
                                       "<category>/train/good (folder layout)")
+    evaluate_parser.add_argument("--pixel-resolution", choices=PIXEL_RESOLUTIONS, default="original",
+                                 help="where pixel metrics are computed: 'original' = each image's own size, as "
+                                      "the MVTec protocol (pixels outside the crop count as not flagged); 'model' "
+                                      "= the model input geometry, masks resized to it (default: original)")
     feature_memory(evaluate_parser)
     common(evaluate_parser)
     add_config_options(evaluate_parser)

@@ -355,6 +355,22 @@ class PatchCore:
         xs = ((torch.arange(grid[1]) + 0.5) * width / grid[1]).long().clamp_max(width - 1)
         return region.cpu()[ys][:, xs].bool()
 
+    def maps_at_original_size(self, maps: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """(B, H', W') maps at the model input -> (B, H, W) at the input images' own size: the resize undone
+        (bilinear, as the maps are drawn) and the crop undone. Pixels the model never saw (outside the
+        centre crop) are NaN: unknown, not good."""
+        height, width = original_size
+        resized = self.preprocess.resized_size(height, width)
+        top, left, crop_h, crop_w = self.preprocess.crop_box(height, width)
+        scale_y, scale_x = height / resized[0], width / resized[1]
+        y0, y1 = round(top * scale_y), round((top + crop_h) * scale_y)
+        x0, x1 = round(left * scale_x), round((left + crop_w) * scale_x)
+        out = torch.full((maps.shape[0], height, width), float("nan"), dtype=maps.dtype, device=maps.device)
+        seen = maps if (y1 - y0, x1 - x0) == tuple(maps.shape[-2:]) else torch.nn.functional.interpolate(
+            maps[:, None], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[:, 0]
+        out[:, y0:y1, x0:x1] = seen
+        return out
+
     def _iter_scored(self, images: list, fitted: _Fitted) -> Iterator[tuple[object, PatchCoreResult | None]]:
         for batch, stacks in self._iter_stacks(images):
             parts = [self._score_stack(stack, fitted) for stack in stacks]

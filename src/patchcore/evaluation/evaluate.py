@@ -25,6 +25,7 @@ from ..estimator import PatchCore
 from ..io.preprocess import Preprocess
 from .datasets import TestSet, find_categories, image_size, load_split, read_mask
 from .metrics import image_metrics, pixel_metrics
+from .pixel_stream import StreamingPixelMetrics
 from .progress import Progress, no_progress
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
@@ -108,11 +109,80 @@ def peak_rss_mib() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+# ---------------------------------------------------------------------------- pixel metrics
+PIXEL_RESOLUTIONS = ("original", "model")
+
+
+def _subset_image_auroc(labels: np.ndarray, scores: np.ndarray, split: TestSet, defect_type: str) -> float | None:
+    keep = np.array([item.defect_type in ("good", defect_type) for item in split.items])
+    if len(set(labels[keep].tolist())) < 2:
+        return None
+    return image_metrics(labels[keep], scores[keep])["image_auroc"]
+
+
+def _pixel_results(split: TestSet, model: PatchCore, maps: np.ndarray, masks: dict[int, np.ndarray],
+                   pixel_resolution: str):
+    """(overall metrics, per defect type metrics, pixel curves, resolution text), or None without defect pixels.
+
+    "model": exact metrics at the model input geometry (masks resized nearest-neighbour and cropped).
+    "original": at each image's own size, as the MVTec protocol: the (N, h, w) maps are up-sampled one image
+    at a time and the metrics accumulated in score bins (pixel_stream.py), so memory does not grow with
+    the image size; pixels outside the model's view (the crop) count as not flagged.
+    """
+    if pixel_resolution not in PIXEL_RESOLUTIONS:
+        raise DatasetError(f"pixel_resolution must be one of {PIXEL_RESOLUTIONS}, got {pixel_resolution!r}")
+    types = [item.defect_type for item in split.items]
+    defect_types = sorted({t for t in types if t != "good"})
+    low, high = float(np.nanmin(maps)), float(np.nanmax(maps))
+    stream = StreamingPixelMetrics(low, high, fpr_limit=AUPRO_FPR_LIMIT)
+    if pixel_resolution == "model":
+        gt = np.zeros(maps.shape, dtype=bool)  # good images: empty masks
+        for i, mask in masks.items():
+            if mask.shape != maps.shape[1:]:
+                raise DatasetError(f"{split.items[i].mask_path}: mask at model geometry is {mask.shape}, "
+                                   f"the anomaly maps are {maps.shape[1:]}")
+            gt[i] = mask
+        if not gt.any():
+            return None
+        for i in range(len(types)):
+            stream.add(gt[i], maps[i], types[i])  # for the curves only; the metrics below are exact
+        overall = pixel_metrics(gt, maps, fpr_limit=AUPRO_FPR_LIMIT)
+        by_type = {}
+        for t in defect_types:
+            keep = np.array([x in ("good", t) for x in types])
+            by_type[t] = (pixel_metrics(gt[keep], maps[keep], fpr_limit=AUPRO_FPR_LIMIT) if gt[keep].any()
+                          else dict.fromkeys(("pixel_auroc", "pixel_f1_max", "aupro")))
+        text = (resolution_text(model.config, tuple(maps.shape[1:]))
+                + "; masks resized nearest-neighbour, any non-zero = defect")
+        return overall, by_type, stream.curves(), text
+    sizes = set()
+    for i, item in enumerate(split.items):
+        height, width = image_size(item.path)
+        sizes.add((height, width))
+        full = model.maps_at_original_size(torch.from_numpy(maps[i][None]), (height, width))[0].numpy()
+        mask = read_mask(item.mask_path) if item.mask_path is not None else np.zeros((height, width), bool)
+        stream.add(mask, full, types[i])
+    overall = stream.metrics()
+    if overall["pixel_auroc"] is None:
+        return None
+    by_type = {t: {k: v for k, v in stream.metrics(["good", t]).items() if k != "unseen_defect_share"}
+               for t in defect_types}
+    shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
+    text = (f"pixel metrics at each image's original resolution ({shown}; maps up-sampled bilinearly from the "
+            f"{maps.shape[1]}x{maps.shape[2]} model input, binned over {stream.bins} score levels); "
+            f"{100 * overall['unseen_defect_share']:.1f}% of defect pixels lie outside the model's view and "
+            "count as not flagged")
+    return overall, by_type, stream.curves(), text
+
+
 # ---------------------------------------------------------------------------- one category
 def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = "auto",
                       max_feature_memory: int = 1 << 30, progress: Progress = no_progress,
-                      model: PatchCore | None = None) -> dict[str, Any]:
+                      model: PatchCore | None = None, pixel_resolution: str = "original") -> dict[str, Any]:
     """Fit on split.train, score split.items, return the category's JSON record.
+
+    `pixel_resolution`: "original" (the MVTec protocol: each image's own size, maps up-sampled one image at
+    a time, streaming metrics) or "model" (the model input geometry, masks resized; exact metrics).
 
     `model`: an unfitted PatchCore to use (and leave fitted for the caller, e.g. the benchmark).
     `progress(total, description)`: a context manager with `update(n)`, e.g. a progress bar."""
@@ -160,20 +230,21 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     metrics: dict[str, float | None] = dict.fromkeys(METRICS)
     image = image_metrics(labels, scores)
     metrics["image_auroc"], metrics["image_f1_max"] = image["image_auroc"], image["image_f1_max"]
-    input_size = tuple(maps.shape[1:])
     notes = list(split.notes) + _view_notes(split, preprocess, masks)
+    per_type = {t: {"n": sum(item.defect_type == t for item in split.items),
+                    "image_auroc": _subset_image_auroc(labels, scores, split, t)}
+                for t in split.defect_types if t != "good"}
+    pixel_curves = None  # for the report
     if split.has_masks:
-        gt = np.zeros(maps.shape, dtype=bool)  # good images: empty masks
-        for i, mask in masks.items():
-            if mask.shape != input_size:
-                raise DatasetError(f"{split.items[i].mask_path}: mask at model geometry is {mask.shape}, "
-                                   f"the anomaly maps are {input_size}")
-            gt[i] = mask
-        if gt.any():
-            metrics.update(pixel_metrics(gt, maps, fpr_limit=AUPRO_FPR_LIMIT))
-        else:
+        pixel = _pixel_results(split, model, maps, masks, pixel_resolution)
+        if pixel is None:
             notes.append("all ground-truth masks are empty at the model geometry: no pixel metrics")
-        resolution = resolution_text(config, input_size) + "; masks resized nearest-neighbour, any non-zero = defect"
+            resolution = "no pixel metrics (every mask is empty where the model looks)"
+        else:
+            overall, by_type, pixel_curves, resolution = pixel
+            metrics.update({k: overall[k] for k in ("pixel_auroc", "pixel_f1_max", "aupro")})
+            for t, values in by_type.items():
+                per_type[t].update(values)
     else:
         resolution = "no pixel metrics (no ground-truth masks)"
     metrics_seconds = time.perf_counter() - started
@@ -205,6 +276,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
             "test_by_type": {t: sum(i.defect_type == t for i in split.items) for t in split.defect_types},
         },
         "metrics": metrics,
+        "per_defect_type": per_type,
         "metric_definitions": METRIC_NOTES,
         "pixel_resolution": resolution,
         "at_training_threshold": at_threshold,
@@ -347,7 +419,7 @@ def write_results(output: Path, records: list[dict[str, Any]], requested: list[s
 # ---------------------------------------------------------------------------- driver
 def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, categories: list[str] | None = None,
              train: str | Path | None = None, device: str = "auto", max_feature_memory: int = 1 << 30,
-             progress: Progress = no_progress, log=None) -> list[dict[str, Any]]:
+             progress: Progress = no_progress, log=None, pixel_resolution: str = "original") -> list[dict[str, Any]]:
     """Evaluate every category under `root` (or the named ones); write results as each one finishes."""
     log = log or (lambda text: None)
     folders = find_categories(root, categories)
@@ -363,7 +435,7 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
         log(f"[{n}/{len(splits)}] {split.name} ({split.layout} layout): fit on {len(split.train)} training "
             f"images, score {len(split.items)} test images")
         record = evaluate_category(split, config, device=device, max_feature_memory=max_feature_memory,
-                                   progress=progress)
+                                   progress=progress, pixel_resolution=pixel_resolution)
         records.append(record)
         write_atomic(output / f"{split.name}.json", _json(record))
         write_results(output, records, requested)
