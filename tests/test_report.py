@@ -19,7 +19,9 @@ from patchcore.evaluation.report import (
     ReportUnavailableError,
     average_precision,
     category_report,
+    check_available,
     pr_curve,
+    roc_and_pr_curves,
     roc_curve,
     select_gallery,
     subsample_curve,
@@ -247,6 +249,8 @@ def test_without_matplotlib_a_clear_error(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ReportUnavailableError, match="needs matplotlib"):
+        check_available()
     with pytest.raises(ReportUnavailableError, match=r"pip install 'patchcore\[report\]'") as info:
         write_report(tmp_path / "r.html", [make_category()])
     assert isinstance(info.value, PatchCoreError)
@@ -278,7 +282,15 @@ def test_curves_agree_with_the_metrics_module():
     recall, precision, _ = pr_curve(labels, scores)
     f1 = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-300))
     assert f1 == pytest.approx(f1_max(labels, scores)[0], abs=1e-12)
+    (fpr2, tpr2, t2), (recall2, precision2, _) = roc_and_pr_curves(labels, scores)
+    np.testing.assert_array_equal(fpr2, fpr)
+    np.testing.assert_array_equal(tpr2, tpr)
+    np.testing.assert_array_equal(recall2, recall)
+    np.testing.assert_array_equal(precision2, precision)
     sklearn = pytest.importorskip("sklearn.metrics")
+    sk_fpr, sk_tpr, _ = sklearn.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
     assert average_precision(recall, precision) == pytest.approx(sklearn.average_precision_score(labels, scores))
 
     x, y = subsample_curve(np.linspace(0, 1, 10_000), np.linspace(0, 1, 10_000) ** 2, max_points=100)
@@ -309,6 +321,12 @@ def test_category_report_from_maps_masks_and_pictures(tmp_path):
                              pixel_threshold=1.2, pictures=picture, files=[f"f{i}.png" for i in range(n)], k=2)
     assert sorted(asked) == sorted(set(asked)) and len(asked) == 4  # only the gallery images are drawn
     assert [item.kind for item in report.gallery] == ["false alarm"] * 2 + ["missed defect"] * 2
+    threshold = report.threshold
+    for item, i in zip(report.gallery, [*np.flatnonzero(labels == 0)[np.argsort(-scores[labels == 0])][:2],
+                                        *np.flatnonzero(labels == 1)[np.argsort(scores[labels == 1])][:2]]):
+        verdict = {(0, True): "false alarm", (0, False): "passed", (1, True): "detected", (1, False): "missed"}
+        assert item.title.startswith(f"f{i}.png ({types[i]}): score ")
+        assert item.title.endswith(verdict[labels[i], bool(scores[i] > threshold)])
     for item in report.gallery:
         with Image.open(io.BytesIO(item.overlay_png)) as image:
             assert image.format == "PNG" and image.size == (w, h)
@@ -329,3 +347,7 @@ def test_category_report_from_maps_masks_and_pictures(tmp_path):
                             settings={}, pictures=lambda i: pictures[i])
     assert plain.pixel_curves is None and "pixel_auroc" not in plain.per_type["dent"]
     assert len(plain.gallery) == 6 and "no threshold" in plain.gallery[0].title
+    quick = category_report("cable", scores, labels, types, threshold=None, metrics=metrics, resolution="r",
+                            settings={}, maps=maps, masks=masks, per_type_pixels=False)
+    assert quick.pixel_curves is not None and "pixel_auroc" not in quick.per_type["dent"]
+    assert len(quick.gallery) == 6  # without pictures the overlays are the heat alone: all 3 good, all 3 defects

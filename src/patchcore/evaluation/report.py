@@ -22,6 +22,8 @@ pixel_curves, gallery, resolution, settings, notes=[])``: see the class.
 file in the same folder, then os.replace). Raises ReportUnavailableError (a PatchCoreError) naming
 ``pip install 'patchcore[report]'`` when matplotlib is missing, before anything is written.
 
+``check_available()``: raises that same error at once, for callers that want to fail (or warn) before a long run.
+
 ``select_gallery(scores, labels, threshold, k=6) -> (false_alarms, missed)``: indices; false_alarms are the
 good images with the highest scores (highest first, so those above the threshold come first), missed the
 defect images with the lowest scores (lowest first, so those at or below the threshold come first). Ties
@@ -29,10 +31,14 @@ keep index order. ``threshold`` does not change the order; it is accepted so tha
 
 ``category_report(name, scores, labels, defect_types, *, threshold, metrics, resolution, settings, maps=None,
 masks=None, pixel_threshold=None, pictures=None, files=None, notes=(), k=6, aupro_fpr_limit=0.3,
-max_curve_points=2000) -> CategoryReport``: builds everything from what `evaluate_category` has: pixel
-curves and per-type metrics from the (N, H, W) maps and masks, and the gallery overlays drawn like
-`patchcore predict` draws them (render.colormap / normalise_map / overlay), with the ground truth
-outlined in magenta.
+max_curve_points=2000, per_type_pixels=True) -> CategoryReport``: builds everything from what
+`evaluate_category` has: pixel curves (one sort of all pixels) and per-type metrics from the (N, H, W)
+maps and masks, and the gallery overlays drawn like `patchcore predict` draws them (render.colormap /
+normalise_map / overlay), with the ground truth outlined in magenta.
+
+Also public: ``roc_curve``, ``pr_curve``, ``roc_and_pr_curves`` (exact, counted as metrics.auroc / f1_max
+count: ties are one threshold), ``average_precision``, ``subsample_curve``, ``gallery_overlay``,
+``render_report`` (the page as a string).
 
 matplotlib is imported only when a report is drawn, and only its object-oriented API with the Agg canvas
 (`matplotlib.figure.Figure` + `FigureCanvasAgg`): pyplot is never imported, so no global backend or figure
@@ -61,7 +67,8 @@ from ..io.render import colormap, normalise_map, overlay
 from .metrics import _check_pair, _clf_curve, auroc, pixel_metrics
 
 __all__ = ["GALLERY_KINDS", "CategoryReport", "GalleryItem", "ReportUnavailableError", "category_report",
-           "pr_curve", "render_report", "roc_curve", "select_gallery", "write_report"]
+           "check_available", "pr_curve", "render_report", "roc_and_pr_curves", "roc_curve", "select_gallery",
+           "write_report"]
 
 GALLERY_KINDS = ("false alarm", "missed defect")
 PERCENT_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
@@ -120,6 +127,17 @@ def pr_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     recall = np.concatenate(([0.0], tps / tps[-1]))
     precision = np.concatenate(([1.0], tps / (tps + fps)))
     return recall, precision, np.concatenate(([np.inf], thresholds))
+
+
+def roc_and_pr_curves(labels, scores):
+    """(roc_curve(...), pr_curve(...)) from one sort of the scores: for pixel-scale inputs."""
+    y, s = _check_pair(labels, scores, need_negative=True)
+    fps, tps, thresholds = _clf_curve(y, s)
+    thresholds = np.concatenate(([np.inf], thresholds))
+    fpr = np.concatenate(([0.0], fps / fps[-1]))
+    recall = np.concatenate(([0.0], tps / tps[-1]))
+    precision = np.concatenate(([1.0], tps / (tps + fps)))
+    return (fpr, recall, thresholds), (recall, precision, thresholds)
 
 
 def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
@@ -212,13 +230,16 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
                     pixel_threshold: float | None = None,
                     pictures: Callable[[int], np.ndarray] | None = None,
                     files: Sequence[str] | None = None, notes: Sequence[str] = (), k: int = 6,
-                    aupro_fpr_limit: float = 0.3, max_curve_points: int = 2000) -> CategoryReport:
+                    aupro_fpr_limit: float = 0.3, max_curve_points: int = 2000,
+                    per_type_pixels: bool = True) -> CategoryReport:
     """A CategoryReport from what evaluate_category has.
 
     scores (N,), labels (N,) 0/1, defect_types (N,); maps (N, H, W) anomaly maps at model geometry and
     masks (N, H, W) bool ground truth (None: no masks, no pixel curves or per-type pixel metrics);
     pictures(i) -> (H, W, 3) uint8, the i-th test image at model geometry (model.preprocess.geometry),
-    called only for the gallery images; files: display names for the titles (default "#i")."""
+    called only for the gallery images; files: display names for the titles (default "#i").
+    per_type_pixels: also pixel AUROC and AUPRO per defect type (one more sort of the good and that type's
+    pixels per type: the dominant cost at MVTec scale, a few seconds per category)."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64)
     types = list(defect_types)
@@ -234,9 +255,8 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
     has_pixels = masks is not None and bool(np.any(masks)) and not bool(np.all(masks))
 
     pixel_curves = None
-    if has_pixels:
-        fpr, tpr, _ = roc_curve(masks, maps)
-        recall, precision, _ = pr_curve(masks, maps)
+    if has_pixels:  # one sort of all pixels for both curves
+        (fpr, tpr, _), (recall, precision, _) = roc_and_pr_curves(masks, maps)
         pixel_curves = {"roc": subsample_curve(fpr, tpr, max_curve_points),
                         "pr": subsample_curve(recall, precision, max_curve_points)}
 
@@ -252,7 +272,7 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
         subset = good | of_type
         row = {"n": int(of_type.sum()),
                "image_auroc": auroc(labels[subset], scores[subset]) if good.any() else None}
-        if masks is not None:
+        if masks is not None and per_type_pixels:
             sub_masks = np.asarray(masks)[subset]
             if sub_masks.any() and not sub_masks.all():
                 pixel = pixel_metrics(sub_masks, np.asarray(maps)[subset], fpr_limit=aupro_fpr_limit)
@@ -271,9 +291,11 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
             if threshold is None:
                 verdict = f"score {scores[i]:.4g} (no threshold)"
             elif scores[i] > threshold:
-                verdict = f"score {scores[i]:.4g} > threshold {threshold:.4g}: flagged as defect"
+                verdict = f"score {scores[i]:.4g} > threshold {threshold:.4g}: " + (
+                    "false alarm" if labels[i] == 0 else "detected")
             else:
-                verdict = f"score {scores[i]:.4g} <= threshold {threshold:.4g}: passed as good"
+                verdict = f"score {scores[i]:.4g} <= threshold {threshold:.4g}: " + (
+                    "passed" if labels[i] == 0 else "missed")
             picture = pictures(i) if pictures is not None else None
             if picture is None and maps is None:
                 continue
@@ -297,6 +319,11 @@ def _matplotlib():
         raise ReportUnavailableError(f"report.html needs matplotlib, which is not installed: {INSTALL_HINT}") \
             from exc
     return Figure, FigureCanvasAgg
+
+
+def check_available() -> None:
+    """Raise ReportUnavailableError now if report.html could not be drawn (to fail or warn before a long run)."""
+    _matplotlib()
 
 
 class _Drawer:
@@ -450,23 +477,28 @@ def _section(index: int, report: CategoryReport, draw: _Drawer) -> str:
         area = auroc(labels, scores)
         ap = average_precision(recall, precision)
         roc_point = pr_point = None
-        where = ""
+        roc_where = pr_where = ""
         if threshold is not None:
             tp, fp = int(np.sum(defect > threshold)), int(np.sum(good > threshold))
             roc_point = (fp / len(good), tp / len(defect))
-            pr_point = (tp / len(defect), tp / (tp + fp)) if tp + fp else None
-            where = (f"; red dot: the calibrated threshold {_fmt(threshold)} (FPR {roc_point[0]:.3f}, "
-                     f"TPR {roc_point[1]:.3f})")
+            roc_where = (f"; red dot: the calibrated threshold {_fmt(threshold)} (FPR {roc_point[0]:.3f}, "
+                         f"TPR {roc_point[1]:.3f})")
+            if tp + fp:
+                pr_point = (tp / len(defect), tp / (tp + fp))
+                pr_where = (f"; red dot: the calibrated threshold {_fmt(threshold)} (recall {pr_point[0]:.3f}, "
+                            f"precision {pr_point[1]:.3f})")
+            else:
+                pr_where = f"; the calibrated threshold {_fmt(threshold)} flags no image (precision undefined)"
         out.append(_figure(draw.roc(fpr, tpr, f"{name}: image ROC", roc_point), f"{name} image-level ROC curve",
                            f"Image-level ROC of {len(good)} good and {len(defect)} defect images: AUROC "
-                           f"{_percent(area)}{where}.", figure_id="image-roc", category=name))
+                           f"{_percent(area)}{roc_where}.", figure_id="image-roc", category=name))
         f1 = report.metrics.get("image_f1_max")
         out.append(_figure(draw.pr(recall, precision, f"{name}: image precision-recall",
                                    len(defect) / len(scores), pr_point),
                            f"{name} image-level precision-recall curve",
                            f"Image-level precision-recall: average precision {_percent(ap)}, F1-max "
                            f"{_percent(f1)}; dotted: the share of defect images "
-                           f"({len(defect) / len(scores):.2f}){where}.", figure_id="image-pr", category=name))
+                           f"({len(defect) / len(scores):.2f}){pr_where}.", figure_id="image-pr", category=name))
     else:
         out.append('<p class="muted">No image ROC or precision-recall curve: the test set needs good and defect '
                    'images.</p>')
