@@ -351,3 +351,52 @@ def test_category_report_from_maps_masks_and_pictures(tmp_path):
                             settings={}, maps=maps, masks=masks, per_type_pixels=False)
     assert quick.pixel_curves is not None and "pixel_auroc" not in quick.per_type["dent"]
     assert len(quick.gallery) == 6  # without pictures the overlays are the heat alone: all 3 good, all 3 defects
+
+
+def test_category_report_takes_precomputed_rows_curves_and_a_mask_mapping(tmp_path):
+    """evaluate's own per-type rows and (binned, original-resolution) curves pass through; masks by index."""
+    rng = np.random.default_rng(2)
+    n, h, w = 5, 10, 10
+    labels = np.array([0, 0, 1, 1, 1])
+    types = ["good", "good", "dent", "dent", "hole"]
+    by_index = {2: np.zeros((h, w), bool), 4: np.zeros((h, w), bool)}  # image 3 has no mask file
+    by_index[2][2:5, 2:5] = by_index[4][6:9, 6:9] = True
+    maps = rng.random((n, h, w)).astype(np.float32)
+    maps[2, 2:5, 2:5] += 1
+    scores = np.array([0.9, 1.0, 0.2, 1.5, 0.95])
+    rows = {"dent": {"n": 2, "image_auroc": 0.5, "pixel_auroc": 0.75, "pixel_f1_max": 0.25, "aupro": 0.125},
+            "hole": {"n": 1, "image_auroc": 0.5, "pixel_auroc": None, "pixel_f1_max": None, "aupro": None}}
+    x = np.linspace(0, 1, 8193)
+    curves = {"roc": (x, np.sqrt(x)), "pr": (x, 1 - x ** 2)}
+    report = category_report("pill", scores, labels, types, threshold=0.97, metrics={}, resolution="original",
+                             settings={}, maps=maps, masks=by_index, per_type=rows, pixel_curves=curves,
+                             pictures=lambda i: np.full((h, w, 3), 128, np.uint8), k=1)
+    assert report.per_type == {"good": {"n": 2, "false_alarms": 1},
+                               "dent": {**rows["dent"], "missed": 1}, "hole": {**rows["hole"], "missed": 1}}
+    assert rows["dent"] == {"n": 2, "image_auroc": 0.5, "pixel_auroc": 0.75, "pixel_f1_max": 0.25, "aupro": 0.125}
+    fpr, tpr = report.pixel_curves["roc"]
+    assert 100 < len(fpr) <= 2002 and fpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+    missed = report.gallery[-1]
+    assert missed.kind == "missed defect" and missed.title.startswith("#2 (dent)")
+    with Image.open(io.BytesIO(missed.overlay_png)) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert np.all(pixels[2, 2] == (255, 0, 255)) and not np.any(np.all(pixels[6:9, 6:9] == (255, 0, 255), -1))
+
+    # without precomputed curves the mapping gives the same curves as the full stack
+    stack = np.zeros((n, h, w), bool)
+    for i, m in by_index.items():
+        stack[i] = m
+    a = category_report("pill", scores, labels, types, threshold=None, metrics={}, resolution="", settings={},
+                        maps=maps, masks=by_index)
+    b = category_report("pill", scores, labels, types, threshold=None, metrics={}, resolution="", settings={},
+                        maps=maps, masks=stack)
+    for key in ("roc", "pr"):
+        for u, v in zip(a.pixel_curves[key], b.pixel_curves[key]):
+            np.testing.assert_array_equal(u, v)
+    assert a.per_type == b.per_type and a.per_type["hole"]["pixel_auroc"] is not None
+    write_report(tmp_path / "r.html", [report, a])
+    text, page = parse(tmp_path / "r.html")
+    assert_self_contained(text, page)
+    header = next(r["cells"] for r in page.rows if r["cells"] and r["cells"][0] == "defect type")
+    assert header == ["defect type", "images", "image AUROC", "pixel AUROC", "AUPRO", "pixel F1-max",
+                      "false alarms at threshold", "missed at threshold"]

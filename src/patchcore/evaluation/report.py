@@ -30,11 +30,12 @@ defect images with the lowest scores (lowest first, so those at or below the thr
 keep index order. ``threshold`` does not change the order; it is accepted so that callers state it.
 
 ``category_report(name, scores, labels, defect_types, *, threshold, metrics, resolution, settings, maps=None,
-masks=None, pixel_threshold=None, pictures=None, files=None, notes=(), k=6, aupro_fpr_limit=0.3,
-max_curve_points=2000, per_type_pixels=True) -> CategoryReport``: builds everything from what
-`evaluate_category` has: pixel curves (one sort of all pixels) and per-type metrics from the (N, H, W)
-maps and masks, and the gallery overlays drawn like `patchcore predict` draws them (render.colormap /
-normalise_map / overlay), with the ground truth outlined in magenta.
+masks=None, per_type=None, pixel_curves=None, pixel_threshold=None, pictures=None, files=None, notes=(), k=6,
+aupro_fpr_limit=0.3, max_curve_points=2000, per_type_pixels=True) -> CategoryReport``: builds everything
+from what `evaluate_category` has: takes precomputed per-type rows and pixel curves as given, or computes
+them from the (N, H, W) maps and masks (an array or {index: mask}); draws the gallery overlays as
+`patchcore predict` draws them (render.colormap / normalise_map / overlay), the ground truth outlined in
+magenta.
 
 Also public: ``roc_curve``, ``pr_curve``, ``roc_and_pr_curves`` (exact, counted as metrics.auroc / f1_max
 count: ties are one threshold), ``average_precision``, ``subsample_curve``, ``gallery_overlay``,
@@ -54,7 +55,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,9 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 # ------------------------------------------------------------------------ building a report
 def category_report(name: str, scores, labels, defect_types: Sequence[str], *, threshold: float | None,
                     metrics: dict[str, float | None], resolution: str, settings: dict,
-                    maps: np.ndarray | None = None, masks: np.ndarray | None = None,
+                    maps: np.ndarray | None = None, masks: np.ndarray | Mapping[int, np.ndarray] | None = None,
+                    per_type: Mapping[str, Mapping[str, float | None]] | None = None,
+                    pixel_curves: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                     pixel_threshold: float | None = None,
                     pictures: Callable[[int], np.ndarray] | None = None,
                     files: Sequence[str] | None = None, notes: Sequence[str] = (), k: int = 6,
@@ -234,54 +237,94 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
                     per_type_pixels: bool = True) -> CategoryReport:
     """A CategoryReport from what evaluate_category has.
 
-    scores (N,), labels (N,) 0/1, defect_types (N,); maps (N, H, W) anomaly maps at model geometry and
-    masks (N, H, W) bool ground truth (None: no masks, no pixel curves or per-type pixel metrics);
+    scores (N,), labels (N,) 0/1, defect_types (N,); maps (N, H, W) anomaly maps at model geometry; masks the
+    ground truth at the same geometry, either a bool (N, H, W) array or {test index: (H, W) bool} for the
+    images that have one (the others: empty); None without masks.
+    per_type: precomputed rows per defect type ({"n", "image_auroc", "pixel_auroc", "aupro", ...}), used
+    as given; without it they are computed here: n and image AUROC against all good images, and with
+    masks and per_type_pixels also pixel AUROC and AUPRO on the good and that type's images (one sort of
+    their pixels per type: the dominant cost at MVTec scale, seconds per category). Either way a "good"
+    row is added and, with a threshold, false_alarms (good rows) and missed (defect rows) counts.
+    pixel_curves: precomputed {"roc": (fpr, tpr), "pr": (recall, precision)} (e.g. at the original
+    resolution), used as given (subsampled to max_curve_points); without it they are computed here from
+    maps and masks (one sort of all pixels), or None without masks.
     pictures(i) -> (H, W, 3) uint8, the i-th test image at model geometry (model.preprocess.geometry),
-    called only for the gallery images; files: display names for the titles (default "#i").
-    per_type_pixels: also pixel AUROC and AUPRO per defect type (one more sort of the good and that type's
-    pixels per type: the dominant cost at MVTec scale, a few seconds per category)."""
+    called only for the gallery images; files: display names for the titles (default "#i")."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64)
     types = list(defect_types)
-    if not (len(scores) == len(labels) == len(types)):
-        raise ValueError(f"scores, labels and defect_types differ in length: {len(scores)}, {len(labels)}, "
-                         f"{len(types)}")
-    if maps is not None and len(maps) != len(scores):
-        raise ValueError(f"maps hold {len(maps)} images, scores {len(scores)}")
-    if masks is not None and (maps is None or np.shape(masks) != np.shape(maps)):
-        raise ValueError("masks need maps of the same (N, H, W) shape")
-    names = list(files) if files is not None else [f"#{i}" for i in range(len(scores))]
+    n = len(scores)
+    if not (n == len(labels) == len(types)):
+        raise ValueError(f"scores, labels and defect_types differ in length: {n}, {len(labels)}, {len(types)}")
+    if maps is not None and len(maps) != n:
+        raise ValueError(f"maps hold {len(maps)} images, scores {n}")
+    if masks is not None and maps is None:
+        raise ValueError("masks need the maps they are compared with")
+    if isinstance(masks, Mapping):
+        by_index = {int(i): np.asarray(m, dtype=bool) for i, m in masks.items()}
+        if any(not 0 <= i < n or m.shape != maps.shape[1:] for i, m in by_index.items()):
+            raise ValueError(f"masks must map test indices to {tuple(maps.shape[1:])} masks")
+
+        def gt_array() -> np.ndarray:
+            stack = np.zeros(maps.shape, dtype=bool)
+            for i, m in by_index.items():
+                stack[i] = m
+            return stack
+
+        def truth(i: int) -> np.ndarray | None:
+            return by_index.get(i)
+    elif masks is not None:
+        if np.shape(masks) != np.shape(maps):
+            raise ValueError(f"masks {np.shape(masks)} and maps {np.shape(maps)} differ in shape")
+        stack = np.asarray(masks, dtype=bool)
+
+        def gt_array() -> np.ndarray:
+            return stack
+
+        def truth(i: int) -> np.ndarray | None:
+            return stack[i]
+    else:
+        def truth(i: int) -> np.ndarray | None:
+            return None
+    names = list(files) if files is not None else [f"#{i}" for i in range(n)]
     types_arr = np.array(types, dtype=object)
-    has_pixels = masks is not None and bool(np.any(masks)) and not bool(np.all(masks))
+    gt = gt_array() if masks is not None and (pixel_curves is None or (per_type is None and per_type_pixels)) \
+        else None
 
-    pixel_curves = None
-    if has_pixels:  # one sort of all pixels for both curves
-        (fpr, tpr, _), (recall, precision, _) = roc_and_pr_curves(masks, maps)
-        pixel_curves = {"roc": subsample_curve(fpr, tpr, max_curve_points),
-                        "pr": subsample_curve(recall, precision, max_curve_points)}
+    if pixel_curves is not None:
+        curves = {key: subsample_curve(*pixel_curves[key], max_points=max_curve_points) for key in ("roc", "pr")}
+    elif gt is not None and gt.any() and not gt.all():  # one sort of all pixels for both curves
+        (fpr, tpr, _), (recall, precision, _) = roc_and_pr_curves(gt, maps)
+        curves = {"roc": subsample_curve(fpr, tpr, max_curve_points),
+                  "pr": subsample_curve(recall, precision, max_curve_points)}
+    else:
+        curves = None
 
-    per_type: dict[str, dict[str, float | None]] = {}
     good = labels == 0
+    rows: dict[str, dict[str, float | None]] = {}
     if good.any():
-        row: dict[str, float | None] = {"n": int(good.sum())}
+        rows["good"] = {"n": int(good.sum())}
         if threshold is not None:
-            row["false_alarms"] = int(np.sum(scores[good] > threshold))
-        per_type["good"] = row
-    for defect in sorted({t for t, y in zip(types, labels) if y == 1}):
+            rows["good"]["false_alarms"] = int(np.sum(scores[good] > threshold))
+    defects = sorted({t for t, y in zip(types, labels) if y == 1} | set(per_type or ()) - {"good"})
+    for defect in defects:
         of_type = (types_arr == defect) & (labels == 1)
-        subset = good | of_type
-        row = {"n": int(of_type.sum()),
-               "image_auroc": auroc(labels[subset], scores[subset]) if good.any() else None}
-        if masks is not None and per_type_pixels:
-            sub_masks = np.asarray(masks)[subset]
-            if sub_masks.any() and not sub_masks.all():
-                pixel = pixel_metrics(sub_masks, np.asarray(maps)[subset], fpr_limit=aupro_fpr_limit)
-                row["pixel_auroc"], row["aupro"] = pixel["pixel_auroc"], pixel["aupro"]
-            else:
-                row["pixel_auroc"] = row["aupro"] = None
+        if per_type is not None:
+            row = dict(per_type.get(defect, {"n": int(of_type.sum())}))
+        else:
+            subset = good | of_type
+            row = {"n": int(of_type.sum()),
+                   "image_auroc": auroc(labels[subset], scores[subset]) if good.any() and of_type.any() else None}
+            if gt is not None and per_type_pixels:
+                sub_masks = gt[subset]
+                if sub_masks.any() and not sub_masks.all():
+                    pixel = pixel_metrics(sub_masks, np.asarray(maps)[subset], fpr_limit=aupro_fpr_limit)
+                    row["pixel_auroc"], row["aupro"] = pixel["pixel_auroc"], pixel["aupro"]
+                else:
+                    row["pixel_auroc"] = row["aupro"] = None
         if threshold is not None:
             row["missed"] = int(np.sum(scores[of_type] <= threshold))
-        per_type[defect] = row
+        rows[defect] = row
 
     gallery = []
     false_alarms, missed = select_gallery(scores, labels, threshold, k)
@@ -301,11 +344,11 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
                 continue
             png = gallery_overlay(picture, None if maps is None else np.asarray(maps[i], dtype=np.float32),
                                   pixel_threshold=pixel_threshold, value_range=value_range,
-                                  truth=None if masks is None else np.asarray(masks[i], dtype=bool))
+                                  truth=truth(i))
             gallery.append(GalleryItem(f"{names[i]} ({types[i]}): {verdict}", kind, png))
 
     return CategoryReport(name=name, image_scores=scores, image_labels=labels, defect_types=types,
-                          threshold=threshold, metrics=dict(metrics), per_type=per_type, pixel_curves=pixel_curves,
+                          threshold=threshold, metrics=dict(metrics), per_type=rows, pixel_curves=curves,
                           gallery=gallery, resolution=resolution, settings=dict(settings), notes=list(notes))
 
 
@@ -537,7 +580,7 @@ def _section(index: int, report: CategoryReport, draw: _Drawer) -> str:
     out.append("<h3>Per defect type</h3>")
     if report.per_type:
         columns = list(dict.fromkeys(key for row in report.per_type.values() for key in row))
-        order = ["n", "image_auroc", "pixel_auroc", "aupro", "false_alarms", "missed"]
+        order = ["n", "image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "false_alarms", "missed"]
         columns = [c for c in order if c in columns] + [c for c in columns if c not in order]
         out.append('<table class="per-type"><tr><th>defect type</th>'
                    + "".join(f"<th>{_e(METRIC_LABELS.get(c, c))}</th>" for c in columns) + "</tr>")
