@@ -106,3 +106,61 @@ def test_unknown_fields_raise():
 def test_from_dict_validates():
     with pytest.raises(ValueError, match="patch_size"):
         PatchCoreConfig.from_dict({"patch_size": 2})
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"resize": 16385}, "resize"),
+    ({"resize": (256, 20_000)}, "resize"),
+    ({"crop": 100_000}, "crop"),
+    ({"resize": "256"}, "resize"),
+    ({"resize": 256.0}, "resize"),
+    ({"resize": (256, 256, 256)}, "resize"),
+    ({"crop": True}, "crop"),
+    ({"blur_sigma": 64.5}, "blur_sigma"),
+    ({"blur_sigma": -1.0}, "blur_sigma"),
+    ({"blur_sigma": float("nan")}, "blur_sigma"),
+    ({"blur_sigma": float("inf")}, "blur_sigma"),
+    ({"blur_sigma": "4"}, "blur_sigma"),
+    ({"coreset_ratio": float("nan")}, "coreset_ratio"),
+    ({"calibration_ratio": float("nan")}, "calibration_ratio"),
+    ({"embedding_dim": 16385}, "embedding_dim"),
+    ({"embedding_dim": 512.0}, "embedding_dim"),
+    ({"projection_dim": 1 << 20}, "projection_dim"),
+    ({"coreset_size": -5}, "coreset_size"),
+    ({"coreset_size": 1 << 40}, "coreset_size"),
+    ({"coreset_size": 10.5}, "coreset_size"),
+    ({"patch_size": True}, "patch_size"),
+    ({"patch_size": 65}, "patch_size"),
+    ({"batch_size": 10**9}, "batch_size"),
+    ({"reweight_neighbours": 10**6}, "reweight_neighbours"),
+    ({"feature_strides": (8, 4096)}, "feature_strides"),
+    ({"feature_strides": (8.0, 16.0)}, "feature_strides"),
+    ({"feature_strides": "8,16"}, "feature_strides"),
+    ({"feature_strides": tuple(range(1, 11))}, "feature_strides"),
+    ({"seed": 1 << 70}, "seed"),
+    ({"seed": "0"}, "seed"),
+    ({"backbone": ""}, "backbone"),
+    ({"backbone": 18}, "backbone"),
+    ({"weights": 3}, "weights"),
+])
+def test_bounds_and_types_raise_a_config_error_naming_the_field(changes, match):
+    from patchcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        PatchCoreConfig(**changes)
+    with pytest.raises(ConfigError, match=match):  # the same from a model file's JSON
+        PatchCoreConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()})
+
+
+@pytest.mark.parametrize("changes", [
+    {"resize": 16384}, {"crop": (16384, 1)}, {"blur_sigma": 64.0}, {"blur_sigma": 0.0}, {"blur_sigma": 4},
+    {"embedding_dim": 16384}, {"coreset_ratio": 1}, {"seed": (1 << 64) - 1}, {"seed": -1}, {"patch_size": 63},
+])
+def test_bound_values_are_accepted_and_kept_as_given(changes):
+    import numpy as np
+
+    cfg = PatchCoreConfig(**changes)
+    for key, value in changes.items():
+        assert getattr(cfg, key) == value and type(getattr(cfg, key)) is type(value)  # never normalised:
+    # a config's JSON (so a model file's bytes) is what the caller gave
+    assert PatchCoreConfig(batch_size=np.int64(4)).batch_size == 4  # numpy integers are integers

@@ -201,3 +201,328 @@ def test_patchcore_metadata_that_is_not_an_object(tmp_path, value):
     path.write_bytes(save({"x": torch.zeros(2)}, metadata={"patchcore": value}))
     with pytest.raises(ModelFileError):
         read_model_file(path)
+
+
+# ---------------------------------------------------------------------------- writes: permissions, errors
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664), (0o000, 0o666)])
+def test_written_files_get_the_umask_permissions_of_a_plain_file(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        write_model_file(tmp_path / "m.patchcore", _tensors(), METADATA)  # new file
+        write_model_file(tmp_path / "m.patchcore", _tensors(1), METADATA)  # replacing one
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.patchcore").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == mode  # what open() gives
+
+
+def test_umask_is_read_without_changing_it():
+    previous = os.umask(0o027)
+    try:
+        assert model_file.current_umask() == 0o027
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(previous)
+
+
+def test_a_failed_write_is_an_output_error_naming_the_file(tmp_path, monkeypatch):
+    from patchcore.errors import OutputError, PatchCoreError
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_file.os, "fsync", fsync)
+    with pytest.raises(OutputError, match="No space left on device") as info:
+        write_model_file(tmp_path / "m.patchcore", _tensors(), METADATA)
+    assert isinstance(info.value, PatchCoreError) and str(tmp_path / "m.patchcore") in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_write_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.patchcore"
+    write_model_file(path, _tensors(0), METADATA)
+    before = path.read_bytes()
+
+    def fsync(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_file.os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        write_model_file(path, _tensors(1), METADATA)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.patchcore"]
+
+
+def test_writing_through_a_symlink_replaces_its_target(tmp_path):
+    target = tmp_path / "v1.patchcore"
+    write_model_file(target, _tensors(0), METADATA)
+    (tmp_path / "current").symlink_to(target.name)
+    write_model_file(tmp_path / "current", _tensors(1), METADATA)
+    assert (tmp_path / "current").is_symlink()
+    assert _bitwise_equal(read_model_file(target)[0]["memory_bank"], _tensors(1)["memory_bank"])
+
+
+def test_check_output_file(tmp_path, monkeypatch):
+    from patchcore.errors import OutputError
+    from patchcore.io.model_file import check_output_file
+
+    assert check_output_file(tmp_path / "a" / "b" / "m.model") == tmp_path / "a" / "b" / "m.model"
+    assert not (tmp_path / "a").exists()  # nothing is created by the check
+    assert list(tmp_path.iterdir()) == []  # and its probe file is gone
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output_file(tmp_path)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is not a folder"):
+        check_output_file(tmp_path / "f" / "m.model")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    with pytest.raises(OutputError, match="broken symbolic link"):
+        check_output_file(tmp_path / "dangling" / "m.model")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo")
+        with pytest.raises(OutputError, match="not a regular file"):
+            check_output_file(tmp_path / "fifo")
+
+    def mkstemp(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(model_file.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(OutputError, match="cannot write here"):
+        check_output_file(tmp_path / "m.model")
+
+
+# ---------------------------------------------------------------------------- reads: header bounds
+def _good_file(tmp_path):
+    path = tmp_path / "good.patchcore"
+    write_model_file(path, {"memory_bank": torch.randn(5, 3)}, METADATA)
+    return path
+
+
+def _with_header(path, tmp_path, edit) -> object:
+    """Rewrite the safetensors header of `path` (same data bytes) after `edit(header_dict)`."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    out = tmp_path / "edited.patchcore"
+    out.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    return out
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h["memory_bank"].update(dtype="F99"), "unknown dtype"),
+    (lambda h: h["memory_bank"].update(shape=[5, -3]), "bad shape"),
+    (lambda h: h["memory_bank"].update(shape="5,3"), "bad shape"),
+    (lambda h: h["memory_bank"].update(shape=[1] * 9), "bad shape"),
+    (lambda h: h["memory_bank"].update(shape=[50, 3]), "data bytes for shape"),
+    (lambda h: h["memory_bank"].update(data_offsets=[0, 10**9]), "outside the file"),
+    (lambda h: h["memory_bank"].update(data_offsets=[8, 4]), "outside the file"),
+    (lambda h: h["memory_bank"].update(data_offsets=[0]), "bad data offsets"),
+    (lambda h: h["memory_bank"].pop("dtype"), "malformed"),
+    (lambda h: h.update(other="x"), "malformed"),
+    (lambda h: h["__metadata__"].update(x=1), "object of strings"),
+])
+def test_hostile_safetensors_headers_are_refused_before_reading_data(tmp_path, edit, match):
+    path = _with_header(_good_file(tmp_path), tmp_path, edit)
+    with pytest.raises(ModelFileError, match=match) as info:
+        read_model_file(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("header", [b"[" * 100_000 + b"]" * 100_000, b'{"a": 1, "a": 2}', b"[1, 2]", b"\xff\xfe"])
+def test_header_json_that_is_nested_too_deep_duplicated_or_not_an_object(tmp_path, header):
+    path = tmp_path / "x.patchcore"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ModelFileError, match="not a patchcore model file"):
+        read_model_file(path)
+
+
+def test_header_longer_than_the_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_file, "MAX_HEADER_BYTES", 64)
+    with pytest.raises(ModelFileError, match="more than the 64 allowed"):
+        read_model_file(_good_file(tmp_path))
+
+
+def test_the_file_is_not_read_into_memory_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = _good_file(tmp_path)
+
+    def read_bytes(self):
+        raise AssertionError("read_bytes reads the whole file")
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    tensors, header = read_model_file(path)
+    assert tensors["memory_bank"].shape == (5, 3) and header["notes"] == METADATA["notes"]
+
+
+@pytest.mark.parametrize("tensors, match", [
+    ({"memory_bank": torch.zeros(4, 3), "extra": torch.zeros(2)}, r"unexpected tensors \['extra'\]"),
+    ({"bank": torch.zeros(4, 3)}, "'memory_bank' is missing"),
+    ({"memory_bank": torch.zeros(4, 3, dtype=torch.float64)}, "must be 2-D F32, got 2-D F64"),
+    ({"memory_bank": torch.zeros(4, 3).half()}, "must be 2-D F32, got 2-D F16"),
+    ({"memory_bank": torch.zeros(12)}, "must be 2-D F32, got 1-D F32"),
+])
+def test_tensor_schema_is_checked_before_the_data_is_read(tmp_path, tensors, match):
+    path = tmp_path / "m.patchcore"
+    write_model_file(path, tensors, METADATA)
+    with pytest.raises(ModelFileError, match=match) as info:
+        read_model_file(path, tensor_schema={"memory_bank": ("F32", 2)})
+    assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------------------- load: the schema and its bounds
+@pytest.fixture(scope="module")
+def saved_model(train_paths, tmp_path_factory):
+    from patchcore import PatchCore, PatchCoreConfig
+
+    config = PatchCoreConfig(backbone="resnet18_random", resize=64, crop=None, coreset_ratio=0.5, batch_size=4)
+    path = tmp_path_factory.mktemp("schema") / "m.model"
+    PatchCore(config, device="cpu").fit(train_paths[:12]).save(path)  # 12 images: thresholds are set
+    return path
+
+
+def _edited(saved_model, tmp_path, *, fitted=None, header=None, tensors=None):
+    """A copy of the saved model with fields changed (a value of `...` deletes the field)."""
+    loaded, head = read_model_file(saved_model)
+    head = {k: v for k, v in head.items() if k not in ("format", "format_version")}
+    for key, value in (fitted or {}).items():
+        if value is ...:
+            head["fitted"].pop(key)
+        else:
+            head["fitted"][key] = value
+    for key, value in (header or {}).items():
+        if value is ...:
+            head.pop(key)
+        else:
+            head[key] = value
+    if tensors is not None:
+        loaded = tensors(loaded)
+    path = tmp_path / "edited.model"
+    write_model_file(path, loaded, head)
+    return path
+
+
+def _config_with(saved_model, **changes):
+    config = dict(read_model_file(saved_model)[1]["config"])
+    config.update(changes)
+    return config
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(tensors=lambda t: {"memory_bank": torch.full_like(t["memory_bank"], NAN)}), "memory_bank"),
+    (dict(tensors=lambda t: {"memory_bank": t["memory_bank"].index_fill(0, torch.tensor([3]), INF)}),
+     "memory_bank"),
+    (dict(tensors=lambda t: {"memory_bank": t["memory_bank"][:0]}), "memory_bank"),
+    (dict(tensors=lambda t: {**t, "extra": torch.zeros(3)}), "tensors"),
+    (dict(tensors=lambda t: {"memory_bank": t["memory_bank"].double()}), "memory_bank"),
+    (dict(tensors=lambda t: {"memory_bank": t["memory_bank"].flatten()}), "memory_bank"),
+    (dict(tensors=lambda t: {"other": t["memory_bank"]}), "memory_bank"),
+    (dict(fitted={"distance_scale": 0.0}), "fitted.distance_scale"),
+    (dict(fitted={"distance_scale": -1.0}), "fitted.distance_scale"),
+    (dict(fitted={"distance_scale": NAN}), "fitted.distance_scale"),
+    (dict(fitted={"distance_scale": INF}), "fitted.distance_scale"),
+    (dict(fitted={"distance_scale": "1.0"}), "fitted.distance_scale"),
+    (dict(fitted={"distance_scale": True}), "fitted.distance_scale"),
+    (dict(fitted={"distance_scale": ...}), "fitted.distance_scale"),
+    (dict(fitted={"image_threshold": NAN}), "fitted.image_threshold"),
+    (dict(fitted={"pixel_threshold": -INF}), "fitted.pixel_threshold"),
+    (dict(fitted={"image_threshold": [1]}), "fitted.image_threshold"),
+    (dict(fitted={"calibration_scores": [1.0, NAN]}), "fitted.calibration_scores"),
+    (dict(fitted={"calibration_scores": "1,2"}), "fitted.calibration_scores"),
+    (dict(fitted={"grid": ...}), "fitted.grid"),
+    (dict(fitted={"grid": [8]}), "fitted.grid"),
+    (dict(fitted={"grid": [8, -8]}), "fitted.grid"),
+    (dict(fitted={"grid": [0, 8]}), "fitted.grid"),
+    (dict(fitted={"grid": [80, 8]}), "fitted.grid"),  # larger than the input
+    (dict(fitted={"grid": [4, 8]}), "fitted.grid"),  # not what a stride of 8 gives on 64 x 64
+    (dict(fitted={"input_size": [64, 0]}), "fitted.input_size"),
+    (dict(fitted={"input_size": [1 << 20, 1 << 20]}), "fitted.input_size"),
+    (dict(fitted={"input_size": [64.5, 64]}), "fitted.input_size"),
+    (dict(fitted={"n_train_images": 0}), "fitted.n_train_images"),
+    (dict(fitted={"n_train_images": ...}), "fitted.n_train_images"),
+    (dict(fitted={"n_train_patches": 3}), "fitted.n_train_patches"),  # fewer than the bank's rows
+    (dict(fitted={"n_train_patches": 10**9}), "fitted.n_train_patches"),
+    (dict(header={"fitted": ...}), "fitted"),
+    (dict(header={"fitted": [1, 2]}), "fitted"),
+    (dict(header={"backbone_weights_sha256": ...}), "backbone_weights_sha256"),
+    (dict(header={"backbone_weights_sha256": "abc"}), "backbone_weights_sha256"),
+])
+def test_invalid_fitted_state_is_one_model_file_error_naming_file_and_field(saved_model, tmp_path, changes, field):
+    from patchcore.estimator.state import FittedState
+
+    path = _edited(saved_model, tmp_path, **changes)
+    tensors, header = read_model_file(path)
+    with pytest.raises(ModelFileError) as info:
+        FittedState.from_file(tensors, header, path)
+    message = str(info.value)
+    assert str(path) in message and f"field {field}" in message, message
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"blur_sigma": 1000.0}, "blur_sigma"),
+    ({"blur_sigma": NAN}, "blur_sigma"),
+    ({"resize": 100_000}, "resize"),
+    ({"crop": [64, 20_000]}, "crop"),
+    ({"embedding_dim": 1 << 20}, "embedding_dim"),
+    ({"coreset_size": -5}, "coreset_size"),
+    ({"patch_size": "3"}, "patch_size"),
+    ({"feature_strides": [8, "16"]}, "feature_strides"),
+    ({"banana": 1}, "unknown PatchCoreConfig fields"),
+])
+def test_invalid_config_in_a_model_file_names_the_file_and_field(saved_model, tmp_path, changes, match):
+    from patchcore import PatchCore
+
+    path = _edited(saved_model, tmp_path, header={"config": _config_with(saved_model, **changes)})
+    with pytest.raises(ModelFileError, match=match) as info:
+        PatchCore.load(path, device="cpu")
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("header", [{"config": ...}, {"config": [1, 2]}, {"config": "x"}])
+def test_missing_config_is_a_model_file_error_not_a_key_error(saved_model, tmp_path, header):
+    from patchcore import PatchCore
+    from patchcore.estimator.state import config_from_file
+
+    path = _edited(saved_model, tmp_path, header=header)
+    with pytest.raises(ModelFileError) as info:
+        PatchCore.load(path, device="cpu")
+    assert str(path) in str(info.value)
+    with pytest.raises(ModelFileError, match="field config"):
+        config_from_file(read_model_file(path)[1], path)
+
+
+def test_config_from_file_round_trips_and_replaces_the_weights(saved_model):
+    from patchcore import PatchCore
+    from patchcore.estimator.state import config_from_file
+
+    header = read_model_file(saved_model)[1]
+    assert config_from_file(header, saved_model) == PatchCore.load(saved_model, device="cpu").config
+    assert config_from_file(header, saved_model, weights="/w.pth").weights == "/w.pth"
+
+
+def test_a_valid_model_passes_validation_and_loads(saved_model):
+    from patchcore import PatchCore
+    from patchcore.estimator.state import FittedState
+
+    tensors, header = read_model_file(saved_model, tensor_schema=FittedState.TENSORS)
+    FittedState.from_file(tensors, header, saved_model)
+    model = PatchCore.load(saved_model, device="cpu")
+    assert model.distance_scale_ > 0 and model.image_threshold_ is not None
+
+
+def test_cli_refuses_a_nan_bank_in_one_line(saved_model, tmp_path, capsys, category):
+    from patchcore.app.cli import main
+
+    path = _edited(saved_model, tmp_path, tensors=lambda t: {"memory_bank": torch.full_like(t["memory_bank"], NAN)})
+    code = main(["predict", str(path), str(category / "test" / "good"), "-o", str(tmp_path / "out"), "--quiet",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(path) in err and "memory_bank" in err and "NaN" in err
+    assert not (tmp_path / "out" / "scores.json").exists()

@@ -1,25 +1,191 @@
 """Score a list of image files into an output folder: heatmaps, overlays, masks, optional raw maps,
-and the scores table (scores.csv, scores.json)."""
+and the scores table (scores.csv, scores.json).
+
+Written as it goes, so a Ctrl-C, a crash or a full disk leaves usable results of what was scored:
+
+- every image's heatmap, overlay, mask (and map) is written to a temporary name and renamed, so no
+  half-written picture ever carries an output name;
+- scores.csv gets each batch's rows after that batch's pictures, then a flush: a row means its
+  pictures are complete;
+- scores.json is rewritten atomically at the start (status "running"), at most every JSON_INTERVAL
+  seconds during the run, and at the end with status "complete", "interrupted" (Ctrl-C) or "failed"
+  (an error, named in "error"); "complete" and "interrupted" are also booleans. It is always valid JSON
+  (no NaN: an image whose score is not finite is a failure, not a row).
+
+An output folder that holds results of an earlier run (scores.csv, scores.json, or pictures in the
+output subfolders) is refused, or, with overwrite=True, those results are removed first: old and new
+results never mix. Nothing else in the folder is touched.
+
+Output names: the image's path below the common folder of all inputs, '/' -> '_', without its extension
+(MVTec's test/crack/000.png and test/good/000.png become crack_000 and good_000); a name already taken
+(compared case-insensitively, for case-insensitive file systems) gets _2, _3, ...; the same file given
+twice (or through two paths) is scored once.
+"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import os
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from ..errors import ImageReadError
+from ..errors import ImageReadError, InputError, OutputError
 from ..estimator import PatchCore
+from ..estimator.inputs import iter_batches, same_size_stacks
 from ..evaluation.progress import Progress, no_progress
+from ..io.images import list_images
+from ..io.model_file import atomic_write_bytes, probe_writable
 from ..io.render import colormap, normalise_map, overlay
 
+SCORE_FILES = ("scores.csv", "scores.json")
+# Output subfolders and the suffix of what we write in each (the only files removed on overwrite).
+OUTPUT_FOLDERS = {"heatmaps": ".png", "overlays": ".png", "masks": ".png", "maps": ".npy"}
+CSV_FIELDS = ["file", "name", "score", "label"]
+JSON_INTERVAL = 5.0  # seconds between scores.json rewrites during a run (it is rewritten whole)
+MAX_NAME_BYTES = 200  # output names longer than this are shortened, with a hash of the full name
+NAMING = ("output names are the image's path below the common folder of all inputs, '/' -> '_', without the "
+          "extension (test/crack/000.png -> crack_000); a name already taken (case-insensitively) gets _2, "
+          "_3, ...; the same file given twice is scored once")
 
+
+# ---------------------------------------------------------------------------- inputs
+def collect_inputs(items: Iterable[str | Path], *, exclude: Path | None = None) -> list[Path]:
+    """Files as given, folders searched recursively (sorted), in order. Files inside `exclude` (the output
+    folder, when it lies inside an input folder) are left out, so a run never scores its own pictures. A
+    path that does not exist is kept: it is reported as unreadable, like any file that cannot be read."""
+    excluded = exclude.resolve() if exclude is not None else None
+    paths: list[Path] = []
+    for item in items:
+        item = Path(item)
+        if item.is_dir():
+            found = list_images(item, recursive=True)
+            if excluded is not None:
+                found = [p for p in found if excluded not in p.resolve().parents]
+                if not found:
+                    raise InputError(f"{item}: no image files outside the output folder {exclude}")
+            paths.extend(found)
+        else:
+            paths.append(item)
+    return paths
+
+
+def unique_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """The paths without repeats of the same file (by resolved path; order kept), and the repeats."""
+    seen: dict[Path, Path] = {}
+    unique, repeats = [], []
+    for path in map(Path, paths):
+        key = path.resolve()
+        if key in seen:
+            repeats.append({"file": str(path), "same_as": str(seen[key])})
+        else:
+            seen[key] = path
+            unique.append(path)
+    return unique, repeats
+
+
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """Unique, readable output names: the path below the inputs' common folder, '/' -> '_'
+    (MVTec's test/crack/000.png and test/good/000.png become crack_000 and good_000). The same file
+    (by resolved path) keeps one name; names differing only in case count as taken."""
+    resolved = [Path(p).resolve() for p in paths]
+    common = Path(os.path.commonpath([str(p.parent) for p in resolved])) if resolved else Path(".")
+    names: dict[Path, str] = {}
+    by_file: dict[Path, str] = {}
+    used: set[str] = set()
+    for path, full in zip(paths, resolved):
+        if full in by_file:
+            names[path] = by_file[full]
+            continue
+        base = "_".join(full.relative_to(common).with_suffix("").parts) or full.stem or "image"
+        if len(base.encode()) > MAX_NAME_BYTES:
+            digest = hashlib.sha256(base.encode()).hexdigest()[:12]
+            base = base.encode()[:MAX_NAME_BYTES - 13].decode(errors="ignore") + "_" + digest
+        name, n = base, 1
+        while name.casefold() in used:
+            n += 1
+            name = f"{base}_{n}"
+        used.add(name.casefold())
+        names[path] = by_file[full] = name
+    return names
+
+
+# ---------------------------------------------------------------------------- the output folder
+def earlier_outputs(output: Path) -> list[str]:
+    """What in `output` is from an earlier run (our file names only)."""
+    found = [name for name in SCORE_FILES if (output / name).exists()]
+    for sub, suffix in OUTPUT_FOLDERS.items():
+        folder = output / sub
+        if folder.is_dir() and any(p.suffix == suffix for p in folder.iterdir()):
+            found.append(sub + "/")
+    return found
+
+
+def check_output_folder(output: Path, *, overwrite: bool) -> None:
+    """Before any work: `output` must be (or become) a writable folder, and hold no earlier results
+    unless `overwrite`. OutputError otherwise. Nothing is created or removed here."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: exists and is not a folder; give a folder for the results")
+    folder = output
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: is not a folder, so the output folder {output} cannot be made")
+    if output.is_dir():
+        for sub in list(OUTPUT_FOLDERS) + list(SCORE_FILES):
+            target = output / sub
+            if target.exists() and (target.is_dir() != (sub in OUTPUT_FOLDERS)):
+                raise OutputError(f"{target}: is in the way of the results (a {'folder' if target.is_dir() else 'file'}"
+                                  f" where a {'folder' if sub in OUTPUT_FOLDERS else 'file'} goes)")
+        earlier = earlier_outputs(output)
+        if earlier and not overwrite:
+            raise OutputError(f"{output}: holds results of an earlier run ({', '.join(earlier)}); pass --overwrite "
+                              f"to replace them, or choose another output folder")
+    probe_writable(folder)
+
+
+def clear_outputs(output: Path) -> None:
+    """Remove the results of an earlier run (only the files we write; other files stay)."""
+    for name in SCORE_FILES:
+        (output / name).unlink(missing_ok=True)
+    for sub, suffix in OUTPUT_FOLDERS.items():
+        folder = output / sub
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_file() and (path.suffix == suffix or path.name.endswith(".tmp")):
+                path.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+# ---------------------------------------------------------------------------- scoring
 def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, progress: Progress = no_progress,
-                      save_maps: bool = False) -> tuple[list[dict], list[ImageReadError]]:
-    """Score `paths` batch by batch and write heatmaps, overlays, masks and the scores table."""
-    names = output_names(paths)
+                      save_maps: bool = False, overwrite: bool = True) -> tuple[list[dict], list[ImageReadError]]:
+    """Score `paths` batch by batch and write heatmaps, overlays, masks and the scores table as it goes.
+
+    Earlier results in `output` are replaced (overwrite=True) or refused with an OutputError. Images of
+    different sizes (resize none, or a shorter-side resize of different aspect ratios) are scored in
+    same-size groups, each with maps at its own size. Returns (rows, failures); failures are the files
+    that could not be read or scored.
+    """
+    output = Path(output)
+    for name in ("image_threshold_", "pixel_threshold_"):
+        value = getattr(model, name)
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"the {name[:-1].replace('_', ' ')} must be a finite number, got {value}")
+    check_output_folder(output, overwrite=overwrite)
+    if overwrite:
+        clear_outputs(output)
+    unique, repeats = unique_inputs(paths)
+    names = output_names(unique)
     subfolders = ["heatmaps", "overlays"]
     if model.pixel_threshold_ is not None:
         subfolders.append("masks")
@@ -27,55 +193,156 @@ def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, prog
         subfolders.append("maps")
     for sub in subfolders:
         (output / sub).mkdir(parents=True, exist_ok=True)
-    rows, failures = [], []
-    with progress(len(paths), "predict") as bar:
-        for batch in model.iter_predict(paths):
-            failures += batch.failures
-            bar.update(len(batch.paths) + len(batch.failures))
-            result = batch.result
-            for i, path in enumerate(batch.paths):
-                name = names[path]
-                anomaly_map = result.maps[i].numpy()
-                heat = colormap(normalise_map(anomaly_map, model.pixel_threshold_))
-                Image.fromarray(heat).save(output / "heatmaps" / f"{name}.png")
-                picture = model.preprocess.geometry(batch.images[i]).permute(1, 2, 0).numpy()
-                mask = None if result.masks is None else result.masks[i].numpy()
-                Image.fromarray(overlay(picture, heat, mask)).save(output / "overlays" / f"{name}.png")
-                if mask is not None:
-                    Image.fromarray((mask * 255).astype(np.uint8)).save(output / "masks" / f"{name}.png")
-                if save_maps:
-                    np.save(output / "maps" / f"{name}.npy", anomaly_map)
-                label = "" if result.labels is None else ("defect" if bool(result.labels[i]) else "good")
-                rows.append({"file": str(path), "name": name, "score": float(result.scores[i]), "label": label})
-    write_scores(output, rows, model, failures)
-    return rows, failures
+    table = ScoresTable(output, model, n_inputs=len(unique), repeats=repeats)
+    try:
+        with progress(len(unique), "predict") as bar:
+            for batch_paths, images, result, failures in _scored_batches(model, unique):
+                rows = [_write_outputs(output, model, names[path], path, image, result, i, save_maps)
+                        for i, (path, image) in enumerate(zip(batch_paths, images))]
+                failures += [ImageReadError(row["file"], row["error"]) for row in rows if "error" in row]
+                table.add([row for row in rows if "error" not in row], failures)
+                bar.update(len(batch_paths) + len(failures) - sum("error" in row for row in rows))
+    except KeyboardInterrupt:
+        table.close("interrupted")
+        raise
+    except OSError as err:
+        table.close("failed", f"could not write results: {err}")
+        raise OutputError(f"{output}: could not write results ({err}); scores.csv and scores.json hold the "
+                          f"{len(table.rows)} images scored before") from err
+    except BaseException as err:
+        table.close("failed", f"{type(err).__name__}: {err}")
+        raise
+    table.close("complete")
+    return table.rows, table.failures
 
 
-def output_names(paths: list[Path]) -> dict[Path, str]:
-    """Unique, readable output names: the path below the inputs' common folder, '/' -> '_'
-    (MVTec's test/crack/000.png and test/good/000.png become crack_000 and good_000)."""
-    resolved = [p.resolve() for p in paths]
-    common = Path(os.path.commonpath([str(p.parent) for p in resolved])) if resolved else Path(".")
-    names, used = {}, set()
-    for path, full in zip(paths, resolved):
-        base = "_".join(full.relative_to(common).with_suffix("").parts)
-        name, n = base, 1
-        while name in used:
-            n += 1
-            name = f"{base}_{n}"
-        used.add(name)
-        names[path] = name
-    return names
+def _scored_batches(model: PatchCore, paths: list[Path]) -> Iterator[tuple[list[Path], list[torch.Tensor],
+                                                                          list, list[ImageReadError]]]:
+    """(paths, decoded images, per-image results, failures) per same-size group of each batch.
+
+    Each group is scored on its own (model.predict_batch), so images whose maps differ in size never
+    need to be stacked together; a group the model refuses (InputError, e.g. an image too large after
+    resizing) is retried image by image, and an image refused alone is a failure naming it."""
+    batches = iter_batches(paths, model.config.batch_size)
+    try:
+        for batch in batches:
+            start, first = 0, True
+            for stack in same_size_stacks(batch.images):
+                count = stack.shape[0]
+                group_paths = batch.paths[start:start + count]
+                group_images = batch.images[start:start + count]
+                start += count
+                failures = list(batch.failures) if first else []
+                first = False
+                try:
+                    results = _split(model.predict_batch(stack))
+                except InputError:
+                    results, kept_paths, kept_images = [], [], []
+                    for path, image in zip(group_paths, group_images):
+                        try:
+                            results += _split(model.predict_batch(image[None]))
+                        except InputError as err:
+                            failures.append(ImageReadError(path, f"cannot be scored: {err}"))
+                            continue
+                        kept_paths.append(path)
+                        kept_images.append(image)
+                    group_paths, group_images = kept_paths, kept_images
+                yield group_paths, group_images, results, failures
+            if first and batch.failures:  # a batch of unreadable files only
+                yield [], [], [], list(batch.failures)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
-def write_scores(output: Path, rows: list[dict], model: PatchCore, failures: list[ImageReadError]) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / "scores.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file", "name", "score", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = {"image_threshold": model.image_threshold_, "pixel_threshold": model.pixel_threshold_,
-               "map_geometry": {"input_size": list(model.input_size_), "resize": model.config.resize,
-                                "crop": model.config.crop},
-               "images": rows, "failures": [{"file": f.path, "error": f.reason} for f in failures]}
-    (output / "scores.json").write_text(json.dumps(summary, indent=1))
+def _split(result) -> list[tuple]:
+    """A batch result -> one (score, map, label, mask) per image, on the CPU."""
+    n = result.scores.shape[0]
+    labels = [None] * n if result.labels is None else [bool(v) for v in result.labels.cpu()]
+    masks = [None] * n if result.masks is None else list(result.masks.cpu())
+    return list(zip(result.scores.cpu().tolist(), result.maps.cpu(), labels, masks))
+
+
+def _write_outputs(output: Path, model: PatchCore, name: str, path: Path, image: torch.Tensor, result: list,
+                   i: int, save_maps: bool) -> dict:
+    score, anomaly_map, label, mask = result[i]
+    if not math.isfinite(score):
+        return {"file": str(path), "error": f"the model gave a non-finite anomaly score ({score}): is the model "
+                                            f"file damaged?"}
+    anomaly_map = anomaly_map.numpy()
+    heat = colormap(normalise_map(anomaly_map, model.pixel_threshold_))
+    _save_png(heat, output / "heatmaps" / f"{name}.png")
+    picture = model.preprocess.geometry(image).permute(1, 2, 0).numpy()
+    mask = None if mask is None else mask.numpy()
+    _save_png(overlay(picture, heat, mask), output / "overlays" / f"{name}.png")
+    if mask is not None:
+        _save_png((mask * 255).astype(np.uint8), output / "masks" / f"{name}.png")
+    if save_maps:
+        _save_atomic(output / "maps" / f"{name}.npy", lambda handle: np.save(handle, anomaly_map))
+    return {"file": str(path), "name": name, "score": score,
+            "label": "" if label is None else ("defect" if label else "good")}
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    _save_atomic(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
+
+
+def _save_atomic(path: Path, write) -> None:
+    """Write through a temporary name and rename (no fsync: this guards against interruption, not power loss)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- the scores table
+class ScoresTable:
+    """scores.csv appended and flushed per batch; scores.json rewritten atomically (see the module doc)."""
+
+    def __init__(self, output: Path, model: PatchCore, *, n_inputs: int, repeats: list[dict[str, str]]):
+        self.output, self.model, self.n_inputs, self.repeats = output, model, n_inputs, repeats
+        self.rows: list[dict] = []
+        self.failures: list[ImageReadError] = []
+        self._handle = open(output / "scores.csv", "w", newline="")
+        self._csv = csv.DictWriter(self._handle, fieldnames=CSV_FIELDS)
+        self._csv.writeheader()
+        self._handle.flush()
+        self._written = 0.0
+        self._write_json("running")
+
+    def add(self, rows: list[dict], failures: list[ImageReadError]) -> None:
+        self.rows += rows
+        self.failures += failures
+        self._csv.writerows(rows)
+        self._handle.flush()
+        if time.monotonic() - self._written >= JSON_INTERVAL:
+            self._write_json("running")
+
+    def close(self, status: str, error: str | None = None) -> None:
+        """Final scores.json. After a failure this is best effort: the original error is what matters."""
+        try:
+            self._handle.close()
+            self._write_json(status, error)
+        except (OSError, ValueError):
+            if status == "complete":
+                raise
+
+    def _write_json(self, status: str, error: str | None = None) -> None:
+        model = self.model
+        summary = {
+            "status": status, "complete": status == "complete", "interrupted": status == "interrupted",
+            "error": error, "n_inputs": self.n_inputs, "n_scored": len(self.rows), "n_failed": len(self.failures),
+            "image_threshold": model.image_threshold_, "pixel_threshold": model.pixel_threshold_,
+            "map_geometry": {"input_size": list(model.input_size_), "resize": model.config.resize,
+                             "crop": model.config.crop},
+            "naming": NAMING, "repeated_inputs": self.repeats,
+            "images": self.rows, "failures": [{"file": f.path, "error": f.reason} for f in self.failures],
+        }
+        atomic_write_bytes(self.output / "scores.json", json.dumps(summary, indent=1, allow_nan=False).encode())
+        self._written = time.monotonic()
+

@@ -1,8 +1,8 @@
 """The model file: one safetensors file, tensors plus a JSON header. No pickle anywhere.
 
 Loading a file never runs code from it: safetensors holds raw tensor bytes, and our metadata is plain
-JSON. Writes are atomic (temporary file in the same folder, fsync, rename), so a crash mid-write
-leaves any previous file intact.
+JSON, checked against bounds before any tensor data is read. Writes are atomic (temporary file in the
+same folder, fsync, rename), so a crash, a full disk or Ctrl-C mid-write leaves any previous file intact.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, OutputError
 
 FORMAT_NAME = "patchcore-model"
 FORMAT_VERSION = 1
@@ -30,54 +30,222 @@ def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], metadat
     atomic_write_bytes(Path(path), payload)
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def check_output_file(path: str | Path) -> Path:
+    """Before any work: can a file be written at `path`? Returns the path to write (a symbolic link is
+    followed, as a plain write would). Missing parent folders are fine (the write creates them) if the
+    nearest existing one is a writable folder. Raises OutputError naming the path otherwise."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give the file to write, e.g. {path / 'model.patchcore'}")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{path}: exists and is not a regular file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        if folder.is_symlink():  # a dangling link in the path
+            raise OutputError(f"{folder}: a broken symbolic link in the output path")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: is not a folder, so {path} cannot be written")
+    probe_writable(folder)
+    return path
+
+
+def probe_writable(folder: Path) -> None:
+    """Create and remove a temporary file in `folder` (access bits are not enough: read-only mounts,
+    ACLs, root); OutputError naming the folder if that fails."""
     try:
+        fd, probe = tempfile.mkstemp(prefix=".patchcore-write-test.", dir=folder)
+    except OSError as err:
+        raise OutputError(f"{folder}: cannot write here ({err.strerror or err})") from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write `payload` to `path` so that it is either completely written or not at all: a temporary file in
+    the same folder, fsync, rename over the target. The file gets the mode a plain open() would give (0666
+    less the umask), not mkstemp's 0600. Any OSError (a full disk, no permission) becomes an OutputError
+    naming the path; on any failure, Ctrl-C included, the temporary file is removed and a previous file
+    at `path` is unchanged."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+        except BaseException:
+            os.close(fd)
+            raise
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        _fsync_folder(path.parent)
+    except OSError as err:
+        raise OutputError(f"{path}: could not write the file ({err}); nothing was written there, "
+                          f"a previous file at that path is unchanged") from err
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux /proc); elsewhere set
+    and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every system can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# Bounds checked on the safetensors header before any tensor data is read.
+MAX_HEADER_BYTES = 16 << 20  # our header is a few kB (the calibration scores dominate)
+MAX_TENSOR_NDIM = 8
+_ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int]] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a model file: its tensors and its patchcore header.
+
+    The safetensors header is read and checked first (length, JSON, dtypes, shapes, data offsets inside
+    the file); only then are the tensors read, one at a time from the file (never the whole file into
+    memory first). `tensor_schema`, {name: (safetensors dtype, ndim)}, also requires exactly these
+    tensors with these dtypes and ranks, checked before any tensor data is read. Every problem is a
+    ModelFileError naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
-        payload = path.read_bytes()
-        tensors = load(payload)
-        header = _read_header(payload)
-    except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as err:
+        with open(path, "rb") as handle:
+            entries, metadata = _read_safetensors_header(handle, os.fstat(handle.fileno()).st_size)
+        header = _patchcore_header(metadata)
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot read the model file ({err})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise ModelFileError(f"{path}: not a patchcore model file or damaged ({err})") from None
     if header.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path}: not a patchcore model file (safetensors without patchcore metadata)")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise ModelFileError(f"{path}: model format version {version} is not supported by this patchcore "
                              f"(it reads version {FORMAT_VERSION}); use the patchcore release that wrote it, "
                              f"{header.get('package_version', 'unknown')}, or refit")
+    if tensor_schema is not None:
+        _check_tensor_schema(path, entries, tensor_schema)
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in entries:
+                tensors[name] = handle.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ModelFileError(f"{path}: not a patchcore model file or damaged ({err})") from None
     return tensors, header
 
 
-def _read_header(payload: bytes) -> dict[str, Any]:
-    """The JSON metadata in the safetensors header (8-byte little-endian length, then JSON)."""
-    if len(payload) < 8:
+def _read_safetensors_header(handle, size: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """The tensor entries and the string metadata of a safetensors file, bounds-checked."""
+    if size < 8:
         raise ValueError("file too short")
-    length = int.from_bytes(payload[:8], "little")
-    if length > len(payload) - 8:
+    length = int.from_bytes(handle.read(8), "little")
+    if length > size - 8:
         raise ValueError("header length exceeds file size")
-    metadata = json.loads(payload[8:8 + length]).get("__metadata__") or {}
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {length} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    raw = handle.read(length)
+    if len(raw) != length:
+        raise ValueError("file shorter than its header")
+    document = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    if not isinstance(document, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    metadata = document.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("safetensors metadata is not an object of strings")
+    data_size = size - 8 - length
+    for name, entry in document.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name!r}: malformed header entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _ITEM_SIZES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_NDIM
+                or not all(_is_count(n) for n in shape)):
+            raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
+            raise ValueError(f"tensor {name!r}: bad data offsets {offsets!r}")
+        begin, end = offsets
+        if not begin <= end <= data_size:
+            raise ValueError(f"tensor {name!r}: data offsets {offsets} outside the file's {data_size} data bytes "
+                             f"(truncated?)")
+        count = 1
+        for n in shape:
+            count *= n
+        if end - begin != count * _ITEM_SIZES[dtype]:
+            raise ValueError(f"tensor {name!r}: {end - begin} data bytes for shape {shape} of {dtype}")
+    return document, metadata
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys in the header: {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
+def _patchcore_header(metadata: dict[str, str]) -> dict[str, Any]:
+    """Our JSON object inside the safetensors metadata ({} if there is none)."""
     if _METADATA_KEY not in metadata:
         return {}
-    header = json.loads(metadata[_METADATA_KEY])
+    header = json.loads(metadata[_METADATA_KEY], object_pairs_hook=_no_duplicate_keys)
     if not isinstance(header, dict):
         raise ValueError("patchcore metadata is not a JSON object")
     return header
+
+
+def _check_tensor_schema(path: Path, entries: dict[str, dict], schema: dict[str, tuple[str, int]]) -> None:
+    missing, extra = sorted(set(schema) - set(entries)), sorted(set(entries) - set(schema))
+    if missing:
+        raise ModelFileError(f"{path}: invalid model file: tensor {missing[0]!r} is missing")
+    if extra:
+        raise ModelFileError(f"{path}: invalid model file: unexpected tensors {extra} (this format holds only "
+                             f"{sorted(schema)})")
+    for name, (dtype, ndim) in schema.items():
+        entry = entries[name]
+        if entry["dtype"] != dtype or len(entry["shape"]) != ndim:
+            raise ModelFileError(f"{path}: invalid model file: tensor {name!r} must be {ndim}-D {dtype}, got "
+                                 f"{len(entry['shape'])}-D {entry['dtype']} of shape {entry['shape']}")
