@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore.errors import ImageReadError, InputError
+from patchcore.errors import ConfigError, ImageReadError, InputError
 from patchcore.io.images import as_uint8_tensor, expand_inputs, iter_image_batches, list_images, read_image
 from patchcore.io.preprocess import Preprocess
 
@@ -260,18 +260,185 @@ def test_preprocess_rejects_non_uint8_batches():
         pre(torch.zeros(3, 4, 4, dtype=torch.uint8))
 
 
-def test_fast_png_path_is_bit_identical_to_pil(tmp_path):
-    from patchcore.io.images import _decode_plain_png
+# ---------------------------------------------------------------- hostile files, limits, orientation
 
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    Image.fromarray(grey).save(tmp_path / "grey.png")
-    fast_rgb, fast_grey = _decode_plain_png(tmp_path / "rgb.png"), _decode_plain_png(tmp_path / "grey.png")
-    if fast_rgb is None:
-        pytest.skip("torchvision has no PNG decoder here: PIL decodes everything")
-    assert np.array_equal(fast_rgb, rgb) and np.array_equal(read_image(tmp_path / "rgb.png"), rgb)
-    assert np.array_equal(fast_grey, np.repeat(grey[..., None], 3, axis=2))
-    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
-    assert _decode_plain_png(tmp_path / "palette.png") is None  # other kinds go through PIL
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(width: int, height: int, scanlines: bytes, *, crc_ok: bool = True, payload: bytes | None = None) -> bytes:
+    """An 8-bit RGB PNG of these raw scanlines (or of this raw IDAT payload)."""
+    import struct
+    import zlib
+
+    idat = _png_chunk(b"IDAT", zlib.compress(scanlines) if payload is None else payload)
+    if not crc_ok:
+        idat = idat[:-4] + b"\0\0\0\0"
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + idat + _png_chunk(b"IEND", b""))
+
+
+def _rows(width: int, height: int, filter_byte: int = 0) -> bytes:
+    return b"".join(bytes([filter_byte]) + bytes((3 * y + x) % 251 for x in range(3 * width)) for y in range(height))
+
+
+@pytest.mark.parametrize("kind", ["short_rows", "partial_row", "bad_filter", "zlib_garbage", "bad_adler"])
+def test_png_data_errors_are_per_file_errors_not_crashes(tmp_path, kind):
+    # Each of these made torchvision's decode_png (the former fast path) die with SIGSEGV.
+    import zlib
+
+    rows = _rows(30, 20)
+    data = {"short_rows": lambda: _png(30, 20, rows[: len(rows) // 2]),  # whole rows missing
+            "partial_row": lambda: _png(30, 20, rows[: len(rows) // 3]),
+            "bad_filter": lambda: _png(30, 20, _rows(30, 20, filter_byte=9)),
+            "zlib_garbage": lambda: _png(30, 20, b"", payload=zlib.compress(rows)[:2] + bytes(60)),
+            "bad_adler": lambda: _png(30, 20, b"", payload=zlib.compress(rows)[:-4] + bytes(4))}[kind]()
+    path = tmp_path / f"{kind}.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert info.value.path == str(path)
+
+
+def test_complete_png_with_black_last_rows_is_not_mistaken_for_short_data(tmp_path):
+    array = _rgb(40, 30, seed=3)
+    array[-5:] = 0  # black at the bottom: read_image inflates the data to make sure it is all there
+    assert np.array_equal(read_image(_save(tmp_path / "black_bottom.png", array)), array)
+    assert np.array_equal(read_image(_save(tmp_path / "interlaced.png", array, interlace=1)), array)
+    grey = np.zeros((7, 9), np.uint8)
+    assert np.array_equal(read_image(_save(tmp_path / "all_black.png", grey)), np.zeros((7, 9, 3), np.uint8))
+
+
+def test_png_with_a_bad_idat_crc_but_intact_data_decodes(tmp_path):
+    # PIL, like many decoders, does not check IDAT CRCs; the pixels are intact, so this is not an error.
+    path = tmp_path / "crc.png"
+    path.write_bytes(_png(30, 20, _rows(30, 20), crc_ok=False))
+    assert read_image(path).shape == (20, 30, 3)
+
+
+def test_pixel_and_aspect_limits_refuse_before_decoding(tmp_path, monkeypatch):
+    import struct
+
+    huge = tmp_path / "huge.png"  # header only: 30000 x 30000 with no image data; refused from the header
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                     + _png_chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError, match="PATCHCORE_MAX_PIXELS") as info:
+        read_image(huge)
+    assert info.value.path == str(huge)
+    ok = _save(tmp_path / "ok.png", _rgb(30, 40))
+    monkeypatch.setenv("PATCHCORE_MAX_PIXELS", "1000")
+    with pytest.raises(ImageReadError, match=r"1200 pixels|1\.2 Mpx|above the limit"):
+        read_image(ok)
+    monkeypatch.setenv("PATCHCORE_MAX_PIXELS", "1200")
+    assert read_image(ok).shape == (30, 40, 3)
+    monkeypatch.delenv("PATCHCORE_MAX_PIXELS")
+    strip = _save(tmp_path / "strip.png", _rgb(2, 100))
+    with pytest.raises(ImageReadError, match="aspect ratio.*PATCHCORE_MAX_ASPECT_RATIO"):
+        read_image(strip)
+    monkeypatch.setenv("PATCHCORE_MAX_ASPECT_RATIO", "50")
+    assert read_image(strip).shape == (2, 100, 3)
+    monkeypatch.setenv("PATCHCORE_MAX_ASPECT_RATIO", "lots")
+    with pytest.raises(ConfigError, match="PATCHCORE_MAX_ASPECT_RATIO"):
+        read_image(strip)
+
+
+def test_resize_cap_is_a_per_file_error_in_batches(tmp_path, monkeypatch):
+    pre = Preprocess(resize=None, crop=None, mean=HALF, std=HALF)
+    small = [_save(tmp_path / f"s{i}.png", _rgb(10, 10, seed=i)) for i in range(3)]
+    big = _save(tmp_path / "big.png", _rgb(40, 40))
+    monkeypatch.setenv("PATCHCORE_MAX_RESIZED_PIXELS", "400")
+    batches = list(iter_image_batches([small[0], big, small[1], small[2]], 2, check=pre.check_size))
+    assert [p for b in batches for p in b.paths] == small
+    (failure,) = [f for b in batches for f in b.failures]
+    assert failure.path == str(big) and "PATCHCORE_MAX_RESIZED_PIXELS" in failure.reason
+    with pytest.raises(InputError, match="MAX_RESIZED_PIXELS"):  # a batch tensor past the cap: the whole call
+        pre(_batch(40, 40))
+    shorter_side = Preprocess(resize=256, crop=None, mean=HALF, std=HALF)
+    monkeypatch.delenv("PATCHCORE_MAX_RESIZED_PIXELS")
+    with pytest.raises(InputError, match="256 x 10240000"):
+        shorter_side.check_size(1, 40000)
+    crop = Preprocess(resize=None, crop=16, mean=HALF, std=HALF)
+    with pytest.raises(ImageReadError, match="larger than the resized image"):
+        read_image(small[0], check=crop.check_size)
+
+
+def test_read_ahead_is_bounded_in_bytes(tmp_path, monkeypatch):
+    import threading
+
+    import patchcore.io.images as images
+
+    paths = [_save(tmp_path / f"{i}.png", _rgb(20, 20, seed=i)) for i in range(8)]
+    active, peak, lock = [0], [0], threading.Lock()
+    real = images.read_image
+
+    def counting(path, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return real(path, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(images, "read_image", counting)
+    monkeypatch.setenv("PATCHCORE_READAHEAD_BYTES", str(3 * 20 * 20))  # one image's worth
+    got = [p for b in iter_image_batches(paths, 4, workers=4) for p in b.paths]
+    assert got == paths and peak[0] == 1  # one file ahead at a time, however many workers
+
+
+def test_exif_orientation_is_applied_on_every_path(tmp_path):
+    upright = _rgb(6, 10, seed=5)  # 6 high, 10 wide
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # 10 high, 6 wide; tag 6 says: turn 90 clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    png = tmp_path / "rot.png"
+    Image.fromarray(stored).save(png, exif=exif.tobytes())
+    assert np.array_equal(read_image(png), upright)  # 8-bit PNG: the former fast path ignored the tag
+    jpeg = tmp_path / "rot.jpg"
+    Image.fromarray(stored).save(jpeg, exif=exif.tobytes(), quality=95)
+    assert read_image(jpeg).shape == (6, 10, 3)
+    with Image.open(png) as in_memory:  # a PIL image given to the Python API: the same picture as its file
+        assert torch.equal(as_uint8_tensor(in_memory), torch.from_numpy(upright).permute(2, 0, 1))
+    assert as_uint8_tensor(stored).shape == (3, 10, 6)  # arrays carry no EXIF: taken as they are
+
+
+def test_multi_frame_files_give_their_first_frame(tmp_path):
+    first, second = _rgb(8, 9, seed=1), _rgb(5, 4, seed=2)
+    path = tmp_path / "frames.tif"
+    Image.fromarray(first).save(path, save_all=True, append_images=[Image.fromarray(second)])
+    assert np.array_equal(read_image(path), first)
+
+
+def test_formats_outside_the_list_are_refused_whatever_the_suffix(tmp_path):
+    path = tmp_path / "really_pcx.png"
+    Image.fromarray(_rgb(8, 8)).save(path, format="PCX")
+    with pytest.raises(ImageReadError, match="not an image file"):
+        read_image(path)
+    jpeg_named_png = tmp_path / "jpeg.png"
+    Image.fromarray(_rgb(8, 8)).save(jpeg_named_png, format="JPEG")
+    assert read_image(jpeg_named_png).shape == (8, 8, 3)  # by content: a JPEG is read as one
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 0), np.uint8), np.zeros((0, 5, 3), np.uint8),
+                                   torch.zeros(3, 0, 0, dtype=torch.uint8), Image.new("RGB", (0, 0))],
+                         ids=["array_0x0", "array_0x5", "tensor", "pil"])
+def test_empty_in_memory_images_are_input_errors(empty):
+    from patchcore.estimator.inputs import as_image_list, iter_batches
+
+    with pytest.raises(InputError, match="empty"):
+        list(iter_batches(as_image_list(empty), 2))
+    with pytest.raises(InputError, match="empty"):
+        as_uint8_tensor(empty)
+
+
+def test_empty_batch_tensor_and_float_tensors_are_input_errors():
+    from patchcore.estimator.inputs import as_image_list
+
+    with pytest.raises(InputError, match="empty"):
+        as_image_list(torch.zeros(2, 3, 0, 4, dtype=torch.uint8))
+    with pytest.raises(InputError, match="uint8"):
+        as_uint8_tensor(torch.zeros(3, 4, 4))

@@ -1,19 +1,21 @@
 """What the estimator accepts as images, and how it walks them: batches -> same-size stacks.
 
 One image is a path, a string, a PIL image, an array or a (3, H, W) tensor; anything else that is a
-sequence is several images. A uint8 (B, 3, H, W) tensor is a batch.
+sequence is several images. A uint8 (B, 3, H, W) tensor is a batch. Empty images (a 0 x 0 array, a
+tensor with no pixels) are an InputError. PIL images are turned upright by their EXIF orientation, like
+files; arrays and tensors carry no EXIF and are used as they are.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ImageReadError, InputError
 from ..io.images import LoadedBatch, as_uint8_tensor, iter_image_batches, read_image
-from ..errors import ImageReadError
 
 ImageInput = str | Path | np.ndarray | Image.Image | torch.Tensor
 
@@ -23,26 +25,35 @@ def as_image_list(images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> l
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         return [images]
     if isinstance(images, torch.Tensor):
+        if images.ndim == 4 and images.numel() == 0 and images.shape[0] > 0:
+            raise InputError(f"empty images: batch tensor of shape {tuple(images.shape)}")
         return [images] if images.ndim == 3 else list(images.unbind(0))
     return list(images)
 
 
-def iter_batches(images: list, batch_size: int) -> Iterator[LoadedBatch]:
-    """Paths are decoded in background threads; in-memory images are converted in place."""
+def iter_batches(images: list, batch_size: int, *,
+                 check: Callable[[int, int], None] | None = None) -> Iterator[LoadedBatch]:
+    """Paths are decoded in background threads; in-memory images are converted in place.
+
+    `check(H, W)` (e.g. Preprocess.check_size) refuses an image by raising InputError: for a file, that
+    file's ImageReadError in `failures`; for an in-memory image, the InputError itself."""
     if all(isinstance(im, (str, Path)) for im in images):
-        yield from iter_image_batches(images, batch_size)
+        yield from iter_image_batches(images, batch_size, check=check)
         return
     for start in range(0, len(images), batch_size):
         batch = LoadedBatch([], [], [])
         for image in images[start:start + batch_size]:
             if isinstance(image, (str, Path)):
                 try:
-                    batch.images.append(as_uint8_tensor(read_image(image)))
+                    batch.images.append(as_uint8_tensor(read_image(image, check=check)))
                     batch.paths.append(Path(image))
                 except ImageReadError as err:
                     batch.failures.append(err)
             else:
-                batch.images.append(as_uint8_tensor(image))
+                tensor = as_uint8_tensor(image)
+                if check is not None:
+                    check(*tensor.shape[-2:])
+                batch.images.append(tensor)
         yield batch
 
 

@@ -1,13 +1,37 @@
-"""Reading images from disk robustly: every failure is a per-file ImageReadError.
+"""Reading images from disk robustly: every failure is a per-file ImageReadError, and no file can crash the
+process or take unbounded memory.
 
 Every read error names the file. Grayscale, palette, RGBA, 16-bit and float images become 8-bit RGB
 the same way on every path, so a model fitted on one kind scores the others consistently.
+
+Decoding is PIL's, for every format. torchvision's decode_png (~1.6x faster on 8-bit PNGs) was dropped: it
+kills the process with a segmentation fault on any libpng error once row decoding has begun (IDAT shorter
+than the header declares, an IDAT CRC error, a bad filter byte, corrupt zlib data), and checking a file
+well enough to rule those out costs a full inflate, which takes back the gain (NOTES-hardening-decode.md).
+Only these formats are decoded, whatever the suffix: DECODE_FORMATS. Multi-frame files (TIFF, GIF, APNG)
+give their first frame. EXIF orientation is applied for files and for in-memory PIL images alike; arrays
+and tensors carry no EXIF and are taken as they are.
+
+Limits, each a module constant that an environment variable overrides (read at every call):
+
+- MAX_PIXELS (PATCHCORE_MAX_PIXELS): width x height from the file's header, checked before decoding.
+  Default 8192 x 8192 = 67.1 Mpx (192 MiB as RGB). PIL refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS
+  (179 Mpx) on its own; raise that too to go further.
+- MAX_ASPECT_RATIO (PATCHCORE_MAX_ASPECT_RATIO): longer side / shorter side, checked before decoding.
+  Default 32 (a 1 x 40000 strip would become 256 x 10,240,000 after a shorter-side resize).
+- READAHEAD_BYTES (PATCHCORE_READAHEAD_BYTES): decoded bytes (3 per pixel, from the header) that
+  iter_image_batches holds ahead of its consumer, besides the batch being filled. Default 256 MiB; one
+  file is always allowed, however large.
+- The size after resizing is capped in io/preprocess.py (MAX_RESIZED_PIXELS); pass its check as
+  `check=` to read_image / iter_image_batches to make it a per-file error.
 """
 from __future__ import annotations
 
+import os
 import warnings
+import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +40,44 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import ImageReadError, InputError
+from ..errors import ConfigError, ImageReadError, InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-# Refuse images larger than this many pixels before decoding them (a 50k x 50k PNG is ~7.5 GB RGB).
-MAX_PIXELS = 20_000 * 20_000
+# PIL plugins tried on a file, by content (the suffix does not matter): the formats above, and GIF.
+DECODE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF")
+MAX_PIXELS = 8192 * 8192
+MAX_ASPECT_RATIO = 32.0
+READAHEAD_BYTES = 256 << 20
+
+SizeCheck = Callable[[int, int], None]  # (height, width) -> None, or raises InputError saying why
+
+
+def limit(name: str, default: float) -> float:
+    """`default`, or the environment variable PATCHCORE_<name> when it is set (a positive number)."""
+    text = os.environ.get(f"PATCHCORE_{name}", "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ConfigError(f"PATCHCORE_{name}={text!r}: must be a positive number")
+    return value
+
+
+def check_limits(height: int, width: int) -> None:
+    """Raise InputError if an H x W image is empty or beyond MAX_PIXELS or MAX_ASPECT_RATIO."""
+    if height < 1 or width < 1:
+        raise InputError(f"empty image ({height} x {width} pixels)")
+    pixels, max_pixels = height * width, limit("MAX_PIXELS", MAX_PIXELS)
+    if pixels > max_pixels:
+        raise InputError(f"image too large: {width} x {height} = {pixels / 1e6:.1f} Mpx, above the limit "
+                         f"{max_pixels / 1e6:.1f} Mpx (MAX_PIXELS; raise it with PATCHCORE_MAX_PIXELS=<pixels>)")
+    aspect, max_aspect = max(height, width) / min(height, width), limit("MAX_ASPECT_RATIO", MAX_ASPECT_RATIO)
+    if aspect > max_aspect:
+        raise InputError(f"extreme aspect ratio: {width} x {height} is {aspect:.0f}:1, above the limit "
+                         f"{max_aspect:g}:1 (MAX_ASPECT_RATIO; raise it with PATCHCORE_MAX_ASPECT_RATIO=<ratio>)")
 
 
 def list_images(folder: str | Path, *, recursive: bool = False) -> list[Path]:
@@ -68,80 +125,132 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=2)
 
 
-def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
-    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, or None if not a PNG."""
-    if len(data) < 33 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (itself when there is none)."""
+    if image.getexif().get(0x0112) not in range(2, 9):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_rows_missing(path: Path) -> str | None:
+    """Why a PNG's image data is shorter than its header declares, or None when it is complete.
+
+    PIL fills the rows of a zlib stream that ends early with black and reports nothing (libpng says "Not
+    enough image data"). Such rows are black, so read_image asks this only when the last row is: it inflates
+    the IDAT chunks, counting bytes in 1 MiB pieces (a few ms for a 900 x 900 RGB image)."""
+    data = path.read_bytes()
+    if data[12:16] != b"IHDR" or len(data) < 33:
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return width, height, data[24], data[25]
-
-
-def _decode_plain_png(path: Path) -> np.ndarray | None:
-    """8-bit RGB or grey PNGs (the usual inspection image) through libpng in torchvision: ~1.6x
-    faster than PIL here, bit-identical. Anything else, or any decoding trouble, returns None and
-    goes through PIL, which gives the precise error. torchvision 0.29 deprecates its decoders: when
-    they are gone the import fails and PIL does all the work."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_png
-    except ImportError:
+    depth, colour, interlace = data[24], data[25], data[28]
+    bits = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 0) * depth
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        pass_width, pass_height = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if pass_width > 0 and pass_height > 0:
+            expected += pass_height * (1 + (pass_width * bits + 7) // 8)
+    inflater, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data) and got < expected:
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            chunk = data[pos + 8:pos + 8 + length]
+            while chunk and got < expected and not inflater.eof:
+                got += len(inflater.decompress(chunk, 1 << 20))
+                chunk = inflater.unconsumed_tail
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if got >= expected:
         return None
-    data = path.read_bytes()
-    header = _png_header(data)
-    if header is None or header[2] != 8 or header[3] not in (0, 2) or header[0] * header[1] > MAX_PIXELS:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        return None
-    return image.permute(1, 2, 0).numpy()
+    return f"PNG image data ends early: {got} of {expected} bytes ({got * height // max(expected, 1)} of {height} rows)"
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode one file -> (H, W, 3) uint8, or raise ImageReadError naming it."""
+def _last_row_blank(image: Image.Image) -> bool:
+    """True when the decoded last row is all zero (RGBA, LA, PA: all transparent)."""
+    return image.crop((0, image.height - 1, image.width, image.height)).getbbox() is None
+
+
+def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarray:
+    """Decode one file -> (H, W, 3) uint8, or raise ImageReadError naming it.
+
+    The header's size is checked against MAX_PIXELS and MAX_ASPECT_RATIO before decoding; `check(H, W)`
+    (e.g. Preprocess.check_size) runs on the upright size and its InputError becomes this file's error."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
-    if path.suffix.lower() == ".png":
-        fast = _decode_plain_png(path)
-        if fast is not None:
-            return fast
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise ImageReadError(path, f"image too large ({width} x {height} pixels)")
-                image.load()  # decode now: truncated files fail here, not later
-                image = ImageOps.exif_transpose(image)
-                return to_rgb_uint8(image)
-    except ImageReadError:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own MAX_PIXELS applies
+            with Image.open(path, formats=DECODE_FORMATS) as image:
+                check_limits(image.height, image.width)
+                image.load()  # decode now: truncated files fail here, not later; the first frame only
+                if image.format == "PNG" and _last_row_blank(image):
+                    missing = _png_rows_missing(path)
+                    if missing:
+                        raise ImageReadError(path, missing)
+                pixels = to_rgb_uint8(_upright(image))
+    except (ImageReadError, ConfigError):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageReadError(path, f"image too large: {err}") from None
+    except InputError as err:
+        raise ImageReadError(path, str(err)) from None
+    except Image.DecompressionBombError as err:  # PIL's own limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, before ours
+        raise ImageReadError(path, f"image too large: {err} (our limit is {limit('MAX_PIXELS', MAX_PIXELS):.0f} "
+                                   f"pixels, MAX_PIXELS; raise it with PATCHCORE_MAX_PIXELS=<pixels>, and "
+                                   f"PIL.Image.MAX_IMAGE_PIXELS beyond PIL's)") from None
     except Image.UnidentifiedImageError:
         raise ImageReadError(path, "not an image file (or an unsupported format)") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, EOFError) as err:
         raise ImageReadError(path, f"corrupt or truncated image ({err})") from None
+    except Exception as err:  # whatever a decoder raises on a hostile file is that file's error
+        raise ImageReadError(path, f"cannot decode ({type(err).__name__}: {err})") from None
+    if check is not None:
+        try:
+            check(pixels.shape[0], pixels.shape[1])
+        except InputError as err:
+            raise ImageReadError(path, str(err)) from None
+    return pixels
+
+
+def estimated_bytes(path: str | Path) -> int:
+    """Decoded size (3 bytes per pixel) from the file's header; 0 when there is no readable header (the
+    decoder then reports the file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=DECODE_FORMATS) as image:
+                width, height = image.size
+    except Exception:  # read_image gives the precise error later
+        return 0
+    return 3 * width * height if width * height <= limit("MAX_PIXELS", MAX_PIXELS) else 0  # beyond: refused unread
 
 
 def as_uint8_tensor(image: np.ndarray | Image.Image | torch.Tensor) -> torch.Tensor:
-    """One in-memory image -> (3, H, W) uint8 tensor. Arrays are (H, W) or (H, W, C)."""
+    """One in-memory image -> (3, H, W) uint8 tensor. Arrays are (H, W) or (H, W, C).
+
+    PIL images are turned upright by their EXIF orientation, as files are; arrays and tensors have none."""
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise InputError(f"image tensors must be (3, H, W), got {tuple(image.shape)}")
+        if image.dtype != torch.uint8:
+            raise InputError(f"image tensors must be uint8, got {image.dtype}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise InputError(f"empty image tensor {tuple(image.shape)}")
         return image
     if isinstance(image, Image.Image):
-        image = to_rgb_uint8(image)
+        if image.width == 0 or image.height == 0:
+            raise InputError(f"empty PIL image ({image.width} x {image.height})")
+        image = to_rgb_uint8(_upright(image))
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise InputError(f"image arrays must be (H, W), (H, W, 1|3|4), got {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"empty image array {arr.shape}")
     if arr.dtype == np.uint16:
         arr = np.rint(arr.astype(np.float32) / 257.0).astype(np.uint8)
     elif arr.dtype != np.uint8:
@@ -159,33 +268,47 @@ class LoadedBatch:
     failures: list[ImageReadError]
 
 
-def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers: int = 2) -> Iterator[LoadedBatch]:
+def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers: int = 2,
+                       check: SizeCheck | None = None) -> Iterator[LoadedBatch]:
     """Decode files in background threads (PIL releases the GIL while decoding) and yield batches.
 
-    Unreadable files do not stop the stream: they come back in `failures`, each naming its file.
+    Unreadable files do not stop the stream: they come back in `failures`, each naming its file, and so do
+    files that `check(H, W)` refuses (see read_image). Read-ahead is bounded in files (2 batches) and in
+    decoded bytes (READAHEAD_BYTES, estimated from each header; one file always goes ahead).
     """
 
     def load(path: str | Path) -> torch.Tensor | ImageReadError:
         try:
-            return as_uint8_tensor(read_image(path))
+            return as_uint8_tensor(read_image(path, check=check))
         except ImageReadError as err:
             return err
 
-    prefetch = max(2 * batch_size, 4)  # bounded look-ahead: memory stays O(batch), not O(dataset)
+    prefetch = max(2 * batch_size, 4)
+    budget = limit("READAHEAD_BYTES", READAHEAD_BYTES)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque = deque()
+        pending: deque = deque()  # (path, estimated bytes, future), in input order
+        ahead = 0  # estimated bytes of the pending files
         remaining = iter(paths)
+        upcoming = None  # (path, estimated bytes) not yet submitted for want of budget
         batch = LoadedBatch([], [], [])
         while True:
             while len(pending) < prefetch:
-                path = next(remaining, None)
-                if path is None:
+                if upcoming is None:
+                    path = next(remaining, None)
+                    if path is None:
+                        break
+                    upcoming = (path, estimated_bytes(path))
+                if pending and ahead + upcoming[1] > budget:
                     break
-                pending.append((path, pool.submit(load, path)))
+                path, size = upcoming
+                upcoming = None
+                pending.append((path, size, pool.submit(load, path)))
+                ahead += size
             if not pending:
                 break
-            path, future = pending.popleft()
+            path, size, future = pending.popleft()
             result = future.result()
+            ahead -= size
             if isinstance(result, ImageReadError):
                 batch.failures.append(result)
             else:

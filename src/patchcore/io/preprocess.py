@@ -2,6 +2,11 @@
 
 One code path for every input (files, arrays, decoded tensors on a GPU), so fitting and scoring always
 see identically prepared pixels (MVTec protocol: resize 256, centre crop 224, ImageNet mean and std).
+
+MAX_RESIZED_PIXELS caps the size after resizing (default 4096 x 4096 = 16.8 Mpx; the environment variable
+PATCHCORE_MAX_RESIZED_PIXELS overrides it): the backbone's activations grow with it, and a shorter-side
+resize of a thin strip would otherwise ask for gigabytes. `check_size` says whether an H x W image can go
+through; read_image and iter_image_batches take it as `check=` to turn a refusal into that file's error.
 """
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
+from .images import limit
+
+MAX_RESIZED_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,20 @@ class Preprocess:
         if self.crop is not None:
             size = _pair(self.crop)
         return size
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise InputError if an H x W image is empty, resizes to more than MAX_RESIZED_PIXELS, or is
+        smaller than the crop after resizing."""
+        if height < 1 or width < 1:
+            raise InputError(f"empty image ({height} x {width} pixels)")
+        size = self.resized_size(height, width)
+        cap = limit("MAX_RESIZED_PIXELS", MAX_RESIZED_PIXELS)
+        if size[0] * size[1] > cap:
+            raise InputError(f"a {height} x {width} image resizes to {size[0]} x {size[1]} = "
+                             f"{size[0] * size[1] / 1e6:.1f} Mpx, above the limit {cap / 1e6:.1f} Mpx "
+                             f"(MAX_RESIZED_PIXELS; raise it with PATCHCORE_MAX_RESIZED_PIXELS=<pixels>, or set a "
+                             f"fixed --resize H,W)")
+        self.crop_box(height, width)
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, h, w) of the centre crop inside the resized image of an H x W input."""
@@ -68,6 +90,7 @@ class Preprocess:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"expected uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         height, width = images.shape[-2:]
+        self.check_size(height, width)
         top, left, ch, cw = self.crop_box(height, width)
         x = self._resize(images)[..., top:top + ch, left:left + cw].float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
@@ -76,6 +99,7 @@ class Preprocess:
 
     def geometry(self, image: torch.Tensor) -> torch.Tensor:
         """The same resize and crop without normalisation: the picture the maps align with."""
+        self.check_size(*image.shape[-2:])
         top, left, ch, cw = self.crop_box(*image.shape[-2:])
         return self._resize(image[None])[0, :, top:top + ch, left:left + cw]
 
