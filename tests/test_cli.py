@@ -114,3 +114,9 @@ def test_demo_runs_offline_and_reports_where_results_are(tmp_path, capsys):
     assert code == 0
     assert "image AUROC on the synthetic test set: 1.000" in err
     assert any((tmp_path / "demo" / "predictions" / "heatmaps").iterdir())
+
+
+def test_predict_help_says_how_inputs_are_searched_and_named():
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["predict"].format_help().split())
+    assert "searched recursively" in help_text and "below the common folder" in help_text
+    assert "--overwrite" in help_text and "scored once" in help_text

@@ -412,3 +412,26 @@ def test_non_finite_thresholds_are_refused(model_path, tmp_path, capsys, option,
     with pytest.raises(SystemExit) as info:
         main(["predict", str(model_path), str(tmp_path), "-o", str(tmp_path / "o"), f"{option}={value}"])
     assert info.value.code == 2 and "finite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names that are not UTF-8 need a byte-named file system")
+def test_file_names_that_are_not_utf8_or_hold_newlines_give_valid_tables(model_path, category, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = sorted((category / "test" / "good").glob("*.png"))
+    shutil.copy(source[0], os.fsdecode(os.fsencode(str(folder)) + b"/bad\xffname.png"))
+    shutil.copy(source[1], folder / "with,comma\nnewline.png")
+    out = tmp_path / "out"
+    assert main(["predict", str(model_path), str(folder), "-o", str(out), "--quiet"]) == 0
+    rows = _csv_rows(out / "scores.csv")  # read as UTF-8
+    assert len(rows) == 2 and any(row["file"].endswith("bad\\xffname.png") for row in rows)
+    json.loads((out / "scores.json").read_bytes().decode("utf-8"))
+    names = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert names == ["bad\ufffdname.png", "with,comma_newline.png"]
+
+
+def test_the_output_folder_given_as_the_input_folder_is_a_clear_error(model_path, category, tmp_path, capsys):
+    folder = tmp_path / "in"
+    shutil.copytree(category / "test" / "hole", folder)
+    code = main(["predict", str(model_path), str(folder), "-o", str(folder), "--quiet"])
+    assert code == 2 and "outside the output folder" in capsys.readouterr().err

@@ -83,7 +83,7 @@ def unique_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[st
     for path in map(Path, paths):
         key = path.resolve()
         if key in seen:
-            repeats.append({"file": str(path), "same_as": str(seen[key])})
+            repeats.append({"file": display_path(path), "same_as": display_path(seen[key])})
         else:
             seen[key] = path
             unique.append(path)
@@ -103,7 +103,7 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
         if full in by_file:
             names[path] = by_file[full]
             continue
-        base = "_".join(full.relative_to(common).with_suffix("").parts) or full.stem or "image"
+        base = _safe_name("_".join(full.relative_to(common).with_suffix("").parts) or full.stem or "image")
         if len(base.encode()) > MAX_NAME_BYTES:
             digest = hashlib.sha256(base.encode()).hexdigest()[:12]
             base = base.encode()[:MAX_NAME_BYTES - 13].decode(errors="ignore") + "_" + digest
@@ -114,6 +114,19 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
         used.add(name.casefold())
         names[path] = by_file[full] = name
     return names
+
+
+def _safe_name(name: str) -> str:
+    """An output name that is valid UTF-8 and has no control characters: bytes of a file name that are not
+    UTF-8 become U+FFFD, control characters (a newline in a file name) '_'."""
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in name)
+
+
+def display_path(path: str | Path) -> str:
+    """A path as text for scores.csv and scores.json: always valid UTF-8 (bytes of a file name that are not
+    UTF-8 are written as \\xNN), so every CSV and JSON reader can read the table."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------------------- the output folder
@@ -268,8 +281,8 @@ def _write_outputs(output: Path, model: PatchCore, name: str, path: Path, image:
                    i: int, save_maps: bool) -> dict:
     score, anomaly_map, label, mask = result[i]
     if not math.isfinite(score):
-        return {"file": str(path), "error": f"the model gave a non-finite anomaly score ({score}): is the model "
-                                            f"file damaged?"}
+        return {"file": display_path(path),
+                "error": f"the model gave a non-finite anomaly score ({score}): is the model file damaged?"}
     anomaly_map = anomaly_map.numpy()
     heat = colormap(normalise_map(anomaly_map, model.pixel_threshold_))
     _save_png(heat, output / "heatmaps" / f"{name}.png")
@@ -280,7 +293,7 @@ def _write_outputs(output: Path, model: PatchCore, name: str, path: Path, image:
         _save_png((mask * 255).astype(np.uint8), output / "masks" / f"{name}.png")
     if save_maps:
         _save_atomic(output / "maps" / f"{name}.npy", lambda handle: np.save(handle, anomaly_map))
-    return {"file": str(path), "name": name, "score": score,
+    return {"file": display_path(path), "name": name, "score": score,
             "label": "" if label is None else ("defect" if label else "good")}
 
 
@@ -308,7 +321,7 @@ class ScoresTable:
         self.output, self.model, self.n_inputs, self.repeats = output, model, n_inputs, repeats
         self.rows: list[dict] = []
         self.failures: list[ImageReadError] = []
-        self._handle = open(output / "scores.csv", "w", newline="")
+        self._handle = open(output / "scores.csv", "w", newline="", encoding="utf-8")
         self._csv = csv.DictWriter(self._handle, fieldnames=CSV_FIELDS)
         self._csv.writeheader()
         self._handle.flush()
@@ -341,7 +354,7 @@ class ScoresTable:
             "map_geometry": {"input_size": list(model.input_size_), "resize": model.config.resize,
                              "crop": model.config.crop},
             "naming": NAMING, "repeated_inputs": self.repeats,
-            "images": self.rows, "failures": [{"file": f.path, "error": f.reason} for f in self.failures],
+            "images": self.rows, "failures": [{"file": display_path(f.path), "error": f.reason} for f in self.failures],
         }
         atomic_write_bytes(self.output / "scores.json", json.dumps(summary, indent=1, allow_nan=False).encode())
         self._written = time.monotonic()
