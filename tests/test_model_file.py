@@ -526,3 +526,19 @@ def test_cli_refuses_a_nan_bank_in_one_line(saved_model, tmp_path, capsys, categ
     assert code == 2 and "Traceback" not in err
     assert str(path) in err and "memory_bank" in err and "NaN" in err
     assert not (tmp_path / "out" / "scores.json").exists()
+
+
+def test_an_output_path_ending_with_a_separator_is_refused(tmp_path):
+    from patchcore.errors import OutputError
+    from patchcore.io.model_file import check_output_file
+
+    with pytest.raises(OutputError, match="path separator"):
+        check_output_file(str(tmp_path / "models") + "/")  # meant a folder that does not exist yet
+    assert not (tmp_path / "models").exists()
+
+
+def test_format_version_true_is_not_version_1(tmp_path):
+    path = tmp_path / "bool.patchcore"
+    _write_raw(path, {"format": FORMAT_NAME, "format_version": True})  # True == 1 in Python
+    with pytest.raises(ModelFileError, match="version True"):
+        read_model_file(path)

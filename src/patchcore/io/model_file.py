@@ -34,6 +34,8 @@ def check_output_file(path: str | Path) -> Path:
     """Before any work: can a file be written at `path`? Returns the path to write (a symbolic link is
     followed, as a plain write would). Missing parent folders are fine (the write creates them) if the
     nearest existing one is a writable folder. Raises OutputError naming the path otherwise."""
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        raise OutputError(f"{path}: ends with a path separator; give the file to write, e.g. {path}model.patchcore")
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
