@@ -32,6 +32,7 @@ TYPED = {
     "batch_size": ("2", 2),
     "tile_size": ("512", 512),
     "tile_overlap": ("96", 96),
+    "region": ("roi.png", "roi.png"),
 }
 
 

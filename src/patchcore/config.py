@@ -67,6 +67,10 @@ class PatchCoreConfig:
                 "deepest feature stride), so activation memory is bounded by the tile; none: one pass"})
     tile_overlap: int = field(default=128, metadata={
         "help": "pixels two neighbouring tiles share; each keeps the half nearer its own centre"})
+    region: str | None = field(default=None, metadata={
+        "help": "inspection region: an image file the size of the training images, non-zero = inspect; "
+                "patches outside it never enter the memory bank and always score zero (the mask is "
+                "stored in the model file)"})
 
     def __post_init__(self) -> None:
         # Normalise types that JSON/CLI round trips turn into lists or strings.
@@ -139,10 +143,12 @@ class PatchCoreConfig:
         return cls(**values)
 
 
-LATER_FIELDS = {"tile_size": None, "tile_overlap": 128}
+LATER_FIELDS = {"tile_size": None, "tile_overlap": 128, "region": None}
 
 
 def _check_tiling(config: PatchCoreConfig) -> None:
+    if config.region is not None and (not isinstance(config.region, str) or not config.region):
+        raise ConfigError(f"region must be an image file path or None, got {config.region!r}")
     if config.tile_size is not None:
         _require_int("tile_size", config.tile_size)
         _require_range("tile_size", config.tile_size, 32, MAX_SIDE)

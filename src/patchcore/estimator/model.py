@@ -26,7 +26,7 @@ from ..core.scoring import anomaly_maps, reweighted_image_scores, typical_nn_dis
 from ..core.thresholds import calibration_split, nominal_threshold
 from ..errors import DeviceError, InputError, ModelFileError, NotFittedError
 from ..io.feature_store import FeatureStore
-from ..io.images import ImageReadError
+from ..io.images import ImageReadError, read_image
 from ..io.model_file import read_model_file, write_model_file
 from ..io.preprocess import Preprocess
 from .extractor import Embedding, FeatureExtractor
@@ -223,7 +223,7 @@ class PatchCore:
             distance_scale=typical_nn_distance(bank, squared_norms(bank), generator=generator),  # T of eq. 7
             image_threshold=None, pixel_threshold=None, calibration_scores=(),
             grid=grid, input_size=input_size, n_train_images=report.n_images, n_train_patches=report.n_patches,
-            backbone_weights_sha256=self.extractor.weights_sha256))
+            backbone_weights_sha256=self.extractor.weights_sha256, region=self._fit_region))
 
         started = time.perf_counter()
         if calibration_images:
@@ -238,7 +238,7 @@ class PatchCore:
         d*-dimensional JL projection (psi, section 2) into one preallocated (N, d*) tensor."""
         cfg = self.config
         store = projection = projected = grid = input_size = inside = None
-        region = None
+        region = self._read_region()
         rows_done = 0
         try:
             for batch, stacks in self._iter_stacks(images):
@@ -251,6 +251,10 @@ class PatchCore:
                     stack_grid, stack_input, pieces = self.extractor.pieces(stack)
                     if store is None:
                         grid, input_size = stack_grid, stack_input
+                        if region is not None and tuple(region.shape) != input_size:
+                            raise InputError(f"{cfg.region}: the inspection region becomes {tuple(region.shape)} "
+                                             f"at the model input, the training images {input_size}: give "
+                                             "a mask the size of the training images")
                         inside = self._region_patches(region, grid)
                         per_image = grid[0] * grid[1] if inside is None else int(inside.sum())
                     elif stack_grid != grid:
@@ -278,7 +282,17 @@ class PatchCore:
             raise
         if store is None:
             raise InputError("no readable training image: " + "; ".join(report.skipped[:5]))
+        if rows_done == 0:
+            raise InputError(f"{cfg.region}: the inspection region covers no patch of the training images")
+        self._fit_region = region
         return store, projected[:rows_done], grid, input_size  # a view: skipped files leave the tail unused
+
+    def _read_region(self) -> torch.Tensor | None:
+        """The inspection region file -> bool (H', W') at the model input: the images' resize and crop."""
+        if self.config.region is None:
+            return None
+        picture = read_image(self.config.region)  # ImageReadError names the file
+        return torch.from_numpy(self.preprocess.mask_geometry(picture.max(axis=2) > 0))
 
     def _calibrate(self, images: list, report: FitReport) -> None:
         """Thresholds from held-out nominal images: image scores for the image threshold, each image's
@@ -433,7 +447,11 @@ class PatchCore:
                 if embedding.grid != state.grid:
                     raise InputError(f"update images give the feature grid {embedding.grid}, the model's is "
                                      f"{state.grid}: use images of the training geometry")
-                rows.append(embedding.features.flatten(0, 1).to(state.memory_bank.device))
+                features = embedding.features
+                inside = self._region_patches(state.region, state.grid)
+                if inside is not None:  # as in fit: outside the inspection region nothing enters the bank
+                    features = features[:, inside.flatten().to(features.device)]
+                rows.append(features.flatten(0, 1).to(state.memory_bank.device))
                 report.n_images += stack.shape[0]
         if not rows:
             raise InputError("no readable update image: " + "; ".join(report.skipped[:5]))
@@ -468,13 +486,17 @@ class PatchCore:
             "backbone_weights_sha256": state.backbone_weights_sha256,
             "fitted": state.fitted_header(),
         }
-        write_model_file(path, {"memory_bank": state.memory_bank.float()}, header)
+        tensors = {"memory_bank": state.memory_bank.float()}
+        if state.region is not None:
+            tensors["region"] = state.region.to(torch.uint8)
+        write_model_file(path, tensors, header)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto", weights: str | None = None) -> PatchCore:
         """Rebuild a saved model. `weights` points at a local copy of the backbone weights when the
         path recorded at fit time does not exist here; they must hash to what the model was fitted with."""
-        tensors, header = read_model_file(path)
+        tensors, header = read_model_file(path, tensor_schema=FittedState.TENSORS,
+                                          optional_tensors=FittedState.OPTIONAL_TENSORS)
         try:
             saved = dict(header["config"])
             if weights is not None:

@@ -49,6 +49,8 @@ class FittedState:
 
     # The tensors of a version-1 model file: name -> (safetensors dtype, ndim).
     TENSORS = {"memory_bank": ("F32", 2)}
+    # Written only by models that use them; a reader that does not know them refuses the config field.
+    OPTIONAL_TENSORS = {"region": ("U8", 2)}
 
     @classmethod
     def from_file(cls, tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Any) -> FittedState:
@@ -61,9 +63,11 @@ class FittedState:
         bank = tensors.get("memory_bank")
         if bank is None:
             raise _invalid(path, "memory_bank", "tensor missing")
-        if set(tensors) != set(cls.TENSORS):
-            raise _invalid(path, "tensors", f"unexpected tensors {sorted(set(tensors) - set(cls.TENSORS))} "
-                                            f"(format version 1 holds only {sorted(cls.TENSORS)})")
+        unexpected = sorted(set(tensors) - set(cls.TENSORS) - set(cls.OPTIONAL_TENSORS))
+        if unexpected:
+            raise _invalid(path, "tensors", f"unexpected tensors {unexpected} "
+                                            f"(format version 1 holds {sorted(cls.TENSORS | cls.OPTIONAL_TENSORS)})")
+        region = tensors.get("region")
         sha = header.get("backbone_weights_sha256")
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
             raise _invalid(path, "backbone_weights_sha256", f"must be 64 hex digits, got {sha!r}")
@@ -78,7 +82,8 @@ class FittedState:
                 field_values[name] = parse(fitted.get(name, _OPTIONAL.get(name)))
             except (TypeError, ValueError) as err:
                 raise _invalid(path, f"fitted.{name}", str(err)) from None
-        state = cls(memory_bank=bank, backbone_weights_sha256=sha, **field_values)
+        state = cls(memory_bank=bank, backbone_weights_sha256=sha,
+                    region=None if region is None else region.bool(), **field_values)
         state.validate(path, feature_stride=_finest_stride(header))
         return state
 
@@ -128,6 +133,9 @@ class FittedState:
             raise _invalid(path, "fitted.n_train_patches",
                            f"must be between the bank's {rows} rows and n_train_images x grid = "
                            f"{self.n_train_images * grid_h * grid_w}, got {self.n_train_patches}")
+        if self.region is not None and (tuple(self.region.shape) != tuple(self.input_size) or not self.region.any()):
+            raise _invalid(path, "region", f"must be a non-empty mask of the input size {list(self.input_size)}, "
+                                           f"got shape {list(self.region.shape)}")
 
 
 # Bounds beyond those of the config (config.py): a state that passes them scores finite numbers.

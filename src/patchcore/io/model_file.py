@@ -135,13 +135,15 @@ _ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2
 
 
 def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int]] | None = None,
+                    optional_tensors: dict[str, tuple[str, int]] | None = None,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a model file: its tensors and its patchcore header.
 
     The safetensors header is read and checked first (length, JSON, dtypes, shapes, data offsets inside
     the file); only then are the tensors read, one at a time from the file (never the whole file into
     memory first). `tensor_schema`, {name: (safetensors dtype, ndim)}, also requires exactly these
-    tensors with these dtypes and ranks, checked before any tensor data is read. Every problem is a
+    tensors with these dtypes and ranks, checked before any tensor data is read; `optional_tensors` may
+    be there too, with their dtype and rank. Every problem is a
     ModelFileError naming the file.
     """
     from safetensors import SafetensorError, safe_open
@@ -165,7 +167,7 @@ def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int
                              f"(it reads version {FORMAT_VERSION}); use the patchcore release that wrote it, "
                              f"{header.get('package_version', 'unknown')}, or refit")
     if tensor_schema is not None:
-        _check_tensor_schema(path, entries, tensor_schema)
+        _check_tensor_schema(path, entries, tensor_schema, optional_tensors or {})
     tensors = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -239,8 +241,10 @@ def _patchcore_header(metadata: dict[str, str]) -> dict[str, Any]:
     return header
 
 
-def _check_tensor_schema(path: Path, entries: dict[str, dict], schema: dict[str, tuple[str, int]]) -> None:
-    missing, extra = sorted(set(schema) - set(entries)), sorted(set(entries) - set(schema))
+def _check_tensor_schema(path: Path, entries: dict[str, dict], schema: dict[str, tuple[str, int]],
+                         optional: dict[str, tuple[str, int]]) -> None:
+    missing, extra = sorted(set(schema) - set(entries)), sorted(set(entries) - set(schema) - set(optional))
+    schema = {**schema, **{name: kind for name, kind in optional.items() if name in entries}}
     if missing:
         raise ModelFileError(f"{path}: invalid model file: tensor {missing[0]!r} is missing")
     if extra:
