@@ -42,7 +42,12 @@ def evaluated(mvtec_root, tmp_path_factory):
 def test_cli_writes_json_and_markdown(evaluated):
     code, out = evaluated
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["fabric.json", "results.md", "summary.json", "weave.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["fabric.json", "report.html", "results.md", "summary.json",
+                                                     "weave.json"]
+    page = (out / "report.html").read_text()
+    for category in ("fabric", "weave"):  # one section per category, its curves and its gallery
+        assert f'data-category="{category}"' in page or f">{category}<" in page
+    assert page.count("data:image/png;base64,") >= 10 and "http" not in page.split("<body", 1)[1]
     record = json.loads((out / "fabric.json").read_text())
     for name in METRICS:
         assert 0.0 <= record["metrics"][name] <= 1.0, name

@@ -111,8 +111,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate(args.root, config_from_args(args), output, categories=args.category, train=args.train,
              device=args.device, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)),
-             progress=progress_bars(args.quiet), log=log, pixel_resolution=args.pixel_resolution)
-    log(f"wrote {output / 'results.md'}, {output / 'summary.json'} and one JSON per category in {output}")
+             progress=progress_bars(args.quiet), log=log, pixel_resolution=args.pixel_resolution,
+             report=not args.no_report)
+    report = "" if args.no_report or not (output / "report.html").is_file() else f", {output / 'report.html'}"
+    log(f"wrote {output / 'results.md'}, {output / 'summary.json'}{report} and one JSON per category in {output}")
     return EXIT_OK
 
 
@@ -220,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="where pixel metrics are computed: 'original' = each image's own size, as "
                                       "the MVTec protocol (pixels outside the crop count as not flagged); 'model' "
                                       "= the model input geometry, masks resized to it (default: original)")
+    evaluate_parser.add_argument("--no-report", action="store_true",
+                                 help="do not write report.html (curves, histograms, gallery; needs the "
+                                      "'report' extra: pip install 'patchcore[report]')")
     feature_memory(evaluate_parser)
     common(evaluate_parser)
     add_config_options(evaluate_parser)

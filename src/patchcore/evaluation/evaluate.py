@@ -22,6 +22,7 @@ from .._version import __version__
 from ..config import PatchCoreConfig
 from ..errors import DatasetError
 from ..estimator import PatchCore
+from ..io.images import as_uint8_tensor, read_image
 from ..io.preprocess import Preprocess
 from .datasets import TestSet, find_categories, image_size, load_split, read_mask
 from .metrics import image_metrics, pixel_metrics
@@ -175,12 +176,31 @@ def _pixel_results(split: TestSet, model: PatchCore, maps: np.ndarray, masks: di
     return overall, by_type, stream.curves(), text
 
 
+def _category_report(split: TestSet, model: PatchCore, scores, labels, maps, masks, metrics, per_type,
+                     pixel_curves, resolution: str, notes: list[str]):
+    """The report.html section of one category; gallery pictures are decoded again only for its images."""
+    from .report import category_report
+
+    def picture(i: int) -> np.ndarray:
+        image = as_uint8_tensor(read_image(split.items[i].path))
+        return model.preprocess.geometry(image).permute(1, 2, 0).numpy()
+
+    return category_report(
+        split.name, scores, labels, [item.defect_type for item in split.items],
+        threshold=model.image_threshold_, metrics=metrics, resolution=resolution, settings=model.config.to_dict(),
+        maps=maps, masks=masks if split.has_masks else None, per_type=per_type, pixel_curves=pixel_curves,
+        pixel_threshold=model.pixel_threshold_, pictures=picture,
+        files=[item.path.relative_to(split.root).as_posix() for item in split.items], notes=notes)
+
+
 # ---------------------------------------------------------------------------- one category
 def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = "auto",
                       max_feature_memory: int = 1 << 30, progress: Progress = no_progress,
-                      model: PatchCore | None = None, pixel_resolution: str = "original") -> dict[str, Any]:
+                      model: PatchCore | None = None, pixel_resolution: str = "original",
+                      reports: list | None = None) -> dict[str, Any]:
     """Fit on split.train, score split.items, return the category's JSON record.
 
+    `reports`: if given, the category's report.html section (a report.CategoryReport) is appended to it.
     `pixel_resolution`: "original" (the MVTec protocol: each image's own size, maps up-sampled one image at
     a time, streaming metrics) or "model" (the model input geometry, masks resized; exact metrics).
 
@@ -248,6 +268,9 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     else:
         resolution = "no pixel metrics (no ground-truth masks)"
     metrics_seconds = time.perf_counter() - started
+    if reports is not None:
+        reports.append(_category_report(split, model, scores, labels, maps, masks, metrics, per_type,
+                                        pixel_curves, resolution, notes))
 
     predicted = None
     if model.image_threshold_ is not None:
@@ -419,8 +442,12 @@ def write_results(output: Path, records: list[dict[str, Any]], requested: list[s
 # ---------------------------------------------------------------------------- driver
 def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, categories: list[str] | None = None,
              train: str | Path | None = None, device: str = "auto", max_feature_memory: int = 1 << 30,
-             progress: Progress = no_progress, log=None, pixel_resolution: str = "original") -> list[dict[str, Any]]:
-    """Evaluate every category under `root` (or the named ones); write results as each one finishes."""
+             progress: Progress = no_progress, log=None, pixel_resolution: str = "original",
+             report: bool = True) -> list[dict[str, Any]]:
+    """Evaluate every category under `root` (or the named ones); write results as each one finishes.
+
+    `report`: also write report.html (needs matplotlib: the `report` extra); without matplotlib the
+    report is skipped with a note in the log, the metrics are written all the same."""
     log = log or (lambda text: None)
     folders = find_categories(root, categories)
     if train is not None and len(folders) > 1:
@@ -431,14 +458,25 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
     output.mkdir(parents=True, exist_ok=True)
     requested = [s.name for s in splits]
     records: list[dict[str, Any]] = []
+    sections: list | None = None
+    if report:
+        from .report import ReportUnavailableError, check_available, write_report
+
+        try:
+            check_available()
+            sections = []
+        except ReportUnavailableError as err:
+            log(f"report.html skipped: {err}")
     for n, split in enumerate(splits, 1):
         log(f"[{n}/{len(splits)}] {split.name} ({split.layout} layout): fit on {len(split.train)} training "
             f"images, score {len(split.items)} test images")
         record = evaluate_category(split, config, device=device, max_feature_memory=max_feature_memory,
-                                   progress=progress, pixel_resolution=pixel_resolution)
+                                   progress=progress, pixel_resolution=pixel_resolution, reports=sections)
         records.append(record)
         write_atomic(output / f"{split.name}.json", _json(record))
         write_results(output, records, requested)
+        if sections is not None:
+            write_report(output / "report.html", sections)  # rewritten after each category, like the rest
         m, t = record["metrics"], record["timings"]
         for note in record["notes"]:
             log(f"[{n}/{len(splits)}] {split.name}: note: {note}")
