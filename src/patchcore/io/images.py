@@ -120,7 +120,7 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
             image = Image.alpha_composite(background, rgba)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
     grey = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
 
@@ -185,6 +185,7 @@ def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarra
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own MAX_PIXELS applies
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: noise per file
             with Image.open(path, formats=DECODE_FORMATS) as image:
                 check_limits(image.height, image.width)
                 image.load()  # decode now: truncated files fail here, not later; the first frame only
