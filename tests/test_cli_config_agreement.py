@@ -32,6 +32,8 @@ TYPED = {
     "batch_size": ("2", 2),
     "tile_size": ("512", 512),
     "tile_overlap": ("96", 96),
+    "geometry": ("mvtec", "mvtec"),
+    "pixel_budget": ("40000", 40000),
     "region": ("roi.png", "roi.png"),
 }
 

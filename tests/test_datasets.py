@@ -130,3 +130,24 @@ def test_split_needs_both_classes(tmp_path):
     _grey(root / "good" / "g0.png")
     with pytest.raises(DatasetError, match="no defect test images"):
         load_split(root)
+
+
+def test_unreadable_or_bomb_masks_and_images_are_dataset_errors_naming_the_file(tmp_path):
+    import zlib
+
+    from patchcore.evaluation.datasets import image_size, read_mask
+
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(DatasetError, match="text.png: unreadable image"):
+        image_size(tmp_path / "text.png")
+    # an all-zero 20000 x 20000 grey PNG, a few hundred kB on disk
+    raw = zlib.compress(b"".join(b"\x00" + bytes(20000) for _ in range(20000)), 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    (tmp_path / "bomb_mask.png").write_bytes(bomb)
+    with pytest.raises(DatasetError, match="bomb_mask.png: unreadable mask"):
+        read_mask(tmp_path / "bomb_mask.png")

@@ -24,3 +24,21 @@ def test_identity_geometry_returns_the_map_itself():
     model = PatchCore(PatchCoreConfig(backbone="resnet18_random", resize=None, crop=None), device="cpu")
     maps = torch.rand(2, 40, 56)
     torch.testing.assert_close(model.maps_at_original_size(maps, (40, 56)), maps)
+
+
+def test_iter_predict_keeps_each_size_at_its_own_map_size(tmp_path):
+    """resize none: a batch of mixed sizes comes back as one result per same-size run, none lost."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    train = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    model = PatchCore(PatchCoreConfig(backbone="resnet18_random", resize=None, crop=None, coreset_ratio=0.5,
+                                      calibration_ratio=0.0, batch_size=8), device="cpu").fit(train)
+    paths = []
+    for i, (h, w) in enumerate([(48, 64), (48, 64), (32, 96), (48, 64), (64, 64)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    batches = list(model.iter_predict(paths))
+    assert [p.name for b in batches for p in b.paths] == [p.name for p in paths]
+    assert [tuple(b.result.maps.shape[1:]) for b in batches] == [(48, 64), (32, 96), (48, 64), (64, 64)]

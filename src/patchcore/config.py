@@ -67,6 +67,12 @@ class PatchCoreConfig:
                 "deepest feature stride), so activation memory is bounded by the tile; none: one pass"})
     tile_overlap: int = field(default=128, metadata={
         "help": "pixels two neighbouring tiles share; each keeps the half nearer its own centre"})
+    geometry: str = field(default="auto", metadata={
+        "help": "auto: with the default --resize/--crop, the MVTec protocol for square training images of one "
+                "size, else the whole part at the images' aspect within --pixel-budget; mvtec: always the "
+                "protocol. Explicit --resize/--crop are always used as given"})
+    pixel_budget: int = field(default=320 * 320, metadata={
+        "help": "pixels of the model input when geometry auto chooses a whole-part size"})
     region: str | None = field(default=None, metadata={
         "help": "inspection region: an image file the size of the training images, non-zero = inspect; "
                 "patches outside it never enter the memory bank and always score zero (the mask is "
@@ -143,10 +149,15 @@ class PatchCoreConfig:
         return cls(**values)
 
 
-LATER_FIELDS = {"tile_size": None, "tile_overlap": 128, "region": None}
+LATER_FIELDS = {"tile_size": None, "tile_overlap": 128, "geometry": "auto", "pixel_budget": 320 * 320,
+                "region": None}
 
 
 def _check_tiling(config: PatchCoreConfig) -> None:
+    if config.geometry not in ("auto", "mvtec"):
+        raise ConfigError(f"geometry must be 'auto' or 'mvtec', got {config.geometry!r}")
+    _require_int("pixel_budget", config.pixel_budget)
+    _require_range("pixel_budget", config.pixel_budget, 32 * 32, MAX_SIDE * MAX_SIDE)
     if config.region is not None and (not isinstance(config.region, str) or not config.region):
         raise ConfigError(f"region must be an image file path or None, got {config.region!r}")
     if config.tile_size is not None:

@@ -52,6 +52,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"{report.n_images} images; fit {time.perf_counter() - started:.1f} s "
           f"(features {report.embed_seconds:.1f} s, "
           f"coreset {report.coreset_seconds:.1f} s)", file=sys.stderr)
+    print(f"working geometry: {report.geometry}", file=sys.stderr)
     if model.image_threshold_ is not None:
         print(f"decision threshold {model.image_threshold_:.4g} (image), {model.pixel_threshold_:.4g} (pixel), "
               f"from {report.n_calibration_images} held-out training images", file=sys.stderr)

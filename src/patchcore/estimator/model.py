@@ -30,8 +30,9 @@ from ..io.images import ImageReadError, read_image
 from ..io.model_file import read_model_file, write_model_file
 from ..io.preprocess import Preprocess
 from .extractor import Embedding, FeatureExtractor
+from .geometry import aspect_mismatch, resolve_geometry
 from .inputs import ImageInput, as_image_list, iter_batches, same_size_stacks
-from .state import FittedState
+from .state import FittedState, config_from_file
 
 log = logging.getLogger("patchcore")
 
@@ -77,6 +78,7 @@ class FitReport:
     calibration_seconds: float = 0.0
     features_spilled_to_disk: bool = False
     skipped: list[str] = field(default_factory=list)
+    geometry: str = ""  # the working geometry fit used, and why (estimator/geometry.py)
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,17 @@ class PatchCore:
         return self.extractor(images)
 
     def _iter_stacks(self, images: list) -> Iterator[tuple[object, list[torch.Tensor]]]:
-        """(batch, same-size uint8 stacks) in input order: the one walk every entry point uses."""
-        for batch in iter_batches(images, self.config.batch_size):
+        """(batch, same-size uint8 stacks) in input order: the one walk every entry point uses. Images the
+        model cannot take (too large once resized, smaller than the crop, of another aspect ratio than an
+        exact resize was fitted for) are per-file failures of their batch, not errors of the run."""
+        for batch in iter_batches(images, self.config.batch_size, check=self._check_input):
             yield batch, list(same_size_stacks(batch.images))
+
+    def _check_input(self, height: int, width: int) -> None:
+        self.preprocess.check_size(height, width)
+        problem = aspect_mismatch(self.config, height, width)
+        if problem is not None:
+            raise InputError(f"a {height} x {width} image: {problem}")
 
     # ------------------------------------------------------------------ fitted state
     def _checked_fitted(self) -> _Fitted:
@@ -190,12 +200,15 @@ class PatchCore:
         the decision thresholds. Unreadable files are skipped with a warning naming each
         (`fit_report_.skipped`); no readable image at all is an error.
         """
-        cfg = self.config
         images = as_image_list(images)
         if not images:
             raise InputError("fit needs at least one image")
+        chosen, geometry = resolve_geometry(self.config, images)
+        if chosen != self.config:  # the whole part instead of the MVTec crop: features at the chosen size
+            self.config, self.extractor = chosen, FeatureExtractor(chosen, self.device)
+        cfg = self.config
         fit_images, calibration_images = calibration_split(images, cfg.calibration_ratio, cfg.seed)
-        report = FitReport(n_calibration_images=len(calibration_images))
+        report = FitReport(n_calibration_images=len(calibration_images), geometry=geometry)
         generator = torch.Generator().manual_seed(cfg.seed)
         started = time.perf_counter()
         store = None
@@ -300,6 +313,8 @@ class PatchCore:
         scores, pixel_max = [], []
         for batch, result in self._iter_scored(images, self._checked_fitted()):
             report.skipped += [str(err) for err in batch.failures]
+            for err in batch.failures:
+                log.warning("skipped held-out calibration image %s", err)
             if result is not None:
                 scores += result.scores.tolist()
                 pixel_max += result.maps.flatten(1).amax(1).tolist()
@@ -414,8 +429,16 @@ class PatchCore:
     def iter_predict(self, paths: Sequence[str | Path]) -> Iterator[PredictedBatch]:
         """Stream batches: unreadable files are reported in `failures`, the rest scored (order kept)."""
         fitted = self._checked_fitted()  # one state for the whole stream
-        for batch, result in self._iter_scored(as_image_list(paths), fitted):
-            yield PredictedBatch(batch.paths, result, batch.failures, batch.images)
+        for batch, stacks in self._iter_stacks(as_image_list(paths)):
+            if not stacks:
+                yield PredictedBatch([], None, batch.failures, [])
+            start, failures = 0, batch.failures
+            # One PredictedBatch per same-size run: images of other sizes (resize none) keep their own maps.
+            for stack in stacks:
+                end = start + stack.shape[0]
+                yield PredictedBatch(batch.paths[start:end], self._score_stack(stack, fitted), failures,
+                                     batch.images[start:end])
+                start, failures = end, []
 
     # ---- incremental update
     def update(self, images: Sequence[ImageInput], *, max_new: int | None = None,
@@ -497,13 +520,7 @@ class PatchCore:
         path recorded at fit time does not exist here; they must hash to what the model was fitted with."""
         tensors, header = read_model_file(path, tensor_schema=FittedState.TENSORS,
                                           optional_tensors=FittedState.OPTIONAL_TENSORS)
-        try:
-            saved = dict(header["config"])
-            if weights is not None:
-                saved["weights"] = weights
-            config = PatchCoreConfig.from_dict(saved)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ModelFileError(f"{path}: incomplete or invalid model file ({err})") from None
+        config = config_from_file(header, path, weights=weights)
         state = FittedState.from_file(tensors, header, path)
         model = cls(config, device=device)
         if model.extractor.weights_sha256 != state.backbone_weights_sha256:

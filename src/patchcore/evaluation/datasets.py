@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import DatasetError
-from ..io.images import IMAGE_SUFFIXES
+from ..errors import DatasetError, InputError
+from ..io.images import IMAGE_SUFFIXES, check_limits
 
 GOOD = "good"
 MASK_FOLDERS = ("ground_truth", "masks")  # first one found wins
@@ -191,12 +191,13 @@ def read_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as image:
+            check_limits(image.height, image.width)  # the image limits, before decoding (bombs)
             image.load()
             image = ImageOps.exif_transpose(image)  # the same orientation as read_image gives the picture
             if image.mode == "P":
                 image = image.convert("RGB")  # palette indices say nothing about black
             arr = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, InputError) as err:
         raise DatasetError(f"{path}: unreadable mask ({err})") from None
     if arr.ndim == 3:
         arr = arr[..., :3].any(axis=-1) if arr.shape[-1] in (3, 4) else arr[..., 0]
@@ -205,8 +206,11 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file as read_image returns it (EXIF rotation applied), from its header."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-            width, height = height, width
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                width, height = height, width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: unreadable image ({err})") from None
     return height, width
