@@ -42,3 +42,31 @@ def test_iter_predict_keeps_each_size_at_its_own_map_size(tmp_path):
     batches = list(model.iter_predict(paths))
     assert [p.name for b in batches for p in b.paths] == [p.name for p in paths]
     assert [tuple(b.result.maps.shape[1:]) for b in batches] == [(48, 64), (32, 96), (48, 64), (64, 64)]
+
+
+def test_predict_writes_full_resolution_outputs_with_unseen_pixels_marked(category, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from patchcore.app.cli import main
+
+    model_path = tmp_path / "m.model"
+    assert main(["fit", str(category / "train" / "good"), "-o", str(model_path), "--backbone", "resnet18_random",
+                 "--resize", "64", "--crop", "48", "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", str(model_path), str(category / "test" / "hole"), "-o", str(out), "--quiet",
+                 "--full-resolution", "--save-maps"]) == 0
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["map_geometry"]["outputs_at"].startswith("each input image's own size")
+    name = summary["images"][0]["name"]
+    heat = np.asarray(Image.open(out / "heatmaps" / f"{name}.png"))
+    mask = np.asarray(Image.open(out / "masks" / f"{name}.png"))
+    raw = np.load(out / "maps" / f"{name}.npy")
+    assert heat.shape[:2] == mask.shape == raw.shape == (128, 128)  # the images' own size, not 48 x 48
+    unseen = np.isnan(raw)
+    # the crop keeps the middle 48/64 of the image: a border of 16 pixels at full size is unseen
+    assert unseen[:14].all() and unseen[-14:].all() and not unseen[20:108, 20:108].any()
+    assert (mask[unseen] == 128).all() and set(np.unique(mask[~unseen])) <= {0, 255}
+    assert (heat[unseen] == 128).all()

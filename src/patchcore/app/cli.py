@@ -75,7 +75,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model.with_thresholds(image=args.threshold, pixel=args.pixel_threshold)
     paths = collect_inputs(args.inputs, exclude=output)
     rows, failures = predict_to_folder(model, paths, output, progress=progress_bars(args.quiet),
-                                       save_maps=args.save_maps, overwrite=args.overwrite)
+                                       save_maps=args.save_maps, overwrite=args.overwrite,
+                                       full_resolution=args.full_resolution)
     print(f"scored {len(rows)} images -> {output}/scores.csv, heatmaps in {output}/heatmaps, "
           f"overlays in {output}/overlays", file=sys.stderr)
     if failures:
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pixel threshold for the defect masks, on the pixel-score scale of the maps "
                               "(default: the model's, calibrated at fit)")
     predict.add_argument("--save-maps", action="store_true", help="also write raw float32 maps as .npy")
+    predict.add_argument("--full-resolution", action="store_true",
+                         help="heatmaps, overlays, masks and maps at each input image's own size (the resize and "
+                              "crop undone): pixels the model never saw are grey, 128 in masks, NaN in maps "
+                              "(default: at the model input geometry)")
     common(predict)
     predict.set_defaults(run=cmd_predict)
 

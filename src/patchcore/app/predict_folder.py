@@ -42,7 +42,7 @@ from ..estimator.inputs import iter_batches, same_size_stacks
 from ..evaluation.progress import Progress, no_progress
 from ..io.images import list_images
 from ..io.model_file import atomic_write_bytes, probe_writable
-from ..io.render import colormap, normalise_map, overlay
+from ..io.render import UNSEEN_GREY, colormap, normalise_map, overlay
 
 SCORE_FILES = ("scores.csv", "scores.json")
 # Output subfolders and the suffix of what we write in each (the only files removed on overwrite).
@@ -181,13 +181,16 @@ def clear_outputs(output: Path) -> None:
 
 # ---------------------------------------------------------------------------- scoring
 def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, progress: Progress = no_progress,
-                      save_maps: bool = False, overwrite: bool = True) -> tuple[list[dict], list[ImageReadError]]:
+                      save_maps: bool = False, overwrite: bool = True,
+                      full_resolution: bool = False) -> tuple[list[dict], list[ImageReadError]]:
     """Score `paths` batch by batch and write heatmaps, overlays, masks and the scores table as it goes.
 
     Earlier results in `output` are replaced (overwrite=True) or refused with an OutputError. Images of
     different sizes (resize none, or a shorter-side resize of different aspect ratios) are scored in
-    same-size groups, each with maps at its own size. Returns (rows, failures); failures are the files
-    that could not be read or scored.
+    same-size groups, each with maps at its own size. With `full_resolution`, heatmaps, overlays, masks
+    and maps are at each input image's own size (the resize and crop undone); pixels the model never saw
+    are grey in heatmaps and overlays, 128 in masks (0 good, 255 defect) and NaN in maps.
+    Returns (rows, failures); failures are the files that could not be read or scored.
     """
     output = Path(output)
     for name in ("image_threshold_", "pixel_threshold_"):
@@ -206,11 +209,12 @@ def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, prog
         subfolders.append("maps")
     for sub in subfolders:
         (output / sub).mkdir(parents=True, exist_ok=True)
-    table = ScoresTable(output, model, n_inputs=len(unique), repeats=repeats)
+    table = ScoresTable(output, model, n_inputs=len(unique), repeats=repeats, full_resolution=full_resolution)
     try:
         with progress(len(unique), "predict") as bar:
             for batch_paths, images, result, failures in _scored_batches(model, unique):
-                rows = [_write_outputs(output, model, names[path], path, image, result, i, save_maps)
+                rows = [_write_outputs(output, model, names[path], path, image, result, i, save_maps,
+                                       full_resolution)
                         for i, (path, image) in enumerate(zip(batch_paths, images))]
                 failures += [ImageReadError(row["file"], row["error"]) for row in rows if "error" in row]
                 table.add([row for row in rows if "error" not in row], failures)
@@ -278,19 +282,30 @@ def _split(result) -> list[tuple]:
 
 
 def _write_outputs(output: Path, model: PatchCore, name: str, path: Path, image: torch.Tensor, result: list,
-                   i: int, save_maps: bool) -> dict:
+                   i: int, save_maps: bool, full_resolution: bool = False) -> dict:
     score, anomaly_map, label, mask = result[i]
     if not math.isfinite(score):
         return {"file": display_path(path),
                 "error": f"the model gave a non-finite anomaly score ({score}): is the model file damaged?"}
+    if full_resolution:  # at the image's own size; NaN where the crop kept the model from looking
+        anomaly_map = model.maps_at_original_size(anomaly_map[None], tuple(image.shape[-2:]))[0]
+        picture = image.permute(1, 2, 0).numpy()
+        unseen = torch.isnan(anomaly_map).numpy()
+        if mask is not None:
+            mask = (anomaly_map > model.pixel_threshold_).numpy()  # NaN compares False: never a defect
+    else:
+        picture = model.preprocess.geometry(image).permute(1, 2, 0).numpy()
+        unseen = None
+        mask = None if mask is None else mask.numpy()
     anomaly_map = anomaly_map.numpy()
     heat = colormap(normalise_map(anomaly_map, model.pixel_threshold_))
     _save_png(heat, output / "heatmaps" / f"{name}.png")
-    picture = model.preprocess.geometry(image).permute(1, 2, 0).numpy()
-    mask = None if mask is None else mask.numpy()
     _save_png(overlay(picture, heat, mask), output / "overlays" / f"{name}.png")
     if mask is not None:
-        _save_png((mask * 255).astype(np.uint8), output / "masks" / f"{name}.png")
+        pixels = (mask * 255).astype(np.uint8)
+        if unseen is not None:
+            pixels[unseen] = UNSEEN_GREY
+        _save_png(pixels, output / "masks" / f"{name}.png")
     if save_maps:
         _save_atomic(output / "maps" / f"{name}.npy", lambda handle: np.save(handle, anomaly_map))
     return {"file": display_path(path), "name": name, "score": score,
@@ -317,7 +332,9 @@ def _save_atomic(path: Path, write) -> None:
 class ScoresTable:
     """scores.csv appended and flushed per batch; scores.json rewritten atomically (see the module doc)."""
 
-    def __init__(self, output: Path, model: PatchCore, *, n_inputs: int, repeats: list[dict[str, str]]):
+    def __init__(self, output: Path, model: PatchCore, *, n_inputs: int, repeats: list[dict[str, str]],
+                 full_resolution: bool = False):
+        self.full_resolution = full_resolution
         self.output, self.model, self.n_inputs, self.repeats = output, model, n_inputs, repeats
         self.rows: list[dict] = []
         self.failures: list[ImageReadError] = []
@@ -352,7 +369,10 @@ class ScoresTable:
             "error": error, "n_inputs": self.n_inputs, "n_scored": len(self.rows), "n_failed": len(self.failures),
             "image_threshold": model.image_threshold_, "pixel_threshold": model.pixel_threshold_,
             "map_geometry": {"input_size": list(model.input_size_), "resize": model.config.resize,
-                             "crop": model.config.crop},
+                             "crop": model.config.crop,
+                             "outputs_at": ("each input image's own size (resize and crop undone; unseen "
+                                            "pixels grey, 128 in masks, NaN in maps)" if self.full_resolution
+                                            else "the model input geometry (after resize and crop)")},
             "naming": NAMING, "repeated_inputs": self.repeats,
             "images": self.rows, "failures": [{"file": display_path(f.path), "error": f.reason} for f in self.failures],
         }

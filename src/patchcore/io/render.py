@@ -14,11 +14,17 @@ _STOPS = np.array([
 ])
 
 
+UNSEEN_GREY = 128  # heatmap colour, and mask value, of pixels the model never saw (NaN in the map)
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
-    v = np.clip(values, 0.0, 1.0)
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours; NaN (not seen by the model) -> grey."""
+    unseen = np.isnan(values)
+    v = np.clip(np.where(unseen, 0.0, values), 0.0, 1.0)
     channels = [np.interp(v, _STOPS[:, 0], _STOPS[:, c]) for c in (1, 2, 3)]
-    return (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
+    colours = (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
+    colours[unseen] = UNSEEN_GREY
+    return colours
 
 
 def normalise_map(anomaly_map: np.ndarray, threshold: float | None,
@@ -33,7 +39,7 @@ def normalise_map(anomaly_map: np.ndarray, threshold: float | None,
     elif value_range is not None:
         low, high = value_range
     else:
-        low, high = float(anomaly_map.min()), float(anomaly_map.max())
+        low, high = float(np.nanmin(anomaly_map)), float(np.nanmax(anomaly_map))
     return (anomaly_map - low) / max(high - low, 1e-12)
 
 
