@@ -215,3 +215,13 @@ def test_typical_nn_distance_degenerate_banks_fall_back_to_one():
     assert typical_nn_distance(torch.zeros(1, 3), torch.zeros(1), generator=_gen(0)) == 1.0
     dup = torch.ones(5, 3)  # all duplicates: median distance 0 is no scale
     assert typical_nn_distance(dup, squared_norms(dup), generator=_gen(0)) == 1.0
+
+
+def test_large_maps_are_blurred_in_strips_with_the_same_result(monkeypatch):
+    """Above STRIP_ELEMENTS the blur runs strip by strip (bounded memory); it must give the same map."""
+    import patchcore.core.scoring as scoring
+
+    maps = torch.rand(2, 70, 90)
+    whole = scoring.gaussian_blur(maps, 2.0)
+    monkeypatch.setattr(scoring, "STRIP_ELEMENTS", 500)
+    torch.testing.assert_close(scoring.gaussian_blur(maps, 2.0), whole)

@@ -57,8 +57,30 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     for dim in (-1, -2):
         x = _reflect_pad(x, radius, dim)
         weight = kernel.view(1, 1, 1, -1) if dim == -1 else kernel.view(1, 1, -1, 1)
-        x = F.conv2d(x, weight)
+        x = _conv_in_strips(x, weight, dim)
     return x[:, 0]
+
+
+# A convolution may unfold its input (one copy per kernel tap: 33 for sigma 4); past this many output
+# elements it runs in strips, each output line computed as before (lines along the kernel are independent).
+STRIP_ELEMENTS = 1 << 22
+
+
+def _conv_in_strips(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """F.conv2d(x, weight) for a 1-D kernel along `dim`, in strips across the other axis when large."""
+    taps = weight.shape[dim]
+    out_shape = list(x.shape)
+    out_shape[dim] -= taps - 1
+    total = out_shape[0] * out_shape[2] * out_shape[3]
+    if total <= STRIP_ELEMENTS:
+        return F.conv2d(x, weight)
+    across = -2 if dim == -1 else -1  # strips of rows for a horizontal kernel, of columns for a vertical one
+    step = max(1, STRIP_ELEMENTS // (total // x.shape[across]))
+    out = x.new_empty(out_shape)
+    for start in range(0, x.shape[across], step):
+        part = x.narrow(across, start, min(step, x.shape[across] - start))
+        out.narrow(across, start, part.shape[across]).copy_(F.conv2d(part, weight))
+    return out
 
 
 def _reflect_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:

@@ -3,9 +3,10 @@
 One code path for every input (files, arrays, decoded tensors on a GPU), so fitting and scoring always
 see identically prepared pixels (MVTec protocol: resize 256, centre crop 224, ImageNet mean and std).
 
-MAX_RESIZED_PIXELS caps the size after resizing (default 4096 x 4096 = 16.8 Mpx; the environment variable
-PATCHCORE_MAX_RESIZED_PIXELS overrides it): the backbone's activations grow with it, and a shorter-side
-resize of a thin strip would otherwise ask for gigabytes. `check_size` says whether an H x W image can go
+MAX_RESIZED_PIXELS caps the size after resizing (default 6144 x 6144 = 37.7 Mpx, so that a 20-megapixel
+image can be inspected at its own size with --tile-size; the environment variable
+PATCHCORE_MAX_RESIZED_PIXELS overrides it): the model input grows with it, and a shorter-side resize of a
+thin strip would otherwise ask for gigabytes. `check_size` says whether an H x W image can go
 through; read_image and iter_image_batches take it as `check=` to turn a refusal into that file's error.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 from ..errors import InputError
 from .images import limit
 
-MAX_RESIZED_PIXELS = 4096 * 4096
+MAX_RESIZED_PIXELS = 6144 * 6144  # 37.7 Mpx: a 20-megapixel image at its own size fits, with tiles
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,11 @@ class Preprocess:
         height, width = images.shape[-2:]
         self.check_size(height, width)
         top, left, ch, cw = self.crop_box(height, width)
-        x = self._resize(images)[..., top:top + ch, left:left + cw].float().div_(255.0)
+        x = self._resize(images)[..., top:top + ch, left:left + cw].float().div_(255.0)  # a new, contiguous copy
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        # In place: one float copy of the input alive, not three (a 20-megapixel image is 240 MB of float32).
+        return x.sub_(mean).div_(std)
 
     def geometry(self, image: torch.Tensor) -> torch.Tensor:
         """The same resize and crop without normalisation: the picture the maps align with."""

@@ -17,12 +17,19 @@ _STOPS = np.array([
 UNSEEN_GREY = 128  # heatmap colour, and mask value, of pixels the model never saw (NaN in the map)
 
 
+_LEVELS = 4096  # colour table entries: a step of 1/4095 is far below one grey level of the 8-bit output
+_TABLE = (np.stack([np.interp(np.linspace(0, 1, _LEVELS), _STOPS[:, 0], _STOPS[:, c]) for c in (1, 2, 3)],
+                   axis=-1) * 255).round().astype(np.uint8)
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours; NaN (not seen by the model) -> grey."""
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours; NaN (not seen by the model) -> grey.
+
+    A table lookup: a 20-megapixel map costs one uint16 index image, not float64 channels."""
+    values = np.asarray(values, dtype=np.float32)
     unseen = np.isnan(values)
-    v = np.clip(np.where(unseen, 0.0, values), 0.0, 1.0)
-    channels = [np.interp(v, _STOPS[:, 0], _STOPS[:, c]) for c in (1, 2, 3)]
-    colours = (np.stack(channels, axis=-1) * 255).round().astype(np.uint8)
+    index = np.clip(np.nan_to_num(values, nan=0.0) * (_LEVELS - 1) + 0.5, 0, _LEVELS - 1).astype(np.uint16)
+    colours = _TABLE[index]
     colours[unseen] = UNSEEN_GREY
     return colours
 
@@ -45,11 +52,14 @@ def normalise_map(anomaly_map: np.ndarray, threshold: float | None,
 
 def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
     """Blend heat colours over the (resized, cropped) input image; outline the predicted mask in white."""
-    out = (1 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
+    out = image.astype(np.float32)
+    out *= 1 - alpha
+    out += alpha * heat
+    np.rint(out, out=out)
+    out = out.astype(np.uint8)  # in [0, 255]: a convex blend of two uint8 pictures
     if mask is not None and mask.any():
-        edge = mask & ~_erode(mask)
-        out[edge] = 255.0
-    return out.round().clip(0, 255).astype(np.uint8)
+        out[mask & ~_erode(mask)] = 255
+    return out
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
