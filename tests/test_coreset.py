@@ -6,6 +6,7 @@ import itertools
 import pytest
 import torch
 
+from patchcore.core import coreset
 from patchcore.core.coreset import (
     coreset_count,
     coverage_radius,
@@ -176,6 +177,13 @@ LAZY_CASES = {
 }
 
 
+@pytest.fixture
+def always_grouped(monkeypatch):
+    """Group the hot set as soon as the per-element test has run once, at any size (numpy backend)."""
+    monkeypatch.setattr(coreset, "_GROUP_MIN_HOT", 0)
+    monkeypatch.setattr(coreset, "_GROUP_SHARE", 2.0)
+
+
 @pytest.mark.parametrize("name", sorted(LAZY_CASES))
 @pytest.mark.parametrize("hot_size", [1, 16, 4096])
 def test_lazy_greedy_equals_reference(name, hot_size):
@@ -189,29 +197,46 @@ def test_lazy_greedy_equals_reference(name, hot_size):
             assert torch.equal(fast, expected), (seed, backend)
 
 
-def test_backends_select_the_same_and_reject_bad_arguments():
-    features = bulk_and_outliers(3000, 16, 78)
-    a = greedy_coreset(features, 200, generator=_gen(1), backend="numpy", hot_size=8)
-    b = greedy_coreset(features, 200, generator=_gen(1), backend="torch", hot_size=8)
-    c = greedy_coreset(features, 200, generator=_gen(1))  # defaults: "auto", the default hot set
-    assert torch.equal(a, b) and torch.equal(a, c)
-    with pytest.raises(ValueError, match="backend"):
-        greedy_coreset(features, 5, generator=_gen(1), backend="cupy")
+@pytest.mark.parametrize("name", sorted(LAZY_CASES))
+@pytest.mark.parametrize("hot_size", [1, 4096])
+def test_grouped_update_equals_reference(name, hot_size, always_grouped):
+    # Groups by nearest centre (skipped whole by the triangle test, low-dimensional bounds on the gaps and on
+    # the members' distances, argmax over group maxima): the same selection, ties included.
+    make, n = LAZY_CASES[name]
+    features = make()
+    seeds = [0, _first_pick_is_outlier_seed(features)] if name.startswith("bulk") else [0, 5]
+    for seed in seeds:
+        stats = {}
+        fast = greedy_coreset(features, n, generator=_gen(seed), backend="numpy", hot_size=hot_size, stats=stats)
+        assert torch.equal(fast, greedy_coreset_reference(features, n, generator=_gen(seed))), seed
+        assert stats["group_builds"] >= 1
 
 
-def test_work_follows_the_outliers_not_n_per_step():
-    # First centre an outlier: every bulk element's nearest centre is then far, and the per-element triangle
-    # test alone flags nearly all of them at every step (N distances per step). The bulk is never the farthest
-    # here, so the lazy version only keeps the outliers and a few others exact.
-    features = bulk_and_outliers(20_000, 64, 79)
-    n = 200
-    seed = _first_pick_is_outlier_seed(features)
+def test_grouped_update_on_all_datasets(always_grouped):
+    for name, (make, n) in sorted(DATASETS.items()):
+        features = make()
+        stats = {}
+        fast = greedy_coreset(features, n, generator=_gen(3), backend="numpy", stats=stats)
+        assert torch.equal(fast, greedy_coreset_reference(features, n, generator=_gen(3))), name
+        assert stats["group_builds"] >= 1, name
+
+
+def test_grouped_update_skips_most_of_the_hot_set(monkeypatch):
+    # A 2-D sheet: each new centre can reach only nearby groups, so the grouped steps test a small share of
+    # the hot set, and the low-dimensional bound leaves fewer direct distances than the per-element test.
+    features = low_dimensional(20_000, 32, 5)
+    n = 600
+    plain = {}
+    expected = greedy_coreset(features, n, generator=_gen(4), backend="numpy", hot_size=20_000, stats=plain)
+    assert plain["group_builds"] == 0  # the default thresholds: a hot set this small is not grouped
+    monkeypatch.setattr(coreset, "_GROUP_MIN_HOT", 0)
+    monkeypatch.setattr(coreset, "_GROUP_SHARE", 2.0)
     stats = {}
-    selected = greedy_coreset(features, n, generator=_gen(seed), hot_size=1024, stats=stats)
-    work = stats["distances"] + stats["bound_pairs"]
-    assert work < 0.1 * features.shape[0] * n, stats
-    assert stats["steps"] == n - 1 and stats["hot_total"] < 0.1 * features.shape[0] * n
-    # Contract check without the O(N^2) reference: each centre is the farthest (first index on ties).
+    selected = greedy_coreset(features, n, generator=_gen(4), backend="numpy", hot_size=20_000, stats=stats)
+    assert torch.equal(selected, expected)
+    assert stats["group_builds"] >= 1 and stats["steps"] == n - 1
+    assert stats["members"] < 0.05 * stats["hot_total"], stats
+    assert stats["distances"] < plain["distances"], (stats, plain)
     nearest = (features - features[selected[0]]).pow(2).sum(1)
     for k in range(1, n):
         assert int(selected[k]) == int(nearest.numpy().argmax())

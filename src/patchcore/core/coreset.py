@@ -31,6 +31,10 @@ DEFAULT_HOT_SIZE = 4096
 _BLOCK = 1 << 16  # rows of direct distances at once: temporaries stay O(block * d)
 _BOUND_ELEMENTS = 1 << 22  # entries of one GEMM lower-bound block (16 MiB)
 _REFRESH_ROWS = 1024
+_LOW_DIM = 32  # dimensions of the first gap bound of the grouped update
+_BASIS_ROWS = 8192  # rows sampled for its principal directions
+_GROUP_SHARE = 0.05  # group the hot set once the per-element test leaves fewer candidates than this share
+_GROUP_MIN_HOT = 1 << 16  # ... and it is this large (below, the per-step Python cost of groups does not pay)
 
 
 def coreset_count(n_total: int, ratio: float, size: int | None = None) -> int:
@@ -95,6 +99,7 @@ class _Greedy:
         self.centred_centres = torch.empty(n, self.dim, device=self.device)
         self.centred_sq = torch.empty(n, device=self.device)
         self.margin = _refresh_margin(self.dim, self.device)
+        self.basis = None  # principal directions for the grouped update, made when groups are first built
         self.value = torch.empty(self.total, device=self.device)
         self.owner = torch.zeros(self.total, dtype=torch.long, device=self.device)
         self.applied = torch.ones(self.total, dtype=torch.long, device=self.device)
@@ -105,8 +110,10 @@ class _Greedy:
         # distances: direct ||x - c||^2 evaluations; bound_pairs: entries of GEMM lower-bound matrices;
         # centre_gaps: centre-to-centre distances of the triangle test; rebuilds: hot set rebuilds;
         # refreshed: elements brought up to date on joining the hot set; hot_total: sum of hot sizes per step.
+        # Grouped update (numpy backend): low_gaps: centre gaps bounded in the principal directions;
+        # group_candidates: groups the new centre may reach; members: elements of those groups tested.
         self.stats = dict(distances=0, bound_pairs=0, centre_gaps=0, rebuilds=0, refreshed=0, hot_total=0,
-                          steps=0)
+                          steps=0, low_gaps=0, group_candidates=0, members=0, group_builds=0, group_drops=0)
 
     # --- the greedy loop -------------------------------------------------------------------------------
     def select(self, first: int) -> torch.Tensor:
@@ -120,8 +127,16 @@ class _Greedy:
             if vmax < self.tau:  # the hot set may no longer hold the maximum
                 pos, vmax = self._rebuild()
             self._add_centre(int(self.hot[pos]))
-            self._update_hot()
-            pos, vmax = self._hot_argmax()
+            if self.grouped and self._update_groups():
+                pos, vmax = self._group_argmax()
+                continue
+            probed = self._update_hot()
+            if (probed and self.use_numpy and self.share < _GROUP_SHARE and self.m >= self.group_wait
+                    and self.hot.shape[0] >= _GROUP_MIN_HOT):
+                self._build_groups()  # the per-element test prunes well: groups will too, at k instead of N
+                pos, vmax = self._group_argmax()
+            else:
+                pos, vmax = self._hot_argmax()
         return self.selected
 
     def _add_centre(self, index: int) -> None:
@@ -129,9 +144,14 @@ class _Greedy:
         centre = self.x[index]
         self.selected[k] = index
         self.centres[k] = centre
-        centred = (centre.double() - self.mean).float()
+        centred64 = centre.double() - self.mean
+        centred = centred64.float()
         self.centred_centres[k] = centred
         self.centred_sq[k] = centred.pow(2).sum()
+        if self.basis is not None:
+            low = (centred64 @ self.basis).float()
+            self.low_centres[k] = low
+            self.low_sq[k] = low.pow(2).sum()
         self.m = k + 1
 
     def _hot_argmax(self) -> tuple[int, float]:
@@ -143,8 +163,10 @@ class _Greedy:
         return pos, float(self.hot_value[pos])
 
     # --- the hot set -----------------------------------------------------------------------------------
-    def _update_hot(self) -> None:
-        """Apply the newest centre to the hot set (exact), pruned by the triangle inequality where it pays."""
+    def _update_hot(self) -> bool:
+        """Apply the newest centre to the hot set (exact), pruned by the triangle inequality where it pays.
+
+        Returns whether the triangle test ran (and measured `share`)."""
         k = self.m - 1
         centre = self.centres[k]
         size = self.hot.shape[0]
@@ -152,7 +174,8 @@ class _Greedy:
         self.stats["steps"] += 1
         # The test costs k centre gaps plus its candidates; use it while that is below the whole hot set,
         # and probe it every 64 steps otherwise (its pruning share changes as the coreset grows).
-        if k < size and (self.share * size + k < 0.8 * size or k - self.last_probe >= 64):
+        probed = k < size and (self.share * size + k < 0.8 * size or k - self.last_probe >= 64)
+        if probed:
             # ||x - c|| >= ||c - a(x)|| - ||x - a(x)||: x can only move to c if ||c - a(x)||^2 < 4 ||x - a(x)||^2.
             # ||c - c_j||^2 for the earlier centres by one GEMV on the centred copies, less the refresh margin,
             # which bounds its rounding (and the centring's): a lower bound of the exact gap, so the test stays
@@ -164,19 +187,33 @@ class _Greedy:
             rows = _below(gaps, self.hot_owner, self.hot_bound, self.use_numpy)
             self.share, self.last_probe = rows.numel() / size, k
             if rows.numel() == 0:
-                return
+                return True
             rows = rows.to(self.device)
-            dist = _rows_distances(self.hot_feat, rows, centre)
+            dist = self._hot_distances(rows, centre)
             closer = dist < self.hot_value[rows]
             moved, moved_sq = rows[closer], dist[closer]
         else:
-            dist = _all_distances(self.hot_feat, centre)
+            dist = self._hot_distances(None, centre)
             moved = torch.nonzero(dist < self.hot_value).squeeze(1)
             moved_sq = dist[moved]
+            probed = False
         self.stats["distances"] += dist.numel()
         self.hot_value[moved] = moved_sq
         self.hot_bound[moved] = moved_sq * (4.0 * _PRUNE_SLACK)
         self.hot_owner[moved] = k
+        return probed
+
+    def _hot_distances(self, rows: torch.Tensor | None, centre: torch.Tensor) -> torch.Tensor:
+        """Direct distances of hot positions `rows` (None: all) to `centre`."""
+        if self.hot_feat is not None:
+            return self._hot_feat_distances(rows, centre)
+        positions = self.hot_np if rows is None else self.hot_np[rows.numpy()]
+        return _gathered_distances(self.x, positions, centre)
+
+    def _hot_feat_distances(self, rows: torch.Tensor | None, centre: torch.Tensor) -> torch.Tensor:
+        if rows is None:
+            return _all_distances(self.hot_feat, centre)
+        return _rows_distances(self.hot_feat, rows, centre)
 
     def _rebuild(self) -> tuple[int, float]:
         """New hot set: the `size` largest values (stale ones refreshed first), until its max is >= tau."""
@@ -208,9 +245,174 @@ class _Greedy:
         self.tau, self.hot, self.hot_value = tau, hot, hot_value
         self.hot_owner = self.owner[hot]
         self.hot_bound = hot_value * (4.0 * _PRUNE_SLACK)
-        self.hot_feat = self.x if hot.shape[0] == self.total else self.x[hot]
+        # A contiguous copy of the hot rows where it is small (or x itself); otherwise the numpy backend gathers
+        # from x by global index, so that a hot set of most of N costs no second copy of the features.
+        full, small = hot.shape[0] == self.total, 4 * hot.shape[0] <= self.total
+        self.hot_feat = self.x if full else self.x[hot] if small or not self.use_numpy else None
+        if self.use_numpy:
+            self.hot_np = hot.numpy()
         self.share, self.last_probe = 0.0, -(1 << 30)
+        # Groups are built once the triangle test prunes well (and not within 64 steps of being dropped).
+        self.grouped, self.hot_low, self.group_wait = False, None, 0
         return pos, vmax
+
+    # --- groups of the hot set by nearest centre (numpy backend) ----------------------------------------
+    # Elements only ever move to the newest centre, so the hot set splits into groups by owner: group g holds
+    # the hot positions whose nearest centre is g, ascending, with its maximum value gmax[g] (first position of
+    # it in garg[g]). A new centre c can lower no member of g when ||c - c_g||^2 >= 4 gmax[g] (the per-element
+    # triangle test with the group's largest bound, which is the largest member bound: float rounding of the
+    # product is monotone); so each step tests k groups instead of the hot set, and the argmax is the largest
+    # gmax (first position over the groups holding it on ties).
+    def _build_groups(self) -> None:
+        if self.basis is None:  # low-dimensional copies of the centres for a first, cheaper gap bound
+            n, m = self.selected.shape[0], self.m
+            self.basis = _principal_basis(self.x, self.mean, min(_LOW_DIM, max(1, self.dim // 4)))
+            self.low_centres = torch.empty(n, self.basis.shape[1])
+            low = ((self.centres[:m].double() - self.mean) @ self.basis).float()
+            self.low_centres[:m] = low
+            self.low_sq = torch.empty(n)
+            self.low_sq[:m] = low.pow(2).sum(1)
+            self.low_margin = _refresh_margin(self.basis.shape[1], self.device)
+        owner = self.hot_owner.numpy()
+        value = self.hot_value.numpy()
+        cap = self.selected.shape[0]
+        order = np.argsort(owner, kind="stable")  # by group, ascending positions inside each
+        counts = np.bincount(owner, minlength=cap)
+        ends = np.cumsum(counts)
+        self.members = np.split(order, ends[:-1])
+        self.gmax = np.full(cap, -np.inf, dtype=np.float32)
+        self.garg = np.zeros(cap, dtype=np.int64)
+        nonempty = np.flatnonzero(counts)
+        starts = ends[nonempty] - counts[nonempty]
+        sorted_value = value[order]
+        gmax = np.maximum.reduceat(sorted_value, starts)
+        hits = np.flatnonzero(sorted_value == np.repeat(gmax, counts[nonempty]))
+        self.gmax[nonempty] = gmax
+        self.garg[nonempty] = order[hits[np.searchsorted(hits, starts)]]
+        self.gbound = self.gmax * np.float32(4.0 * _PRUNE_SLACK)  # -inf for empty groups: never a candidate
+        self.gsize = counts
+        self.grouped = True
+        self.stats["group_builds"] += 1
+        # Low-dimensional copies of the hot elements for a per-element distance bound (see _low_threshold).
+        if self.hot_low is None:
+            hot = self.hot
+            self.hot_low = np.empty((hot.shape[0], self.basis.shape[1]), dtype=np.float32)
+            for i in range(0, hot.shape[0], _BLOCK):
+                block = self.x.index_select(0, hot[i:i + _BLOCK]).double().sub_(self.mean)
+                self.hot_low[i:i + _BLOCK] = (block @ self.basis).float().numpy()
+            norms = np.sqrt(np.einsum("ij,ij->i", self.hot_low, self.hot_low, dtype=np.float64))
+            # Centres are hot elements until the next rebuild, so this also bounds their low norms.
+            self.low_slack = 8.0 * _UNIT_ROUNDOFF * float(norms.max()) * (1.0 + 1e-6)
+        self.low_thr = self._low_threshold(value)
+
+    def _low_threshold(self, value: np.ndarray) -> np.ndarray:
+        """Per element: a float32 low-dimensional squared distance d2 >= this proves fl32(||x - c||^2) >= value.
+
+        With p the float64 projection onto the orthonormal basis: ||x - c|| >= ||p(x) - p(c)|| >= sqrt(d2)(1 - 1e-5)
+        - 8 u R (the float32 rounding of the stored copies, each at most u |p|, R the largest norm, plus the
+        rounding of the difference and the sum of squares, (q + 3) u). At sqrt(1.001 value) the direct float32
+        distance, within (d + 2) u of the exact one, cannot fall below value."""
+        root = np.sqrt(value.astype(np.float64) * _PRUNE_SLACK) + self.low_slack
+        return np.square(root / (1.0 - 1e-5))
+
+    def _group_stats(self, g: int, members: np.ndarray, value: np.ndarray) -> None:
+        self.members[g] = members
+        self.gsize[g] = members.size
+        if members.size == 0:
+            self.gmax[g], self.gbound[g] = -np.inf, -np.inf
+            return
+        own = value[members]
+        p = int(own.argmax())
+        self.gmax[g], self.garg[g] = own[p], members[p]
+        self.gbound[g] = own[p] * np.float32(4.0 * _PRUNE_SLACK)
+
+    def _update_groups(self) -> bool:
+        """Apply the newest centre to the hot set (exact): groups it cannot reach are skipped whole.
+
+        Returns False, having changed nothing, where the groups the centre may reach hold more than half of the
+        hot set (the groups are dropped: `_update_hot` runs instead, until its test prunes well again)."""
+        k = self.m - 1
+        centre = self.centres[k]
+        value, bound, owner = self.hot_value.numpy(), self.hot_bound.numpy(), self.hot_owner.numpy()
+        empty = np.empty(0, dtype=np.int64)
+        # Gap lower bounds in two stages: the orthogonal projection onto a few principal directions never
+        # lengthens a vector, so its (margin-corrected) squared gap bounds the full one from below at a
+        # fraction of the cost; the full-dimensional bound runs only for the groups that pass it.
+        norm_sum = self.low_sq[:k] + self.low_sq[k]
+        low = torch.addmv(norm_sum, self.low_centres[:k], self.low_centres[k], alpha=-2.0)
+        low = low.sub_(norm_sum, alpha=self.low_margin).numpy()
+        maybe = np.flatnonzero(low < self.gbound[:k])
+        self.stats["low_gaps"] += k
+        if maybe.size == 0:
+            self._group_stats(k, empty, value)
+            return self._counted()
+        rows = torch.from_numpy(maybe)
+        norm_sum = self.centred_sq.index_select(0, rows).add_(self.centred_sq[k])
+        gaps = torch.addmv(norm_sum, self.centred_centres.index_select(0, rows), self.centred_centres[k], alpha=-2.0)
+        gaps = gaps.sub_(norm_sum, alpha=self.margin).numpy()
+        self.stats["centre_gaps"] += maybe.size
+        keep = gaps < self.gbound[maybe]
+        groups, gaps = maybe[keep], gaps[keep]
+        if groups.size == 0:
+            self._group_stats(k, empty, value)
+            return self._counted()
+        if 2 * int(self.gsize[groups].sum()) > value.size:
+            self.grouped, self.members, self.group_wait = False, None, self.m + 64
+            self.stats["group_drops"] += 1
+            return False
+        self.stats["group_candidates"] += groups.size
+        if groups.size == 1:
+            rows = self.members[int(groups[0])]
+            self.stats["members"] += rows.size
+            rows = rows[gaps[0] < bound[rows]]
+        else:
+            pieces = [self.members[g] for g in groups.tolist()]
+            rows = np.concatenate(pieces)
+            sizes = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+            self.stats["members"] += rows.size
+            rows = rows[np.repeat(gaps, sizes) < bound[rows]]
+        if rows.size == 0:
+            self._group_stats(k, empty, value)
+            return self._counted()
+        # Second per-element test: the distance in the principal directions bounds the full one from below.
+        diff = self.hot_low.take(rows, axis=0)
+        diff -= self.low_centres[k].numpy()
+        rows = rows[np.einsum("ij,ij->i", diff, diff) < self.low_thr[rows]]
+        if rows.size == 0:
+            self._group_stats(k, empty, value)
+            return self._counted()
+        # Gathered by numpy (a plain copy), then the same float32 torch expression as the plain algorithm.
+        dist = _gathered_distances(self.x, self.hot_np[rows], centre).numpy()
+        self.stats["distances"] += rows.size
+        closer = dist < value[rows]
+        moved, moved_sq = rows[closer], dist[closer]
+        if moved.size == 0:
+            self._group_stats(k, empty, value)
+            return self._counted()
+        left = np.unique(owner[moved])
+        value[moved] = moved_sq
+        bound[moved] = moved_sq * np.float32(4.0 * _PRUNE_SLACK)
+        owner[moved] = k
+        self.low_thr[moved] = self._low_threshold(moved_sq)
+        order = np.argsort(moved, kind="stable")
+        self._group_stats(k, moved[order], value)
+        for g in left.tolist():
+            members = self.members[g]
+            self._group_stats(g, members[owner[members] == g], value)
+        return self._counted()
+
+    def _counted(self) -> bool:
+        self.stats["hot_total"] += self.hot.shape[0]
+        self.stats["steps"] += 1
+        return True
+
+    def _group_argmax(self) -> tuple[int, float]:
+        gmax = self.gmax[:self.m]
+        g = int(gmax.argmax())
+        vmax = gmax[g]
+        ties = np.flatnonzero(gmax == vmax)
+        pos = int(self.garg[g]) if ties.size == 1 else int(self.garg[ties].min())
+        return pos, float(vmax)
 
     def _refresh(self, rows: torch.Tensor) -> None:
         """Bring `rows` up to date over all m centres: each against the centres it has not seen yet."""
@@ -315,6 +517,27 @@ def _at_least(values: torch.Tensor, threshold: float, use_numpy: bool) -> torch.
     if use_numpy:
         return torch.from_numpy(np.flatnonzero(values.numpy() >= threshold))
     return torch.nonzero(values >= threshold).squeeze(1)
+
+
+def _gathered_distances(features: torch.Tensor, rows: np.ndarray, centre: torch.Tensor) -> torch.Tensor:
+    """_rows_distances with the rows gathered by numpy: the same values (the same contiguous (rows, d) block
+    goes through the same torch reduction), without torch's threaded gather on small blocks."""
+    source = features.numpy()
+    if rows.size <= _BLOCK:
+        return (torch.from_numpy(source.take(rows, axis=0)) - centre).pow_(2).sum(1)
+    return torch.cat([(torch.from_numpy(source.take(rows[i:i + _BLOCK], axis=0)) - centre).pow_(2).sum(1)
+                      for i in range(0, rows.size, _BLOCK)])
+
+
+def _principal_basis(features: torch.Tensor, mean: torch.Tensor, q: int) -> torch.Tensor:
+    """(d, q) float64 orthonormal basis of the q leading principal directions of a strided row sample.
+
+    Any orthonormal basis keeps the gap bounds valid; the leading directions make them tight. (torch's eigh:
+    numpy's LAPACK took 2 ms to 0.2 s for the same 128 x 128 matrix on the loaded 2-core machine.)"""
+    step = max(1, features.shape[0] // _BASIS_ROWS)
+    sample = features[::step].double() - mean
+    _, vectors = torch.linalg.eigh(sample.T @ sample)  # ascending eigenvalues
+    return vectors.flip(1)[:, :q].contiguous()
 
 
 def _rows_distances(features: torch.Tensor, rows: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
