@@ -40,6 +40,9 @@ def run_bench(data: Path, config: PatchCoreConfig, *, device: str = "auto", thro
         "peak_rss_after_fit_mib": timings["peak_rss_after_fit_mib"],
         "predict_ms_per_image_from_files": timings["predict_ms_per_image"],
         "bank_shape": list(model.memory_bank_.shape), "n_train_images": len(split.train),
+        "n_patches": record["fit"]["n_patches"],
+        # The coreset's cost per million training patches at this ratio: how fit time scales (README).
+        "coreset_s_per_million_patches": 1e6 * timings["coreset_seconds"] / max(1, record["fit"]["n_patches"]),
         "n_test_images": len(split.items),
         "image_auroc": record["metrics"]["image_auroc"], "pixel_auroc": record["metrics"]["pixel_auroc"],
         "aupro": record["metrics"]["aupro"],
@@ -79,6 +82,8 @@ def format_table(result: dict) -> str:
     rows = [
         ("fit s (embed + coreset)",
          f"{result['fit_s']:.1f} ({result['fit_embed_s']:.1f} + {result['fit_coreset_s']:.1f})"),
+        ("coreset s per 1M patches", f"{result['coreset_s_per_million_patches']:.1f} "
+                                     f"({result['n_patches']} patches -> {result['bank_shape'][0]})"),
         ("predict ms/img from files", f"{result['predict_ms_per_image_from_files']:.1f}"),
         ("latency ms, batch 1", f"{result['latency_ms_batch1_median']:.1f}"),
         (f"throughput img/s, batch {result['throughput_batch']}", f"{result['throughput_images_per_s']:.1f}"),
