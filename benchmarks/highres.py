@@ -143,6 +143,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/highres"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mvtec_ad/bottle"))
     parser.add_argument("--coreset-ratio", default="0.01")
+    parser.add_argument("--only", default=None, help="run only the geometries whose name contains this")
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,8 @@ def main() -> int:
     elif args.what == "twenty-mp":
         result = twenty_mp(args.workdir)
     else:
-        result = evaluate_geometries(args.data.resolve(), BOTTLE, args.workdir, extra)
+        chosen = {k: v for k, v in BOTTLE.items() if args.only is None or args.only in k}
+        result = evaluate_geometries(args.data.resolve(), chosen, args.workdir, extra)
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:
