@@ -260,3 +260,27 @@ def test_feedback_then_apply_update_swaps_the_model_without_dropping_requests(mo
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     files = [row[0] for row in db.execute("SELECT image_file FROM feedback")]
     assert len(files) == 3 and all((settings.review_dir / f).is_file() for f in files)
+
+
+def test_a_tiled_model_with_a_region_is_served_like_the_library(train_paths, category, tmp_path):
+    """High-resolution settings travel in the model file: the server scores a tiled, region-masked model
+    exactly as the library does."""
+    from patchcore import PatchCore, PatchCoreConfig
+
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, :96] = 255
+    Image.fromarray(mask).save(tmp_path / "region.png")
+    config = PatchCoreConfig(backbone="resnet18_random", resize=None, crop=None, tile_size=64, tile_overlap=32,
+                             region=str(tmp_path / "region.png"), coreset_ratio=0.2, calibration_ratio=0.0)
+    model = PatchCore(config, device="cpu").fit(train_paths[:4])
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model.save(folder / "tiled.model")
+    path = sorted((category / "test" / "stain").glob("*.png"))[0]
+    with TestClient(create_app(make_settings(folder))) as c:
+        body = c.post("/v1/models/tiled/predict", files={"file": ("a.png", path.read_bytes(), "image/png")},
+                      params={"map": 1}).json()
+    expected = model.predict(path)
+    assert body["score"] == pytest.approx(float(expected.scores[0]), rel=1e-5)
+    served_map = np.array(body["map"])
+    assert np.allclose(served_map, expected.maps[0].numpy(), atol=1e-3) and (served_map[:, 96:] == 0).all()
