@@ -16,7 +16,9 @@ Recipes (d = 128):
   mixture-50k:        50 clusters, centres N(0, I), points N(centre, 0.2^2 I); 500 centres.
   lowrank-164k:       bottle-like synthetic: 164k rows of a rank-16 model with a decaying spectrum, plus
                       isotropic noise and 1% rows 3x farther out; 16.4k centres (10%).
-  bottle:             real projected features (an .npy written by --extract-bottle), 10% centres.
+  bottle:             real projected features (an .npy written by --extract-bottle), --ratio (10%) centres.
+  bottle-native:      the same at native 900 x 900 (2.67M x 128, written by
+                      `benchmarks/bottle_native_fit.py --save-projected /tmp/bottle_native_projected.npy`).
 """
 from __future__ import annotations
 
@@ -115,7 +117,8 @@ CASES = {
     "lowrank-164k": (lambda a: lowrank(164_000), 16_400),
     "bulk-1m": (lambda a: bulk(1_000_000), 10_000),
     "bulk-1m-500": (lambda a: bulk(1_000_000), 500),  # the old code at 1M in minutes, not hours
-    "bottle": (lambda a: load_bottle(a.bottle_npy), None),
+    "bottle": (lambda a: load_bottle(a.bottle_npy), None),  # --ratio of N centres (default 10%)
+    "bottle-native": (lambda a: load_bottle(a.native_npy), None),  # 900 x 900, ~2.7M patches; --ratio 0.01
 }
 
 
@@ -161,6 +164,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--bottle-npy", default="/tmp/bottle_projected.npy")
+    parser.add_argument("--native-npy", default="/tmp/bottle_native_projected.npy")
+    parser.add_argument("--ratio", type=float, default=0.1, help="centres / N for the bottle cases")
     parser.add_argument("--extract-bottle", action="store_true", help="fit bottle once and save --bottle-npy")
     args = parser.parse_args()
     if args.extract_bottle:
@@ -175,7 +180,7 @@ def main() -> int:
         make, n = CASES[name]
         features = make(args)
         total = features.shape[0]
-        n = n or int(round(0.1 * total))
+        n = n or int(round(args.ratio * total))
         new_t, new_all, new_sel, new_stats = timed(greedy_coreset, features, n, args.seed, args.repeat)
         work_new = (new_stats["distances"] + new_stats["bound_pairs"]) / (total * n)
         if args.no_baseline:
