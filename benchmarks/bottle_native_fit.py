@@ -21,6 +21,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,8 +49,18 @@ def child(args: argparse.Namespace) -> dict:
 
     marks: dict[str, float] = {}
     original = model_module.greedy_coreset
+    trace: list[tuple[float, float]] = []  # (seconds since start, RSS MiB) every --trace-every seconds
+    t0 = time.perf_counter()
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(args.trace_every):
+            trace.append((round(time.perf_counter() - t0, 1), round(_rss_mib())))
+
+    threading.Thread(target=sample, daemon=True).start()
 
     def measured(projected, n, *, generator):
+        marks["coreset_started_at_seconds"] = time.perf_counter() - t0
         marks["rss_before_coreset_mib"] = _rss_mib()
         marks["peak_before_coreset_mib"] = _peak_mib()
         if args.save_projected:  # inside fit_report_.coreset_seconds: subtract save_seconds
@@ -74,6 +85,7 @@ def child(args: argparse.Namespace) -> dict:
     model = model_module.PatchCore(cfg)
     model.fit(images, max_feature_memory=args.max_feature_memory)
     wall = time.perf_counter() - started
+    stop.set()
     report = dataclasses.asdict(model.fit_report_)
     millions = report["n_patches"] / 1e6
     return dict(
@@ -85,7 +97,7 @@ def child(args: argparse.Namespace) -> dict:
         embed_seconds_per_million_patches=report["embed_seconds"] / millions,
         coreset_seconds_per_million_patches=report["coreset_seconds"] / millions,
         projected_mib=report["n_patches"] * cfg.projection_dim * 4 / 2**20,
-        peak_rss_mib=_peak_mib(), **marks)
+        peak_rss_mib=_peak_mib(), rss_trace_mib=trace, **marks)
 
 
 def main() -> int:
@@ -95,13 +107,15 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0, help="first N images only (0: all 209)")
     parser.add_argument("--max-feature-memory", type=int, default=1 << 30)
     parser.add_argument("--save-projected", default="")
+    parser.add_argument("--trace-every", type=float, default=2.0, help="RSS sampling period, seconds")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return 0
     command = [sys.executable, __file__, "--child", "--ratio", str(args.ratio), "--limit", str(args.limit),
-               "--max-feature-memory", str(args.max_feature_memory), "--save-projected", args.save_projected]
+               "--max-feature-memory", str(args.max_feature_memory), "--save-projected", args.save_projected,
+               "--trace-every", str(args.trace_every)]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

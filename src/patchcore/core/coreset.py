@@ -36,6 +36,7 @@ _BOUND_ELEMENTS = 1 << 22  # entries of one GEMM lower-bound block (16 MiB)
 _REFRESH_ROWS = 1024
 _LOW_DIM = 32  # dimensions of the first gap bound of the grouped update
 _BASIS_ROWS = 8192  # rows sampled for its principal directions
+_HOT_COPY_BYTES = 256 << 20  # a copy of the hot rows up to this size (or a quarter of N)
 _MAX_GROWN_HOT = 1 << 18  # the rebuild rule doubles the hot set up to this size (see _rebuild)
 _GROUP_SHARE = 0.05  # group the hot set once the per-element test leaves fewer candidates than this share
 _GROUP_MIN_HOT = 1 << 16  # ... and it is this large (below, the per-step Python cost of groups does not pay)
@@ -287,8 +288,9 @@ class _Greedy:
         self.hot_owner = self.owner[hot]
         self.hot_bound = hot_value * (4.0 * _PRUNE_SLACK)
         # A contiguous copy of the hot rows where it is small (or x itself); otherwise the numpy backend gathers
-        # from x by global index, so that a hot set of most of N costs no second copy of the features.
-        full, small = hot.shape[0] == self.total, 4 * hot.shape[0] <= self.total
+        # from x by global index, so that a hot set of most of a large N costs no second copy of the features.
+        full = hot.shape[0] == self.total
+        small = 4 * hot.shape[0] <= self.total or hot.shape[0] * self.dim * 4 <= _HOT_COPY_BYTES
         self.hot_feat = self.x if full else self.x[hot] if small or not self.use_numpy else None
         if self.use_numpy:
             self.hot_np = hot.numpy()
