@@ -70,3 +70,23 @@ def test_predict_writes_full_resolution_outputs_with_unseen_pixels_marked(catego
     assert unseen[:14].all() and unseen[-14:].all() and not unseen[20:108, 20:108].any()
     assert (mask[unseen] == 128).all() and set(np.unique(mask[~unseen])) <= {0, 255}
     assert (heat[unseen] == 128).all()
+
+
+def test_large_images_go_through_the_backbone_a_few_at_a_time(monkeypatch):
+    """Above MAX_FORWARD_PIXELS per pass a batch is split (bounded memory); the model is the same."""
+    import numpy as np
+
+    import patchcore.estimator.model as model_module
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    config = PatchCoreConfig(backbone="resnet18_random", resize=None, crop=None, coreset_ratio=0.3,
+                             calibration_ratio=0.0, batch_size=6)
+    whole = PatchCore(config, device="cpu").fit(images)
+    parts = []
+    real = model_module._forward_sized
+    monkeypatch.setattr(model_module, "MAX_FORWARD_PIXELS", 2 * 64 * 64)
+    monkeypatch.setattr(model_module, "_forward_sized", lambda stack: parts.append(real(stack)) or parts[-1])
+    split = PatchCore(config, device="cpu").fit(images)
+    assert [len(p) for p in parts] == [3] and all(p.shape[0] == 2 for p in parts[0])
+    torch.testing.assert_close(split.memory_bank_, whole.memory_bank_, rtol=1e-5, atol=1e-5)

@@ -135,7 +135,7 @@ class PatchCore:
         model cannot take (too large once resized, smaller than the crop, of another aspect ratio than an
         exact resize was fitted for) are per-file failures of their batch, not errors of the run."""
         for batch in iter_batches(images, self.config.batch_size, check=self._check_input):
-            yield batch, list(same_size_stacks(batch.images))
+            yield batch, [part for stack in same_size_stacks(batch.images) for part in _forward_sized(stack)]
 
     def _check_input(self, height: int, width: int) -> None:
         self.preprocess.check_size(height, width)
@@ -534,6 +534,18 @@ class PatchCore:
                                  f"{config.backbone} with embedding size {model.embedding_dim}")
         model.set_state(state)
         return model
+
+
+# Pixels of one forward pass: large images go through the backbone a few at a time, so the per-batch
+# transient (activations, features, their copies) stays bounded (8 images at 900 x 900 took ~2 GB).
+# Below it (the MVTec 224 x 224 batch of 8 is 0.4 Mpx) batches are unchanged.
+MAX_FORWARD_PIXELS = 4_000_000
+
+
+def _forward_sized(stack: torch.Tensor) -> list[torch.Tensor]:
+    """(B, 3, H, W) -> consecutive parts of at most MAX_FORWARD_PIXELS pixels (at least one image each)."""
+    per_part = max(1, MAX_FORWARD_PIXELS // (stack.shape[-2] * stack.shape[-1]))
+    return list(stack.split(per_part)) if stack.shape[0] > per_part else [stack]
 
 
 def _concat_results(parts: list[PatchCoreResult]) -> PatchCoreResult:

@@ -38,13 +38,13 @@ class FeatureStore:
         if self._file is None:
             self._chunks.append(array.copy())
         else:
-            self._file.write(array.tobytes())
+            self._file.write(memoryview(array).cast("B"))  # through the buffer: no copy of the rows
         self.rows += array.shape[0]
 
     def _spill(self) -> None:
         self._file = tempfile.NamedTemporaryFile(prefix="patchcore-features-", suffix=".f32", dir=self.spill_dir)
         for chunk in self._chunks:
-            self._file.write(chunk.tobytes())
+            self._file.write(memoryview(chunk).cast("B"))
         self._chunks = []
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
