@@ -13,6 +13,11 @@ distances only for the pairs it cannot exclude). Inside the hot set a triangle-i
 elements the new centre cannot reach, where that pays. Data with a compact bulk and scattered outliers
 (where the test alone prunes nothing) costs the outliers' work, not N per step.
 
+Where the hot set is large and that test prunes well (real features: values bunched, the hot set holds most
+of N), the numpy backend groups the hot set by nearest centre: a group is skipped whole when the new centre
+cannot reach its farthest member, centre gaps and member distances are first bounded in 32 principal
+directions, and the argmax runs over the group maxima; each step then costs O(k) plus the reached groups.
+
 Every distance that decides anything is the direct float32 ||x - c||^2, computed the same way as in the
 plain algorithm, and every pruning test has a rounding margin; so the selection, ties included (first
 index), is the one `greedy_coreset_reference` (the plain O(N^2) algorithm, kept as the oracle) makes.
