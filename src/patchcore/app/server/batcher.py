@@ -107,19 +107,18 @@ class Batcher:
             for job in jobs:
                 groups.setdefault((job.entry.name, tuple(job.image.shape)), []).append(job)
             for group in groups.values():
-                self._score_group(group)
+                try:
+                    self._score_group(group)
+                except Exception as err:  # anything unforeseen fails this group's requests, never the worker
+                    log.exception("scoring a batch of %d for %s failed", len(group), group[0].entry.name)
+                    for job in group:
+                        job.loop.call_soon_threadsafe(_fail, job.future, err)
 
     def _score_group(self, jobs: list[_Job]) -> None:
         entry = jobs[0].entry
         model, version = entry.model, entry.version  # read once: the whole group sees one version
         started = time.perf_counter()
-        try:
-            result = model.predict_batch(torch.stack([job.image for job in jobs]))
-        except Exception as err:  # a bad batch fails its own requests, never the worker
-            log.exception("scoring a batch of %d for %s failed", len(jobs), entry.name)
-            for job in jobs:
-                job.loop.call_soon_threadsafe(_fail, job.future, err)
-            return
+        result = model.predict_batch(torch.stack([job.image for job in jobs]))
         compute_ms = (time.perf_counter() - started) * 1000.0
         if self._on_batch is not None:
             self._on_batch(len(jobs))
