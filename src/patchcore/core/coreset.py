@@ -165,11 +165,7 @@ class _Greedy:
         centred = centred64.float()
         self.centred_centres[k] = centred
         self.centred_sq[k] = centred.pow(2).sum()
-        if self.basis is not None:
-            low = (centred64 @ self.basis).float()
-            self.low_centres[k] = low
-            self.low_sq[k] = low.pow(2).sum()
-        self.m = k + 1
+        self.m = k + 1  # (no low-dimensional copies: groups, and with them the basis, are numpy-only)
 
     def _add_centre_numpy(self, index: int) -> None:
         """_add_centre through numpy views (the same arithmetic: float64 centring, float32 rounding; the norms
@@ -230,7 +226,6 @@ class _Greedy:
             dist = self._hot_distances(None, centre)
             moved = torch.nonzero(dist < self.hot_value).squeeze(1)
             moved_sq = dist[moved]
-            probed = False
         self.stats["distances"] += dist.numel()
         self.hot_value[moved] = moved_sq
         self.hot_bound[moved] = moved_sq * (4.0 * _PRUNE_SLACK)
