@@ -240,3 +240,18 @@ def test_a_state_swap_during_concurrent_predicts_gives_one_state_or_the_other(im
     assert seen
     for scores in seen:
         assert torch.allclose(scores, before, rtol=1e-5) or torch.allclose(scores, after, rtol=1e-5)
+
+
+def test_batch_size_sets_the_images_per_forward_pass(images):
+    """batch_size does not change the method, but it is read: it sets how many images share a pass."""
+    config = dataclasses.replace(BASE, batch_size=3, calibration_ratio=0.0)
+    model = PatchCore(config, device="cpu")
+    backbone = model.backbone
+    sizes = []
+    forward = backbone.forward
+    backbone.forward = lambda x: sizes.append(x.shape[0]) or forward(x)
+    model.fit(images[:7])
+    assert sizes == [3, 3, 1]
+    sizes.clear()
+    model.predict(images[:5])
+    assert sizes == [3, 2]

@@ -10,10 +10,12 @@ images' median aspect ratio within `pixel_budget` pixels, sides multiples of 16,
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from ..config import PatchCoreConfig
@@ -40,10 +42,10 @@ def image_sizes(images: list) -> list[tuple[int, int]]:
                 continue
         elif isinstance(image, Image.Image):
             width, height = image.size
-        else:
-            shape = tuple(image.shape)
-            height, width = (shape[-2], shape[-1]) if len(shape) == 3 and shape[0] in (1, 3) and hasattr(
-                image, "dim") else (shape[0], shape[1])
+        elif isinstance(image, torch.Tensor):  # (3, H, W)
+            height, width = image.shape[-2:]
+        else:  # an (H, W) or (H, W, C) array
+            height, width = image.shape[:2]
         sizes.append((int(height), int(width)))
     return sizes
 
@@ -72,8 +74,7 @@ def resolve_geometry(config: PatchCoreConfig, images: list) -> tuple[PatchCoreCo
         return config, "MVTec protocol: resize 256 (shorter side), centre crop 224 (square training images)"
     height, width = whole_part_size(sizes, config.pixel_budget)
     shown = ", ".join(f"{h}x{w}" for h, w in sorted(set(sizes))[:3]) + (" ..." if len(set(sizes)) > 3 else "")
-    chosen = PatchCoreConfig.from_dict({**config.to_dict(), "resize": (height, width), "crop": None,
-                                        "geometry": config.geometry, "pixel_budget": config.pixel_budget})
+    chosen = dataclasses.replace(config, resize=(height, width), crop=None)
     return chosen, (f"whole part: resize {height}x{width} (H x W), no crop, within {config.pixel_budget} pixels, "
                     f"for training images of {shown} (H x W); --resize/--crop override, --geometry mvtec "
                     "keeps the MVTec protocol")

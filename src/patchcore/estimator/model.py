@@ -213,8 +213,9 @@ class PatchCore:
         started = time.perf_counter()
         store = None
         try:
+            region = self._read_region()
             store, projected, grid, input_size = self._extract_training_features(
-                fit_images, report, generator, progress, max_feature_memory, spill_dir)
+                fit_images, region, report, generator, progress, max_feature_memory, spill_dir)
             report.embed_seconds = time.perf_counter() - started
 
             started = time.perf_counter()
@@ -236,7 +237,7 @@ class PatchCore:
             distance_scale=typical_nn_distance(bank, squared_norms(bank), generator=generator),  # T of eq. 7
             image_threshold=None, pixel_threshold=None, calibration_scores=(),
             grid=grid, input_size=input_size, n_train_images=report.n_images, n_train_patches=report.n_patches,
-            backbone_weights_sha256=self.extractor.weights_sha256, region=self._fit_region))
+            backbone_weights_sha256=self.extractor.weights_sha256, region=region))
 
         started = time.perf_counter()
         if calibration_images:
@@ -245,13 +246,12 @@ class PatchCore:
         self.fit_report_ = report
         return self
 
-    def _extract_training_features(self, images: list, report: FitReport, generator: torch.Generator,
-                                   progress, max_feature_memory: int, spill_dir):
+    def _extract_training_features(self, images: list, region: torch.Tensor | None, report: FitReport,
+                                   generator: torch.Generator, progress, max_feature_memory: int, spill_dir):
         """Every training patch feature into a FeatureStore (spilled to disk past the budget), and its
         d*-dimensional JL projection (psi, section 2) into one preallocated (N, d*) tensor."""
         cfg = self.config
         store = projection = projected = grid = input_size = inside = None
-        region = self._read_region()
         rows_done = 0
         try:
             for batch, stacks in self._iter_stacks(images):
@@ -297,7 +297,6 @@ class PatchCore:
             raise InputError("no readable training image: " + "; ".join(report.skipped[:5]))
         if rows_done == 0:
             raise InputError(f"{cfg.region}: the inspection region covers no patch of the training images")
-        self._fit_region = region
         return store, projected[:rows_done], grid, input_size  # a view: skipped files leave the tail unused
 
     def _read_region(self) -> torch.Tensor | None:
@@ -338,31 +337,28 @@ class PatchCore:
         grid, input_size, pieces = self.extractor.pieces(images)
         batch, (h, w) = images.shape[0], grid
         inside = self._region_patches(state.region, grid)
+        dim = state.memory_bank.shape[1]
         patch_dist = torch.zeros(batch, h, w, device=self.device)
-        patch_idx = torch.zeros(batch, h, w, dtype=torch.long, device=self.device)
+        # m_test,* of eq. 7 so far: each image's farthest patch, its distance (s*) and its nearest bank row m*
         farthest = torch.full((batch,), -1.0, device=self.device)
-        farthest_feature = farthest_idx = None
+        farthest_feature = torch.zeros(batch, dim, device=self.device)
+        farthest_idx = torch.zeros(batch, dtype=torch.long, device=self.device)
+        images_ = torch.arange(batch, device=self.device)
         for piece in pieces:
             features = piece.features
-            dim = features.shape[-1]
-            if dim != state.memory_bank.shape[1]:
-                raise RuntimeError(f"feature size {dim} does not match the memory bank's {state.memory_bank.shape[1]}")
+            if features.shape[-1] != dim:
+                raise RuntimeError(f"feature size {features.shape[-1]} does not match the memory bank's {dim}")
             dist, idx = fitted.index.search(features.reshape(-1, dim))  # exact 1-NN of every patch
             dist, idx = dist.view(batch, -1), idx.view(batch, -1)
             rows, cols = slice(piece.top, piece.top + piece.height), slice(piece.left, piece.left + piece.width)
             if inside is not None:  # outside the inspection region every patch scores zero
                 dist = dist * inside[rows, cols].flatten().to(dist)
             patch_dist[:, rows, cols] = dist.view(batch, piece.height, piece.width)
-            patch_idx[:, rows, cols] = idx.view(batch, piece.height, piece.width)
             piece_max, piece_arg = dist.max(1)  # s* candidates (eq. 6)
-            if farthest_feature is None:
-                farthest_feature = features.new_zeros(batch, dim)
-                farthest_idx = torch.zeros(batch, dtype=torch.long, device=self.device)
             better = piece_max > farthest
-            rows_b = torch.arange(batch, device=self.device)
             farthest = torch.where(better, piece_max, farthest)
-            farthest_feature[better] = features[rows_b, piece_arg][better]
-            farthest_idx[better] = idx[rows_b, piece_arg][better]
+            farthest_feature[better] = features[images_, piece_arg][better]
+            farthest_idx[better] = idx[images_, piece_arg][better]
         # eq. 7 needs only m_test,* and its distance: the same numbers as over all patches.
         scores = reweighted_image_scores(farthest_feature[:, None], farthest[:, None], farthest_idx[:, None],
                                          state.memory_bank, fitted.bank_sq_norms,
