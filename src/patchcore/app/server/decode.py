@@ -35,8 +35,10 @@ def probe(data: bytes, max_pixels: int) -> tuple[str, tuple[int, int]]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 fmt, size = image.format, image.size
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.UnidentifiedImageError:
         raise UploadError(415, "not an image this server reads (PNG, JPEG, BMP, TIFF, WebP, PPM/PGM)") from None
+    except Image.DecompressionBombError as err:  # PIL's own ceiling (2 x MAX_IMAGE_PIXELS), before ours
+        raise UploadError(413, f"image over this server's limit of {max_pixels} pixels ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UploadError(422, f"corrupt image header ({err})") from None
     if fmt not in SUFFIXES:
