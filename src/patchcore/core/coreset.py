@@ -379,7 +379,6 @@ class _Greedy:
         k = self.m - 1
         centre = self.centres[k]
         value, bound, owner = self.hot_value.numpy(), self.hot_bound.numpy(), self.hot_owner.numpy()
-        empty = np.empty(0, dtype=np.int64)
         # Gap lower bounds in two stages: the orthogonal projection onto a few principal directions never
         # lengthens a vector, so its (margin-corrected) squared gap bounds the full one from below at a
         # fraction of the cost; the full-dimensional bound runs only for the groups that pass it.
@@ -391,8 +390,7 @@ class _Greedy:
         maybe = np.flatnonzero(low < self.gbound[:k])
         self.stats["low_gaps"] += k
         if maybe.size == 0:
-            self._group_stats(k, empty, value)
-            return self._counted()
+            return self._nothing_moved(k, value)
         near = torch.from_numpy(views["centred_centres"].take(maybe, axis=0))
         dots = torch.mv(near, self.centred_centres[k]).numpy()
         gaps = (centred_sq[maybe] + centred_sq[k]) * (1.0 - self.margin) - 2.0 * dots
@@ -400,8 +398,7 @@ class _Greedy:
         keep = gaps < self.gbound[maybe]
         groups, gaps = maybe[keep], gaps[keep]
         if groups.size == 0:
-            self._group_stats(k, empty, value)
-            return self._counted()
+            return self._nothing_moved(k, value)
         if 2 * int(self.gsize[groups].sum()) > value.size:
             # Not again for 64 steps, twice that after each drop that came soon after its build.
             self.drop_streak = self.drop_streak + 1 if self.m - self.grouped_since < 256 else 0
@@ -420,23 +417,20 @@ class _Greedy:
             self.stats["members"] += rows.size
             rows = rows[np.repeat(gaps, sizes) < bound[rows]]
         if rows.size == 0:
-            self._group_stats(k, empty, value)
-            return self._counted()
+            return self._nothing_moved(k, value)
         # Second per-element test: the distance in the principal directions bounds the full one from below.
         diff = self.hot_low.take(rows, axis=0)
         diff -= self.low_centres[k].numpy()
         rows = rows[np.einsum("ij,ij->i", diff, diff) < self.low_thr[rows]]
         if rows.size == 0:
-            self._group_stats(k, empty, value)
-            return self._counted()
+            return self._nothing_moved(k, value)
         # Gathered by numpy (a plain copy), then the same float32 torch expression as the plain algorithm.
         dist = _gathered_distances(self.x, self.hot_np[rows], centre).numpy()
         self.stats["distances"] += rows.size
         closer = dist < value[rows]
         moved, moved_sq = rows[closer], dist[closer]
         if moved.size == 0:
-            self._group_stats(k, empty, value)
-            return self._counted()
+            return self._nothing_moved(k, value)
         left = np.unique(owner[moved])
         value[moved] = moved_sq
         bound[moved] = moved_sq * np.float32(4.0 * _PRUNE_SLACK)
@@ -447,6 +441,11 @@ class _Greedy:
         for g in left.tolist():
             members = self.members[g]
             self._group_stats(g, members[owner[members] == g], value)
+        return self._counted()
+
+    def _nothing_moved(self, k: int, value: np.ndarray) -> bool:
+        """End of a grouped step where no hot element moved to the new centre k: its group is empty."""
+        self._group_stats(k, np.empty(0, dtype=np.int64), value)
         return self._counted()
 
     def _counted(self) -> bool:
