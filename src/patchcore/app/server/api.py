@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..._version import __version__
 from ...errors import PatchCoreError
+from ...estimator import PatchCore
 from ...io.render import colormap, normalise_map, overlay
 from .batcher import Batcher, ScoredImage
 from .decode import UploadError, decode_upload
@@ -340,8 +341,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def reload(entry: Annotated[ModelEntry, Depends(model_entry)]):
         """Load the model file again (after `patchcore update` or a rollback by file) and swap it in."""
         async with entry.lock:
-            from ...estimator import PatchCore
-
             model = await run_in_threadpool(PatchCore.load, entry.path, device=settings.device)
             entry.model = model
             entry.version += 1
