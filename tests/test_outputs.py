@@ -307,16 +307,17 @@ def test_images_of_different_sizes_are_scored_each_at_its_own_size(category, tmp
 
 # ---------------------------------------------------------------------------- predict: interrupted or failed
 def _predict_batch_failing_at(monkeypatch, call: int, error: BaseException):
-    real = PatchCore.predict_batch
+    """The scoring core (one call per same-size run of a batch) raises `error` at its call-th call."""
+    real = PatchCore._score_stack
     calls = {"n": 0}
 
-    def predict_batch(self, images):
+    def score_stack(self, images, fitted):
         calls["n"] += 1
         if calls["n"] == call:
             raise error
-        return real(self, images)
+        return real(self, images, fitted)
 
-    monkeypatch.setattr(PatchCore, "predict_batch", predict_batch)
+    monkeypatch.setattr(PatchCore, "_score_stack", score_stack)
 
 
 def test_ctrl_c_mid_run_leaves_valid_results_that_say_so(model_path, category, tmp_path, monkeypatch, capsys):
@@ -369,11 +370,11 @@ def test_sigint_to_a_real_process_leaves_valid_interrupted_results(model_path, c
     out = tmp_path / "out"
     script = ("import sys, time\n"
               "from patchcore import PatchCore\n"
-              "real = PatchCore.predict_batch\n"
-              "def slow(self, images):\n"
+              "real = PatchCore._score_stack\n"
+              "def slow(self, images, fitted):\n"
               "    time.sleep(0.5)\n"
-              "    return real(self, images)\n"
-              "PatchCore.predict_batch = slow\n"
+              "    return real(self, images, fitted)\n"
+              "PatchCore._score_stack = slow\n"
               "from patchcore.app.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
     process = subprocess.Popen([sys.executable, "-c", script, "predict", str(model_path), str(category / "test"),
@@ -435,3 +436,46 @@ def test_the_output_folder_given_as_the_input_folder_is_a_clear_error(model_path
     shutil.copytree(category / "test" / "hole", folder)
     code = main(["predict", str(model_path), str(folder), "-o", str(folder), "--quiet"])
     assert code == 2 and "outside the output folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- predict: images the model refuses
+def test_an_image_of_another_aspect_than_an_exact_resize_is_a_failure_naming_it(category, tmp_path, capsys):
+    """predict applies the estimator's per-file input checks: the odd image fails, the rest are scored."""
+    model_out = tmp_path / "exact.model"
+    train = _train_folder(category, tmp_path, n=4)
+    args = [a if a != "64" else "64,64" for a in FAST]
+    assert main(["fit", str(train), "-o", str(model_out), *args]) == 0
+    folder = tmp_path / "in"
+    shutil.copytree(category / "test" / "hole", folder)
+    source = Image.open(sorted(folder.glob("*.png"))[0]).convert("RGB")
+    source.resize((256, 64)).save(folder / "wide.png")  # H/W 0.25 against the model's 1.0
+    out = tmp_path / "out"
+    code = main(["predict", str(model_out), str(folder), "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "wide.png" in err and "aspect ratio" in err
+    names = [row["name"] for row in _csv_rows(out / "scores.csv")]
+    assert "wide" not in names and len(names) == len(list(folder.glob("*.png"))) - 1
+
+
+def test_a_run_the_model_refuses_is_retried_image_by_image(model_path, category, tmp_path, monkeypatch):
+    """An InputError while scoring a run: the batch's images are scored one by one (one refused alone is a
+    failure naming it), then batches resume."""
+    from patchcore.errors import InputError
+
+    real = PatchCore._score_stack
+    sizes: list[int] = []  # the batch size of each call
+
+    def score_stack(self, images, fitted):
+        sizes.append(images.shape[0])
+        if len(sizes) == 1:
+            raise InputError("simulated refusal of a run")
+        if len(sizes) == 4:  # the third image, alone
+            raise InputError("simulated refusal of one image")
+        return real(self, images, fitted)
+
+    monkeypatch.setattr(PatchCore, "_score_stack", score_stack)
+    paths = sorted((category / "test").glob("*/*.png"))  # 18 images, batches of 4
+    rows, failures = predict_to_folder(PatchCore.load(model_path, device="cpu"), paths, tmp_path / "out")
+    assert sizes == [4, 1, 1, 1, 1, 4, 4, 4, 2]
+    assert [str(f.path) for f in failures] == [str(paths[2])] and "simulated refusal of one image" in str(failures[0])
+    assert [row["file"] for row in rows] == [str(p) for p in paths if p != paths[2]]

@@ -30,6 +30,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,6 @@ from PIL import Image
 
 from ..errors import ImageReadError, InputError, OutputError
 from ..estimator import PatchCore
-from ..estimator.inputs import iter_batches, same_size_stacks
 from ..evaluation.progress import Progress, no_progress
 from ..io.images import list_images
 from ..io.model_file import atomic_write_bytes, probe_writable
@@ -235,46 +235,42 @@ def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, prog
 
 def _scored_batches(model: PatchCore, paths: list[Path]) -> Iterator[tuple[list[Path], list[torch.Tensor],
                                                                           list, list[ImageReadError]]]:
-    """(paths, decoded images, per-image results, failures) per same-size group of each batch.
+    """(paths, decoded images, per-image results, failures) per same-size run, from `model.iter_predict`
+    (which reports unreadable files and images the model cannot take, per file, and scores each same-size
+    run on its own, so maps of different sizes never need stacking).
 
-    Each group is scored on its own (model.predict_batch), so images whose maps differ in size never
-    need to be stacked together; a group the model refuses (InputError, e.g. an image too large after
-    resizing) is retried image by image, and an image refused alone is a failure naming it."""
-    batches = iter_batches(paths, model.config.batch_size)
+    A run the model refuses while scoring (InputError) ends that stream: the next batch_size files are
+    retried image by image (an image refused alone is a failure naming it), and the stream resumes after
+    them."""
+    done = 0
+    while done < len(paths):
+        try:
+            with closing(model.iter_predict(paths[done:])) as stream:
+                for batch in stream:
+                    done += len(batch.paths) + len(batch.failures)
+                    yield batch.paths, batch.images, _split(batch.result), list(batch.failures)
+            return
+        except InputError:
+            retry = paths[done:done + model.config.batch_size]
+            done += len(retry)
+            for path in retry:
+                yield _scored_alone(model, path)
+
+
+def _scored_alone(model: PatchCore, path: Path) -> tuple[list[Path], list[torch.Tensor], list,
+                                                          list[ImageReadError]]:
     try:
-        for batch in batches:
-            start, first = 0, True
-            for stack in same_size_stacks(batch.images):
-                count = stack.shape[0]
-                group_paths = batch.paths[start:start + count]
-                group_images = batch.images[start:start + count]
-                start += count
-                failures = list(batch.failures) if first else []
-                first = False
-                try:
-                    results = _split(model.predict_batch(stack))
-                except InputError:
-                    results, kept_paths, kept_images = [], [], []
-                    for path, image in zip(group_paths, group_images):
-                        try:
-                            results += _split(model.predict_batch(image[None]))
-                        except InputError as err:
-                            failures.append(ImageReadError(path, f"cannot be scored: {err}"))
-                            continue
-                        kept_paths.append(path)
-                        kept_images.append(image)
-                    group_paths, group_images = kept_paths, kept_images
-                yield group_paths, group_images, results, failures
-            if first and batch.failures:  # a batch of unreadable files only
-                yield [], [], [], list(batch.failures)
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        for batch in model.iter_predict([path]):  # one file: one PredictedBatch
+            return batch.paths, batch.images, _split(batch.result), list(batch.failures)
+    except InputError as err:
+        return [], [], [], [ImageReadError(path, f"cannot be scored: {err}")]
+    return [], [], [], []
 
 
 def _split(result) -> list[tuple]:
-    """A batch result -> one (score, map, label, mask) per image, on the CPU."""
+    """A batch result (or None: nothing scored) -> one (score, map, label, mask) per image, on the CPU."""
+    if result is None:
+        return []
     n = result.scores.shape[0]
     labels = [None] * n if result.labels is None else [bool(v) for v in result.labels.cpu()]
     masks = [None] * n if result.masks is None else list(result.masks.cpu())
