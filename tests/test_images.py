@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from patchcore.errors import ConfigError, ImageReadError, InputError
-from patchcore.io.images import as_uint8_tensor, expand_inputs, iter_image_batches, list_images, read_image
+from patchcore.io.images import as_uint8_tensor, expand_inputs, header_size, iter_image_batches, list_images, read_image
 from patchcore.io.preprocess import Preprocess
 
 
@@ -404,6 +404,29 @@ def test_exif_orientation_is_applied_on_every_path(tmp_path):
     with Image.open(png) as in_memory:  # a PIL image given to the Python API: the same picture as its file
         assert torch.equal(as_uint8_tensor(in_memory), torch.from_numpy(upright).permute(2, 0, 1))
     assert as_uint8_tensor(stored).shape == (3, 10, 6)  # arrays carry no EXIF: taken as they are
+
+
+def test_header_size_is_read_images_size_without_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    upright = _rgb(6, 10, seed=5)
+    stored = np.ascontiguousarray(np.rot90(upright, 1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = [_save(tmp_path / "plain.png", upright), _save(tmp_path / "rot.png", stored, exif=exif.tobytes()),
+             _save(tmp_path / "rot.jpg", stored, exif=exif.tobytes(), quality=95),
+             _save(tmp_path / "plain.tif", stored)]
+    expected = [read_image(path).shape[:2] for path in files]
+    assert expected == [(6, 10), (6, 10), (6, 10), (10, 6)]
+
+    def no_decoding(self):
+        raise AssertionError(f"{self.filename} decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert [header_size(path) for path in files] == expected  # PIL's PNG getexif would decode: not called
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ImageReadError, match="text.png: not an image file"):
+        header_size(tmp_path / "text.png")
 
 
 def test_multi_frame_files_give_their_first_frame(tmp_path):

@@ -174,3 +174,21 @@ def test_fuzzed_png_and_jpeg_files_never_crash_the_decoder(tmp_path):
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts["decoded"] + counts["refused"] == 400
     assert counts["decoded"] > 0 and counts["refused"] > 0  # the mutations reach both outcomes
+
+
+def test_hostile_files_as_masks_and_image_sizes_are_dataset_errors(tmp_path):
+    """evaluate reads masks and image sizes itself (datasets.read_mask / image_size): the same corpus, and a
+    file in a format outside DECODE_FORMATS, is a DatasetError naming the file there too."""
+    from patchcore.errors import DatasetError
+    from patchcore.evaluation.datasets import image_size, read_mask
+
+    files = {**hostile.hostile_files(), "pcx_named.png": hostile.encoded(hostile.good_image(3), "PCX")}
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(DatasetError, match=f"{name}: unreadable mask"):
+            read_mask(path)
+        if name not in ("zero_bytes.png", "text.png", "pcx_named.png"):
+            continue  # a readable header: the limits and the damage are found when decoding
+        with pytest.raises(DatasetError, match=f"{name}: unreadable image"):
+            image_size(path)

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
-from ..errors import DatasetError, InputError
-from ..io.images import IMAGE_SUFFIXES, check_limits
+from ..errors import ConfigError, DatasetError, ImageReadError
+from ..io.images import IMAGE_SUFFIXES, check_complete, check_limits, header_size, open_image, read_error
 
 GOOD = "good"
 MASK_FOLDERS = ("ground_truth", "masks")  # first one found wins
@@ -187,18 +187,23 @@ def mask_index(folder: Path) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------ masks
 def read_mask(path: str | Path) -> np.ndarray:
-    """A mask file -> bool (H, W); any non-zero value is defect ({0, 255}, 1-bit {0, 1}, 16-bit, RGB)."""
+    """A mask file -> bool (H, W); any non-zero value is defect ({0, 255}, 1-bit {0, 1}, 16-bit, RGB).
+
+    Opened as read_image opens images (io.images.open_image: the same formats and limits)."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             check_limits(image.height, image.width)  # the image limits, before decoding (bombs)
             image.load()
+            check_complete(path, image)  # a PNG cut short would be a mask with black rows
             image = ImageOps.exif_transpose(image)  # the same orientation as read_image gives the picture
             if image.mode == "P":
                 image = image.convert("RGB")  # palette indices say nothing about black
             arr = np.asarray(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, InputError) as err:
-        raise DatasetError(f"{path}: unreadable mask ({err})") from None
+    except ConfigError:
+        raise
+    except Exception as err:  # whatever a decoder raises on a hostile file is that mask's error
+        raise DatasetError(f"{path}: unreadable mask ({read_error(path, err).reason})") from None
     if arr.ndim == 3:
         arr = arr[..., :3].any(axis=-1) if arr.shape[-1] in (3, 4) else arr[..., 0]
     return arr != 0
@@ -207,10 +212,6 @@ def read_mask(path: str | Path) -> np.ndarray:
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file as read_image returns it (EXIF rotation applied), from its header."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                width, height = height, width
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{path}: unreadable image ({err})") from None
-    return height, width
+        return header_size(path)
+    except ImageReadError as err:
+        raise DatasetError(f"{path}: unreadable image ({err.reason})") from None

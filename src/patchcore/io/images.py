@@ -33,6 +33,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,59 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """PIL's lazy open of a file, restricted to DECODE_FORMATS, PIL's per-file warnings silenced (our
+    MAX_PIXELS applies; "Corrupt EXIF data" and the like are noise per file). Nothing is decoded yet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        with Image.open(path, formats=DECODE_FORMATS) as image:
+            yield image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(H, W) of an opened, not yet decoded image as read_image returns it (EXIF orientation applied),
+    without decoding: a PNG's EXIF is taken only from before its image data, as PIL's getexif would
+    decode the whole image to look for an eXIf chunk after it (PIL writes it before)."""
+    width, height = image.size
+    if image.format == "PNG" and "exif" not in image.info:
+        return height, width
+    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+        width, height = height, width
+    return height, width
+
+
+def read_error(path: Path, err: BaseException) -> ImageReadError:
+    """The ImageReadError naming `path` for whatever opening or decoding it raised."""
+    if isinstance(err, ImageReadError):
+        return err
+    if isinstance(err, InputError):
+        return ImageReadError(path, str(err))
+    if isinstance(err, Image.DecompressionBombError):  # PIL's own limit, 2 x PIL.Image.MAX_IMAGE_PIXELS
+        return ImageReadError(path, f"image too large: {err} (our limit is {limit('MAX_PIXELS', MAX_PIXELS):.0f} "
+                                    f"pixels, MAX_PIXELS; raise it with PATCHCORE_MAX_PIXELS=<pixels>, and "
+                                    f"PIL.Image.MAX_IMAGE_PIXELS beyond PIL's)")
+    if isinstance(err, Image.UnidentifiedImageError):
+        return ImageReadError(path, "not an image file (or an unsupported format)")
+    if isinstance(err, (OSError, SyntaxError, EOFError)):
+        return ImageReadError(path, f"corrupt or truncated image ({err})")
+    return ImageReadError(path, f"cannot decode ({type(err).__name__}: {err})")
+
+
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file as read_image returns it (EXIF orientation applied), from its header
+    alone; ImageReadError naming the file when there is no readable header."""
+    path = Path(path)
+    try:
+        with open_image(path) as image:
+            return upright_size(image)
+    except ConfigError:
+        raise
+    except Exception as err:  # whatever PIL raises on a hostile header is that file's error
+        raise read_error(path, err) from None
+
+
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
@@ -174,6 +228,14 @@ def _last_row_blank(image: Image.Image) -> bool:
     return image.crop((0, image.height - 1, image.width, image.height)).getbbox() is None
 
 
+def check_complete(path: Path, image: Image.Image) -> None:
+    """After image.load(): raise ImageReadError if a PNG's image data ended early (PIL filled black rows)."""
+    if image.format == "PNG" and _last_row_blank(image):
+        missing = _png_rows_missing(path)
+        if missing:
+            raise ImageReadError(path, missing)
+
+
 def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarray:
     """Decode one file -> (H, W, 3) uint8, or raise ImageReadError naming it.
 
@@ -183,31 +245,15 @@ def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarra
     if not path.is_file():
         raise ImageReadError(path, "no such file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own MAX_PIXELS applies
-            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: noise per file
-            with Image.open(path, formats=DECODE_FORMATS) as image:
-                check_limits(image.height, image.width)
-                image.load()  # decode now: truncated files fail here, not later; the first frame only
-                if image.format == "PNG" and _last_row_blank(image):
-                    missing = _png_rows_missing(path)
-                    if missing:
-                        raise ImageReadError(path, missing)
-                pixels = to_rgb_uint8(_upright(image))
-    except (ImageReadError, ConfigError):
+        with open_image(path) as image:
+            check_limits(image.height, image.width)
+            image.load()  # decode now: truncated files fail here, not later; the first frame only
+            check_complete(path, image)
+            pixels = to_rgb_uint8(_upright(image))
+    except ConfigError:
         raise
-    except InputError as err:
-        raise ImageReadError(path, str(err)) from None
-    except Image.DecompressionBombError as err:  # PIL's own limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, before ours
-        raise ImageReadError(path, f"image too large: {err} (our limit is {limit('MAX_PIXELS', MAX_PIXELS):.0f} "
-                                   f"pixels, MAX_PIXELS; raise it with PATCHCORE_MAX_PIXELS=<pixels>, and "
-                                   f"PIL.Image.MAX_IMAGE_PIXELS beyond PIL's)") from None
-    except Image.UnidentifiedImageError:
-        raise ImageReadError(path, "not an image file (or an unsupported format)") from None
-    except (OSError, SyntaxError, EOFError) as err:
-        raise ImageReadError(path, f"corrupt or truncated image ({err})") from None
     except Exception as err:  # whatever a decoder raises on a hostile file is that file's error
-        raise ImageReadError(path, f"cannot decode ({type(err).__name__}: {err})") from None
+        raise read_error(path, err) from None
     if check is not None:
         try:
             check(pixels.shape[0], pixels.shape[1])
@@ -220,10 +266,8 @@ def estimated_bytes(path: str | Path) -> int:
     """Decoded size (3 bytes per pixel) from the file's header; 0 when there is no readable header (the
     decoder then reports the file)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=DECODE_FORMATS) as image:
-                width, height = image.size
+        with open_image(path) as image:
+            width, height = image.size
     except Exception:  # read_image gives the precise error later
         return 0
     return 3 * width * height if width * height <= limit("MAX_PIXELS", MAX_PIXELS) else 0  # beyond: refused unread
