@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .coreset import _key, _unkey  # (distance, index) packed into one int64, as the coreset's refresh
 from .knn import DEFAULT_CHUNK_ELEMENTS, nearest, squared_norms
 
 _UNIT_ROUNDOFF = 2.0 ** -24  # float32
@@ -39,15 +40,6 @@ def _gemm_input_roundoff(device: torch.device) -> float:
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return 2.0 ** -11  # TF32: 10 explicit mantissa bits
     return {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11}.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
-
-
-def _key(dist: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(distance >= 0, index) -> one int64 that orders by distance, then index (float bits are monotone)."""
-    return (dist.view(torch.int32).long() << 32) | idx
-
-
-def _unkey(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (key >> 32).int().view(torch.float32), key & 0xFFFFFFFF
 
 
 def _row_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
