@@ -46,9 +46,10 @@ def read_token(token_file: str | Path | None) -> str | None:
     if token_file is not None:
         path = Path(token_file)
         try:
-            token = path.read_text().strip().splitlines()[0].strip() if path.read_text().strip() else ""
+            lines = path.read_text().strip().splitlines()
         except OSError as err:
             raise InputError(f"{path}: cannot read the token file ({err.strerror})") from None
+        token = lines[0].strip() if lines else ""
         if len(token) < 16:
             raise InputError(f"{path}: the token must be at least 16 characters")
         return token
