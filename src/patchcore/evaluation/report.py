@@ -108,37 +108,35 @@ class CategoryReport:
 
 
 # ------------------------------------------------------------------------------------ curves
+def _curves(labels, scores, *, need_negative: bool):
+    """fps, tps and thresholds from one sort (metrics' own counting), each led by the point at threshold inf."""
+    y, s = _check_pair(labels, scores, need_negative=need_negative)
+    fps, tps, thresholds = _clf_curve(y, s)
+    return np.concatenate(([0], fps)), np.concatenate(([0], tps)), np.concatenate(([np.inf], thresholds))
+
+
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) at each distinct score, highest first, starting at (0, 0) with threshold inf.
 
     Same counting as metrics.auroc (ties are one threshold), so the trapezoid area of this curve is the
     AUROC that metrics reports. Needs both classes."""
-    y, s = _check_pair(labels, scores, need_negative=True)
-    fps, tps, thresholds = _clf_curve(y, s)
-    fpr = np.concatenate(([0.0], fps / fps[-1]))
-    tpr = np.concatenate(([0.0], tps / tps[-1]))
-    return fpr, tpr, np.concatenate(([np.inf], thresholds))
+    fps, tps, thresholds = _curves(labels, scores, need_negative=True)
+    return fps / fps[-1], tps / tps[-1], thresholds
 
 
 def pr_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(recall, precision, thresholds) at each distinct score, highest first, starting at (0, 1) as
     scikit-learn's precision_recall_curve (whose order is the reverse). Needs a positive."""
-    y, s = _check_pair(labels, scores, need_negative=False)
-    fps, tps, thresholds = _clf_curve(y, s)
-    recall = np.concatenate(([0.0], tps / tps[-1]))
-    precision = np.concatenate(([1.0], tps / (tps + fps)))
-    return recall, precision, np.concatenate(([np.inf], thresholds))
+    fps, tps, thresholds = _curves(labels, scores, need_negative=False)
+    return tps / tps[-1], np.concatenate(([1.0], tps[1:] / (tps[1:] + fps[1:]))), thresholds
 
 
 def roc_and_pr_curves(labels, scores):
     """(roc_curve(...), pr_curve(...)) from one sort of the scores: for pixel-scale inputs."""
-    y, s = _check_pair(labels, scores, need_negative=True)
-    fps, tps, thresholds = _clf_curve(y, s)
-    thresholds = np.concatenate(([np.inf], thresholds))
-    fpr = np.concatenate(([0.0], fps / fps[-1]))
-    recall = np.concatenate(([0.0], tps / tps[-1]))
-    precision = np.concatenate(([1.0], tps / (tps + fps)))
-    return (fpr, recall, thresholds), (recall, precision, thresholds)
+    fps, tps, thresholds = _curves(labels, scores, need_negative=True)
+    recall = tps / tps[-1]
+    precision = np.concatenate(([1.0], tps[1:] / (tps[1:] + fps[1:])))
+    return (fps / fps[-1], recall, thresholds), (recall, precision, thresholds)
 
 
 def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
@@ -515,8 +513,7 @@ def _section(index: int, report: CategoryReport, draw: _Drawer) -> str:
     # image curves and histogram
     out.append('<h3>Image level</h3><div class="figures">')
     if len(good) and len(defect):
-        fpr, tpr, _ = roc_curve(labels, scores)
-        recall, precision, _ = pr_curve(labels, scores)
+        (fpr, tpr, _), (recall, precision, _) = roc_and_pr_curves(labels, scores)
         area = auroc(labels, scores)
         ap = average_precision(recall, precision)
         roc_point = pr_point = None
