@@ -72,9 +72,8 @@ class BankIndex:
             return
         self.mean_ = self.bank_.double().mean(0).float()
         centred = self.bank_.double() - self.mean_.double()  # the float32 mean, as queries will use
-        eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)  # ascending; float64 keeps the order stable
-        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
-        self.prefix_energy_ = float(eigvals[:r].sum() / eigvals.sum().clamp_min(1e-300))
+        _, eigvecs = torch.linalg.eigh(centred.T @ centred)  # ascending; float64 keeps the order stable
+        eigvecs = eigvecs.flip(1)
         self.basis_ = eigvecs[:, :max(r, self.refine_dims_)].float().contiguous()  # (D, r or r2) principal axes
         rotated = centred @ self.basis_.double()  # float64: the bank side carries only the final rounding
         self.bank_refine_ = rotated.float().contiguous() if self.refine_dims_ else None  # (M, r2)
