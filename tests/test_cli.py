@@ -120,3 +120,18 @@ def test_predict_help_says_how_inputs_are_searched_and_named():
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["predict"].format_help().split())
     assert "searched recursively" in help_text and "below the common folder" in help_text
     assert "--overwrite" in help_text and "scored once" in help_text
+
+
+@pytest.mark.parametrize("argv", [
+    ["fit", "train", "-o", "m.model", "--max-feature-memory-gb", "inf"],
+    ["fit", "train", "-o", "m.model", "--max-feature-memory-gb", "nan"],
+    ["fit", "train", "-o", "m.model", "--max-feature-memory-gb", "-1"],
+    ["evaluate", "root", "--max-feature-memory-gb", "inf"],
+    ["bench", "data", "--throughput-batch", "0"],
+    ["bench", "data", "--throughput-batch", "x"],
+])
+def test_out_of_range_numeric_options_are_a_usage_error_not_a_traceback(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "expected" in err and "Traceback" not in err

@@ -151,6 +151,24 @@ def finite_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite float option that is >= 0 (int(inf * 2**30) would crash the command with a traceback)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchcore", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"patchcore {__version__}")
@@ -162,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def feature_memory(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-feature-memory-gb", type=float, default=1.0,
+        p.add_argument("--max-feature-memory-gb", type=non_negative_float, default=1.0,
                        help="training features beyond this go to a temporary file (default: 1)")
 
     fit = sub.add_parser("fit", help="build a model from folders or files of good images")
@@ -240,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("data", help="a category folder in a layout `evaluate` reads (MVTec: train/good, test/, "
                                     "ground_truth/)")
     bench.add_argument("-o", "--output", default=None, help="write the results as JSON here")
-    bench.add_argument("--throughput-batch", type=int, default=32, help="batch for the throughput run (default 32)")
+    bench.add_argument("--throughput-batch", type=positive_int, default=32,
+                       help="batch for the throughput run (default 32)")
     common(bench)
     add_config_options(bench)
     bench.set_defaults(run=cmd_bench)
