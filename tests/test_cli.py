@@ -135,3 +135,15 @@ def test_out_of_range_numeric_options_are_a_usage_error_not_a_traceback(argv, ca
         main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and "expected" in err and "Traceback" not in err
+
+
+def test_bench_output_that_is_a_folder_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import patchcore.app.cli as cli
+
+    def run_bench(*args, **kwargs):
+        raise AssertionError("the bench started before its output was checked")
+
+    monkeypatch.setattr(cli, "run_bench", run_bench)
+    code = main(["bench", str(tmp_path), "-o", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path) in err and "Traceback" not in err

@@ -25,7 +25,7 @@ from ..evaluation.evaluate import PIXEL_RESOLUTIONS, evaluate
 from ..evaluation.metrics import auroc
 from ..evaluation.synthetic import make_category
 from ..io.images import expand_inputs
-from ..io.model_file import check_output_file
+from ..io.model_file import atomic_write_bytes, check_output_file
 from .options import add_config_options, config_from_args
 from .predict_folder import check_output_folder, collect_inputs, predict_to_folder
 from .progress import progress_bars
@@ -121,11 +121,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    output = check_output_file(args.output) if args.output else None  # a folder there fails now, not after the run
     result = run_bench(Path(args.data), config_from_args(args), device=args.device,
                        throughput_batch=args.throughput_batch, progress=progress_bars(args.quiet))
     print(format_table(result), file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1))
+    if output is not None:
+        atomic_write_bytes(output, json.dumps(result, indent=1).encode())  # OSError -> one-line OutputError
     return EXIT_OK
 
 
