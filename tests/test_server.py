@@ -121,7 +121,8 @@ def test_predict_matches_the_library_and_returns_pictures_on_request(client, fit
     assert body["label"] == "defect" and body["threshold"] == pytest.approx(fitted.image_threshold_)
     assert set(body["timing_ms"]) == {"decode", "queue", "compute", "total"}
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
-    assert overlay.size == (128, 128) and Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))).size
+    heatmap = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert overlay.size == heatmap.size == (128, 128)
     assert np.allclose(np.array(body["map"]), expected.maps[0].numpy(), atol=1e-3)
     plain = predict(client, path.read_bytes()).json()
     assert plain["overlay_png"] is None and plain["map"] is None
