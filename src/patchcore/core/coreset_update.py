@@ -113,7 +113,6 @@ def extend_coreset(bank: torch.Tensor, features: torch.Tensor, radius: float, *,
     initial = float(nearest_dist.max())
     limit = total if max_new is None else min(max_new, total)
     selected: list[int] = []
-    stopped_by = "exhausted"
     while True:
         farthest = int(torch.argmax(nearest_dist))  # first index on ties
         if float(nearest_dist[farthest]) <= radius:
@@ -128,6 +127,5 @@ def extend_coreset(bank: torch.Tensor, features: torch.Tensor, radius: float, *,
         for i in range(0, total, block):
             d = torch.linalg.vector_norm(features[i:i + block] - centre, dim=1)
             torch.minimum(nearest_dist[i:i + block], d, out=nearest_dist[i:i + block])
-        nearest_dist[farthest] = 0.0
     return CoresetExtension(torch.tensor(selected, dtype=torch.long), stopped_by,
                             float(nearest_dist.max()), initial)
