@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from ..config import PatchCoreConfig
+from ..errors import ImageReadError
+from ..io.images import header_size
 
 MVTEC = (256, 224)  # (resize, crop) of the protocol, PatchCoreConfig's defaults
 ALIGN = 16  # sides are multiples of this, the deepest default feature stride (tiling needs it)
@@ -34,11 +36,8 @@ def image_sizes(images: list) -> list[tuple[int, int]]:
     for image in images:
         if isinstance(image, (str, Path)):
             try:
-                with Image.open(image) as opened:
-                    width, height = opened.size
-                    if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotated by 90 degrees
-                        width, height = height, width
-            except Exception:  # any unreadable header: decoding names the file and fit skips it
+                height, width = header_size(image)  # the header only, EXIF orientation applied
+            except ImageReadError:  # decoding names the file and fit skips it
                 continue
         elif isinstance(image, Image.Image):
             width, height = image.size
