@@ -140,7 +140,7 @@ class FittedState:
 
 # Bounds beyond those of the config (config.py): a state that passes them scores finite numbers.
 MAX_CALIBRATION_SCORES = 1 << 20
-MAX_INPUT_PIXELS = 20_000 * 20_000  # the largest image io.images reads (MAX_PIXELS), as resize none keeps it
+MAX_INPUT_PIXELS = 20_000 * 20_000  # wider than io.images.MAX_PIXELS (8192^2), which an environment variable can raise
 _OPTIONAL = {"image_threshold": None, "pixel_threshold": None, "calibration_scores": []}
 _SHA256 = re.compile("[0-9a-f]{64}")
 
