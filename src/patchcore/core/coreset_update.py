@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from .coreset import _all_distances
 from .knn import nearest, squared_norms
 
 DEFAULT_RADIUS_QUANTILE = 0.05
@@ -122,10 +123,8 @@ def extend_coreset(bank: torch.Tensor, features: torch.Tensor, radius: float, *,
             stopped_by = "budget" if limit < total else "exhausted"
             break
         selected.append(farthest)
-        # Update each element's nearest-centre distance with the new centre only (as in section 2).
-        centre = features[farthest]
-        for i in range(0, total, block):
-            d = torch.linalg.vector_norm(features[i:i + block] - centre, dim=1)
-            torch.minimum(nearest_dist[i:i + block], d, out=nearest_dist[i:i + block])
+        # Update each element's nearest-centre distance with the new centre only (as in section 2), by the
+        # direct distance expression of knn.nearest's exact distances and of greedy_coreset.
+        torch.minimum(nearest_dist, _all_distances(features, features[farthest]).sqrt_(), out=nearest_dist)
     return CoresetExtension(torch.tensor(selected, dtype=torch.long), stopped_by,
                             float(nearest_dist.max()), initial)
