@@ -88,8 +88,7 @@ def test_same_seed_same_indices_different_seed_different_start():
     b = greedy_coreset(features, 60, generator=_gen(0))
     c = greedy_coreset(features, 60, generator=_gen(1))
     assert torch.equal(a, b)
-    assert a[0] != c[0]  # seeds 0 and 1 draw different first centres for N=1000
-    assert not torch.equal(a, c)
+    assert a[0] != c[0]  # seeds 0 and 1 draw different first centres for N=1000 (so a != c)
 
 
 def test_coreset_covers_better_than_random_subsets():
