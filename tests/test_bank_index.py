@@ -189,3 +189,15 @@ def test_stats_count_the_pruned_share_on_a_structured_bank():
     stats = index.stats_
     assert stats["pairs"] == 200 * 2000 and stats["plain"] == 0
     assert 0 < stats["exact"] <= stats["candidates"] < 0.2 * stats["pairs"]
+
+
+def test_gemm_rounding_margin_takes_the_coarsest_mode(monkeypatch):
+    """TF32 on together with "medium" precision (bf16 allowed) must not claim TF32's finer rounding."""
+    from patchcore.core import bank_index
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    assert bank_index._gemm_input_roundoff(torch.device("cuda")) == 2.0 ** -8
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert bank_index._gemm_input_roundoff(torch.device("cuda")) == 2.0 ** -11
+    assert bank_index._gemm_input_roundoff(torch.device("cpu")) == 2.0 ** -24

@@ -37,9 +37,10 @@ PROBE_QUERIES = 64
 
 def _gemm_input_roundoff(device: torch.device) -> float:
     """Unit roundoff of the operands inside a float32 matmul: TF32/bf16 modes round them first."""
+    by_precision = {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11}.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return 2.0 ** -11  # TF32: 10 explicit mantissa bits
-    return {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11}.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
+        return max(2.0 ** -11, by_precision)  # TF32: 10 explicit mantissa bits; "medium" may use bf16 (7)
+    return by_precision
 
 
 def _row_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
