@@ -191,13 +191,11 @@ def test_stats_count_the_pruned_share_on_a_structured_bank():
     assert 0 < stats["exact"] <= stats["candidates"] < 0.2 * stats["pairs"]
 
 
-def test_gemm_rounding_margin_takes_the_coarsest_mode(monkeypatch):
+def test_gemm_rounding_margin_takes_the_coarsest_mode():
     """TF32 on together with "medium" precision (bf16 allowed) must not claim TF32's finer rounding."""
-    from patchcore.core import bank_index
+    from patchcore.core.bank_index import _gemm_input_roundoff, _roundoff
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
-    assert bank_index._gemm_input_roundoff(torch.device("cuda")) == 2.0 ** -8
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-    assert bank_index._gemm_input_roundoff(torch.device("cuda")) == 2.0 ** -11
-    assert bank_index._gemm_input_roundoff(torch.device("cpu")) == 2.0 ** -24
+    assert _roundoff("medium", tf32=True) == 2.0 ** -8
+    assert _roundoff("highest", tf32=True) == _roundoff("high", tf32=False) == 2.0 ** -11
+    assert _roundoff("highest", tf32=False) == 2.0 ** -24
+    assert _gemm_input_roundoff(torch.device("cpu")) == _roundoff(torch.get_float32_matmul_precision(), False)

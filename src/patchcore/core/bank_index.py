@@ -37,10 +37,15 @@ PROBE_QUERIES = 64
 
 def _gemm_input_roundoff(device: torch.device) -> float:
     """Unit roundoff of the operands inside a float32 matmul: TF32/bf16 modes round them first."""
-    by_precision = {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11}.get(torch.get_float32_matmul_precision(), 2.0 ** -8)
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return max(2.0 ** -11, by_precision)  # TF32: 10 explicit mantissa bits; "medium" may use bf16 (7)
-    return by_precision
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return _roundoff(torch.get_float32_matmul_precision(), tf32)
+
+
+def _roundoff(precision: str, tf32: bool) -> float:
+    """The coarser of the two modes that may apply: TF32 (10 explicit mantissa bits) and the float32 matmul
+    precision setting ("high": TF32-like, "medium": bf16 with 7)."""
+    by_precision = {"highest": _UNIT_ROUNDOFF, "high": 2.0 ** -11}.get(precision, 2.0 ** -8)
+    return max(2.0 ** -11, by_precision) if tf32 else by_precision
 
 
 def _row_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
