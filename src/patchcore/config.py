@@ -21,6 +21,8 @@ MAX_BANK_ROWS = 1 << 27  # coreset_size; also the most rows a memory bank may ha
 MAX_NEIGHBOURS = 4096  # reweight_neighbours (b of eq. 7)
 MAX_BLUR_SIGMA = 64.0  # blur_sigma, pixels
 MAX_BATCH_SIZE = 4096  # batch_size
+MAX_SCALE = 64.0  # scale (a 64x enlargement is far past any use; the resized-pixel cap bounds memory anyway)
+DEFAULT_RESIZE_CROP = (256, 224)  # the MVTec protocol: PatchCoreConfig's resize and crop defaults
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class PatchCoreConfig:
                 "protocol. Explicit --resize/--crop are always used as given"})
     pixel_budget: int = field(default=320 * 320, metadata={
         "help": "pixels of the model input when geometry auto chooses a whole-part size"})
+    scale: float | None = field(default=None, metadata={
+        "help": "one resize factor for every image, aspect kept, sides rounded to the deepest feature stride: "
+                "crops of different sizes from one camera keep one pixel size in the features. Replaces "
+                "--resize/--crop; fit chooses it (within --pixel-budget) for non-square or varied-size "
+                "training images"})
     region: str | None = field(default=None, metadata={
         "help": "inspection region: an image file the size of the training images, non-zero = inspect; "
                 "patches outside it never enter the memory bank and always score zero (the mask is "
@@ -101,6 +108,16 @@ class PatchCoreConfig:
                 or any(a >= b for a, b in zip(strides, strides[1:]))):
             raise ConfigError(f"feature_strides must be positive and strictly increasing (finest level first), "
                               f"at most 8 levels of stride <= {MAX_STRIDE}, got {strides!r}")
+        if self.scale is not None:
+            _require_finite("scale", self.scale)
+            if not 0.0 < self.scale <= MAX_SCALE:
+                raise ConfigError(f"scale must be in (0, {MAX_SCALE}], got {self.scale}")
+            if (self.resize, self.crop) == DEFAULT_RESIZE_CROP:  # scale replaces the protocol's defaults
+                object.__setattr__(self, "resize", None)
+                object.__setattr__(self, "crop", None)
+            elif self.resize is not None or self.crop is not None:
+                raise ConfigError(f"scale replaces resize and crop; got scale {self.scale} with resize "
+                                  f"{self.resize!r} and crop {self.crop!r}")
         for name in ("resize", "crop"):
             value = getattr(self, name)
             if value is None:
@@ -150,7 +167,7 @@ class PatchCoreConfig:
 
 
 LATER_FIELDS = {"tile_size": None, "tile_overlap": 128, "geometry": "auto", "pixel_budget": 320 * 320,
-                "region": None}
+                "region": None, "scale": None}
 
 
 def _check_tiling(config: PatchCoreConfig) -> None:

@@ -54,7 +54,8 @@ class FeatureExtractor:
                 cfg = self.config
                 backbone, spec = build_backbone(cfg.backbone, cfg.feature_strides, weights=cfg.weights, seed=cfg.seed)
                 backbone = backbone.to(self.device)  # keeps the channels-last layout Backbone chose
-                preprocess = Preprocess(cfg.resize, cfg.crop, spec.mean, spec.std)
+                preprocess = Preprocess(cfg.resize, cfg.crop, spec.mean, spec.std, scale=cfg.scale,
+                                        align=cfg.feature_strides[-1])
                 reductions = [r.to(self.device) if isinstance(r, torch.Tensor) else r
                               for r in level_reductions(backbone.channels, cfg.embedding_dim)]
                 self._built = (backbone, preprocess, reductions)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
+from . import sizing
 from .images import limit
 
 MAX_RESIZED_PIXELS = 6144 * 6144  # 37.7 Mpx: a 20-megapixel image at its own size fits, with tiles
@@ -36,11 +37,13 @@ class Preprocess:
     crop: tuple[int, int] | int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    scale: float | None = None  # one factor for every image (io/sizing.py); resize and crop are then None
+    align: int = 1  # sides under the scale rule are multiples of this (the deepest feature stride)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         size = self.resized_size(height, width)
         if self.crop is not None:
-            size = _pair(self.crop)
+            size = sizing.pair(self.crop)
         return size
 
     def check_size(self, height: int, width: int) -> None:
@@ -60,12 +63,11 @@ class Preprocess:
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, h, w) of the centre crop inside the resized image of an H x W input."""
         size = self.resized_size(height, width)
-        if self.crop is None:
-            return 0, 0, size[0], size[1]
-        ch, cw = _pair(self.crop)
-        if ch > size[0] or cw > size[1]:
+        box = sizing.crop_box(size, self.crop)
+        if box is None:
+            ch, cw = sizing.pair(self.crop)
             raise InputError(f"crop {ch}x{cw} is larger than the resized image {size[0]}x{size[1]}")
-        return int(round((size[0] - ch) / 2.0)), int(round((size[1] - cw) / 2.0)), ch, cw
+        return box
 
     def mask_geometry(self, mask: np.ndarray) -> np.ndarray:
         """bool (H, W) at image size -> bool (h, w) aligned with the maps: the image's resize (nearest
@@ -79,13 +81,7 @@ class Preprocess:
         return np.asarray(picture)[top:top + h, left:left + w] > 0
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        if self.resize is None:
-            return height, width
-        if isinstance(self.resize, int):  # shorter side -> resize, aspect kept (torchvision rule)
-            short, long = (height, width) if height <= width else (width, height)
-            new_long = int(self.resize * long / short)
-            return (self.resize, new_long) if height <= width else (new_long, self.resize)
-        return _pair(self.resize)
+        return sizing.resized_size(height, width, self.resize, scale=self.scale, align=self.align)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -121,7 +117,3 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int], *, in_float: bool)
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
     x = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _pair(value: tuple[int, int] | int) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
