@@ -514,11 +514,20 @@ class PatchCore:
     def load(cls, path: str | Path, *, device: str | torch.device = "auto", weights: str | None = None) -> PatchCore:
         """Rebuild a saved model. `weights` points at a local copy of the backbone weights when the
         path recorded at fit time does not exist here; they must hash to what the model was fitted with."""
+        built = {}
+
+        def check_header(shapes, header):  # before the bank is read: refuse what the header alone refutes
+            FittedState.check_header(shapes, header, path)
+            built["model"] = model = cls(config_from_file(header, path, weights=weights), device=device)
+            if shapes["memory_bank"][1][1] != model.embedding_dim:
+                raise ModelFileError(f"{path}: memory bank of shape {tuple(shapes['memory_bank'][1])} does not fit "
+                                     f"backbone {model.config.backbone} with embedding size {model.embedding_dim}")
+
         tensors, header = read_model_file(path, tensor_schema=FittedState.TENSORS,
-                                          optional_tensors=FittedState.OPTIONAL_TENSORS)
-        config = config_from_file(header, path, weights=weights)
+                                          optional_tensors=FittedState.OPTIONAL_TENSORS, check_header=check_header)
+        model = built["model"]
+        config = model.config
         state = FittedState.from_file(tensors, header, path)
-        model = cls(config, device=device)
         if model.extractor.weights_sha256 != state.backbone_weights_sha256:
             raise ModelFileError(
                 f"{path}: the backbone weights found here for {config.backbone} are not the ones this model was "

@@ -87,6 +87,30 @@ class FittedState:
         state.validate(path, feature_stride=_finest_stride(header))
         return state
 
+    @classmethod
+    def check_header(cls, shapes: dict[str, tuple[str, list[int]]], header: dict[str, Any], path: Any) -> None:
+        """Before any tensor data is read: the declared tensor shapes against the bounds and the header's own
+        fields, so a (sparse) file declaring gigabytes that `validate` would refuse is refused unread."""
+        fitted = header.get("fitted") if isinstance(header.get("fitted"), dict) else {}
+        rows, dim = shapes["memory_bank"][1]
+        if not 1 <= rows <= MAX_BANK_ROWS:
+            raise _invalid(path, "memory_bank", f"must have 1 to {MAX_BANK_ROWS} rows, got {rows}")
+        if not 1 <= dim <= MAX_EMBEDDING_DIM:
+            raise _invalid(path, "memory_bank", f"must have 1 to {MAX_EMBEDDING_DIM} columns, got {dim}")
+        try:
+            patches, images = _count(fitted.get("n_train_patches")), _count(fitted.get("n_train_images"))
+            grid_h, grid_w = _pair(fitted.get("grid"))
+            size = _pair(fitted.get("input_size"))
+        except (TypeError, ValueError):
+            return  # from_file names the field
+        if not rows <= patches <= images * grid_h * grid_w:
+            raise _invalid(path, "fitted.n_train_patches",
+                           f"must be between the bank's {rows} rows and n_train_images x grid = "
+                           f"{images * grid_h * grid_w}, got {patches}")
+        if "region" in shapes and list(shapes["region"][1]) != list(size):
+            raise _invalid(path, "region", f"must be a mask of the input size {list(size)}, got shape "
+                                           f"{list(shapes['region'][1])}")
+
     def validate(self, path: Any = "model", *, feature_stride: int | None = None) -> None:
         """The bounds of a usable state; ModelFileError naming `path` and the field on the first violation.
 

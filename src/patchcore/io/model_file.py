@@ -3,12 +3,17 @@
 Loading a file never runs code from it: safetensors holds raw tensor bytes, and our metadata is plain
 JSON, checked against bounds before any tensor data is read. Writes are atomic (temporary file in the
 same folder, fsync, rename), so a crash, a full disk or Ctrl-C mid-write leaves any previous file intact.
+
+Tensors are copied into memory through one open file handle, never memory-mapped: a served model whose
+file is replaced or truncated in place (`cp other.model served.model`) would otherwise kill the process
+with SIGBUS on the next access to a vanished page, or change its answers with no reload.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,46 +141,73 @@ _ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2
 
 def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int]] | None = None,
                     optional_tensors: dict[str, tuple[str, int]] | None = None,
+                    check_header: Callable[[dict[str, tuple[str, list[int]]], dict[str, Any]], None] | None = None,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a model file: its tensors and its patchcore header.
 
     The safetensors header is read and checked first (length, JSON, dtypes, shapes, data offsets inside
-    the file); only then are the tensors read, one at a time from the file (never the whole file into
-    memory first). `tensor_schema`, {name: (safetensors dtype, ndim)}, also requires exactly these
-    tensors with these dtypes and ranks, checked before any tensor data is read; `optional_tensors` may
-    be there too, with their dtype and rank. Every problem is a
+    the file); only then are the tensors read, one at a time, copied into memory from the one open
+    handle (never memory-mapped, never the whole file at once). `tensor_schema`, {name: (safetensors
+    dtype, ndim)}, also requires exactly these tensors with these dtypes and ranks, checked before any
+    tensor data is read; `optional_tensors` may be there too, with their dtype and rank. `check_header(
+    {name: (dtype, shape)}, header)` runs after that and before any data is read, so a file whose header
+    declares gigabytes the model would refuse is refused without reading them. Every problem is a
     ModelFileError naming the file.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
         with open(path, "rb") as handle:
-            entries, metadata = _read_safetensors_header(handle, os.fstat(handle.fileno()).st_size)
-        header = _patchcore_header(metadata)
+            size = os.fstat(handle.fileno()).st_size
+            try:
+                entries, metadata = _read_safetensors_header(handle, size)
+                header = _patchcore_header(metadata)
+            except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+                raise ModelFileError(f"{path}: not a patchcore model file or damaged ({err})") from None
+            if header.get("format") != FORMAT_NAME:
+                raise ModelFileError(f"{path}: not a patchcore model file (safetensors without patchcore metadata)")
+            version = header.get("format_version")
+            if version != FORMAT_VERSION or isinstance(version, bool):
+                raise ModelFileError(f"{path}: model format version {version} is not supported by this patchcore "
+                                     f"(it reads version {FORMAT_VERSION}); use the patchcore release that wrote "
+                                     f"it, {header.get('package_version', 'unknown')}, or refit")
+            if tensor_schema is not None:
+                _check_tensor_schema(path, entries, tensor_schema, optional_tensors or {})
+            if check_header is not None:
+                check_header({name: (e["dtype"], list(e["shape"])) for name, e in entries.items()}, header)
+            tensors = _read_tensors(path, handle, entries, data_start=handle.tell())
     except OSError as err:
         raise ModelFileError(f"{path}: cannot read the model file ({err})") from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        raise ModelFileError(f"{path}: not a patchcore model file or damaged ({err})") from None
-    if header.get("format") != FORMAT_NAME:
-        raise ModelFileError(f"{path}: not a patchcore model file (safetensors without patchcore metadata)")
-    version = header.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise ModelFileError(f"{path}: model format version {version} is not supported by this patchcore "
-                             f"(it reads version {FORMAT_VERSION}); use the patchcore release that wrote it, "
-                             f"{header.get('package_version', 'unknown')}, or refit")
-    if tensor_schema is not None:
-        _check_tensor_schema(path, entries, tensor_schema, optional_tensors or {})
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in entries:
-                tensors[name] = handle.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ModelFileError(f"{path}: not a patchcore model file or damaged ({err})") from None
     return tensors, header
+
+
+_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+                 "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "I16": torch.int16, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "U32": torch.uint32, "I32": torch.int32, "F32": torch.float32,
+                 "U64": torch.uint64, "I64": torch.int64, "F64": torch.float64}
+
+
+def _read_tensors(path: Path, handle, entries: dict[str, dict], *, data_start: int) -> dict[str, torch.Tensor]:
+    """Each tensor's bytes copied from `handle` into memory it owns (safetensors data is little-endian, as
+    the machines torch runs on). A file that ends early (truncated after its header was read) is a
+    ModelFileError, not a crash."""
+    tensors = {}
+    for name, entry in entries.items():
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        handle.seek(data_start + begin)
+        view, got = memoryview(buffer), 0
+        while got < len(buffer):
+            n = handle.readinto(view[got:])
+            if not n:
+                raise ModelFileError(f"{path}: the file ends inside tensor {name!r} (truncated or being rewritten "
+                                     f"while it was read)")
+            got += n
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(entry["shape"])
+    return tensors
 
 
 def _read_safetensors_header(handle, size: int) -> tuple[dict[str, dict], dict[str, str]]:
