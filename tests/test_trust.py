@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,134 @@ def test_a_sparse_hostile_model_file_is_refused_from_its_header_unread(small_mod
     assert result.returncode == 0, result.stderr[-2000:]
     assert "refused:" in result.stderr and "n_train_patches" in result.stderr
     assert int(result.stdout.split()[-1]) < 1500, result.stdout  # MiB; the bank alone would be 3072
+
+
+# ---------------------------------------------------------------------------- updates keep the previous model
+def _new_good(tmp_path: Path, n: int = 3, seed: int = 5) -> Path:
+    from PIL import Image
+
+    from patchcore.evaluation.synthetic import fabric_texture
+
+    folder = tmp_path / "new_good"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(np.ascontiguousarray(fabric_texture(rng, 64)[..., [2, 0, 1]])).save(folder / f"{i}.png")
+    return folder
+
+
+def _update(model: Path, new: Path, output: Path, *extra: str) -> int:
+    from patchcore.app.cli import main
+
+    return main(["update", str(model), str(new), "-o", str(output), "--device", "cpu", "--quiet", *extra])
+
+
+def test_update_through_a_symlink_keeps_the_real_previous_model_and_the_printed_rollback_works(
+        small_models, tmp_path, capsys):
+    """Case: `update link.model new/ -o link.model` kept a .prev that linked to the new model."""
+    real = tmp_path / "store" / "real.model"
+    real.parent.mkdir()
+    real.write_bytes(small_models[0].read_bytes())
+    link = tmp_path / "link.model"
+    link.symlink_to(real)
+    original = real.read_bytes()
+    assert _update(link, _new_good(tmp_path), link) == 0
+    err = capsys.readouterr().err
+    assert link.is_symlink() and link.read_bytes() != original
+    kept = [p for p in real.parent.iterdir() if p.name.endswith(".prev")]
+    assert len(kept) == 1 and not kept[0].is_symlink() and kept[0].read_bytes() == original
+    rollback = err.split("roll back: ")[1].split(")")[0]
+    subprocess.run(rollback, shell=True, check=True)  # the command as printed
+    assert link.is_symlink() and link.read_bytes() == original
+
+
+def test_previous_model_kept_by_copy_across_file_systems_and_no_stray_prev_after_a_failed_save(
+        small_models, tmp_path, monkeypatch):
+    """Must hold 2 (another file system: no hard link) and case "a stray .prev after a failed update"."""
+    import errno
+
+    from patchcore.app.server import versions
+    from patchcore.errors import OutputError
+
+    model = PatchCore.load(small_models[0], device="cpu")
+    path = tmp_path / "m.model"
+    path.write_bytes(small_models[0].read_bytes())
+
+    def no_link(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(versions.os, "link", no_link)
+    kept = versions.save_keeping_previous(model, path)
+    assert kept is not None and not kept.is_symlink() and kept.read_bytes() == small_models[0].read_bytes()
+    kept.unlink()
+
+    def full_disk(self, target):
+        raise OutputError(f"{target}: could not write the file (No space left on device)")
+
+    monkeypatch.setattr(PatchCore, "save", full_disk)
+    with pytest.raises(OutputError):
+        versions.save_keeping_previous(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model"]  # no .prev, no temporary file
+    assert path.read_bytes() == small_models[0].read_bytes()
+
+
+@pytest.mark.parametrize("option", [["--max-new", "-1"], ["--radius", "nan"], ["--radius", "-1"],
+                                    ["--radius", "inf"], ["--max-new", "1.5"]])
+def test_update_options_out_of_range_are_usage_errors(small_models, tmp_path, option, capsys):
+    """Case: `update --max-new -1` was a traceback; `--radius nan` or `-1` added every patch."""
+    with pytest.raises(SystemExit) as info:
+        _update(small_models[0], tmp_path, tmp_path / "out.model", *option)
+    assert info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_update_output_is_checked_before_the_work(small_models, tmp_path, monkeypatch, capsys):
+    """Case: `update -o` a folder, a symlink loop or an unwritable place failed after all the work."""
+    import tempfile
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(PatchCore, "load", no_work)
+    loop = tmp_path / "loop.model"
+    loop.symlink_to(tmp_path / "loop2.model")
+    (tmp_path / "loop2.model").symlink_to(loop)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # a read-only mount (root ignores permission bits)
+        if dir is not None and Path(dir) == readonly:
+            raise PermissionError(13, "Read-only file system")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    for output in (tmp_path, loop, readonly / "m.model"):
+        assert _update(small_models[0], tmp_path, output) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "error:" in err and str(output.parent) in err, err
+    assert not list(readonly.iterdir())
+
+
+def test_an_update_that_adds_no_row_writes_no_new_file(small_models, tmp_path, capsys):
+    """Case: zero-row updates still wrote a new file (and a .prev)."""
+    path = tmp_path / "m.model"
+    path.write_bytes(small_models[0].read_bytes())
+    before = os.stat(path)
+    assert _update(path, _new_good(tmp_path), path, "--max-new", "0") == 0
+    assert "unchanged" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model", "new_good"]
+    assert os.stat(path).st_ino == before.st_ino and path.read_bytes() == small_models[0].read_bytes()
+
+
+def test_with_thresholds_refuses_non_finite_values(small_models):
+    """Case: with_thresholds(image=nan) labelled everything good and save() wrote a file load() refuses."""
+    from patchcore.errors import InputError
+
+    model = PatchCore.load(small_models[0], device="cpu")
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(InputError, match="finite"):
+            model.with_thresholds(image=value)
+        with pytest.raises(InputError, match="finite"):
+            model.with_thresholds(pixel=value)
+    assert model.image_threshold_ == PatchCore.load(small_models[0], device="cpu").image_threshold_

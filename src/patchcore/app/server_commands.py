@@ -2,23 +2,36 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shlex
 import sys
 from pathlib import Path
 
 from ..errors import InputError
 from ..estimator import PatchCore
 from ..io.images import expand_inputs
-from .server.versions import save_keeping_previous
+from ..io.model_file import check_output_file
+from .server.versions import real_model_path, save_keeping_previous
 
 
 def cmd_update(args: argparse.Namespace) -> int:
+    # Before any work: a folder, a symlink loop or a folder that cannot be written is an error now.
+    check_output_file(args.output)
     model = PatchCore.load(args.model, device=args.device, weights=args.weights)
     paths = expand_inputs(args.images)
     before = model.memory_bank_.shape[0]
     model.update(paths, max_new=args.max_new, radius=args.radius)
     output = Path(args.output)
-    kept = save_keeping_previous(model, output)
     report = model.update_report_
+    for failure in report.skipped:
+        print(f"skipped image: {failure}", file=sys.stderr)
+    if report.bank_after == before and output.exists() and os.path.samefile(output, args.model):
+        print(f"{output} unchanged: every new patch is already within the coverage radius "
+              f"{report.radius:.4g} of the bank ({report.n_patches} patches of {report.n_images} images)",
+              file=sys.stderr)
+        return 1 if report.skipped else 0
+    kept = save_keeping_previous(model, output)
     why = {"radius": f"every new patch is within the coverage radius {report.radius:.4g}",
            "budget": f"the budget --max-new {args.max_new} was reached (farthest new patch still "
                      f"{report.covering_radius:.4g} from the bank, radius {report.radius:.4g})",
@@ -26,11 +39,30 @@ def cmd_update(args: argparse.Namespace) -> int:
     print(f"wrote {output}: bank {before} -> {report.bank_after} rows from {report.n_patches} patches of "
           f"{report.n_images} images in {report.seconds:.1f} s; stopped because {why}", file=sys.stderr)
     if kept is not None:
-        print(f"previous version kept as {kept} (roll back: mv {kept} {output})", file=sys.stderr)
-    for failure in report.skipped:
-        print(f"skipped unreadable image: {failure}", file=sys.stderr)
+        print(f"previous version kept as {kept} (roll back: mv {shlex.quote(str(kept))} "
+              f"{shlex.quote(str(real_model_path(output)))})", file=sys.stderr)
     print("thresholds kept as calibrated at fit (added good images only lower scores)", file=sys.stderr)
     return 1 if report.skipped else 0
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def positive_finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -65,9 +97,9 @@ def add_parsers(sub, common) -> None:
     update.add_argument("model", help="model file from `patchcore fit`")
     update.add_argument("images", nargs="+", help="folders or files of new good images")
     update.add_argument("-o", "--output", required=True, help="model file to write (may be MODEL itself)")
-    update.add_argument("--max-new", type=int, default=None,
+    update.add_argument("--max-new", type=non_negative_int, default=None,
                         help="budget: add at most this many bank rows (default: until every new patch is covered)")
-    update.add_argument("--radius", type=float, default=None,
+    update.add_argument("--radius", type=positive_finite_float, default=None,
                         help="coverage radius to reach (default: the model's distance scale, an estimate of "
                              "its coverage radius)")
     update.add_argument("--weights", default=None, help="local backbone weights file, if the model's is elsewhere")

@@ -8,6 +8,7 @@ predict: patch features -> exact 1-NN in the bank -> eq. 6/7 image score and the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -164,8 +165,12 @@ class PatchCore:
         return self
 
     def with_thresholds(self, *, image: float | None = None, pixel: float | None = None) -> PatchCore:
-        """Override the decision thresholds (each on its own scale); None keeps the current one."""
+        """Override the decision thresholds (each on its own scale); None keeps the current one. NaN or
+        infinite is an InputError: NaN labels every image good, and save() would write a file load() refuses."""
         state = self.state_
+        for name, value in (("image", image), ("pixel", pixel)):
+            if value is not None and not math.isfinite(float(value)):
+                raise InputError(f"the {name} threshold must be a finite number, got {value}")
         changes = {}
         if image is not None:
             changes["image_threshold"] = float(image)
