@@ -3,8 +3,9 @@
 PatchCore, Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
 
 Layers (each imports only from those before it; tests/test_architecture.py enforces it):
-errors, config -> core (algorithms on tensors) -> backbones, io -> estimator -> evaluation -> app.
-This module is the public facade; no module inside the package imports it.
+errors, config -> core (algorithms on arrays) -> backbones, io -> estimator, runtime -> evaluation -> app.
+This module is the public facade; no module inside the package imports it. The estimator (torch) is
+imported on first use (PEP 562), so `import patchcore.runtime` on a line PC never imports torch.
 """
 from ._version import __version__
 from .config import PatchCoreConfig
@@ -18,8 +19,21 @@ from .errors import (
                      PatchCoreError,
                      WeightsUnavailableError,
 )
-from .estimator import FittedState, PatchCore, PatchCoreResult
+
+_ESTIMATOR = ("FittedState", "PatchCore", "PatchCoreResult")
 
 __all__ = ["PatchCore", "PatchCoreConfig", "PatchCoreResult", "FittedState", "PatchCoreError", "ConfigError",
            "DatasetError", "ImageReadError", "InputError", "ModelFileError", "NotFittedError",
            "WeightsUnavailableError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _ESTIMATOR:
+        from . import estimator
+
+        return getattr(estimator, name)
+    raise AttributeError(f"module 'patchcore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ESTIMATOR))

@@ -2,58 +2,83 @@
 
 Candidates are ranked with ||q||^2 - 2 q.b + ||b||^2 (one GEMM per chunk), and the distances of the
 winners are then recomputed directly as ||q - b||, so reported distances carry no cancellation error.
+
+Array-API agnostic (array-api-compat): the library calls it with torch tensors (CPU or GPU), the torch-free
+runtime (patchcore.runtime) with numpy arrays; one implementation for both, and no torch import here.
 """
 from __future__ import annotations
 
-import torch
+from array_api_compat import array_namespace, device, is_torch_array
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # at most ~64 MiB of float32 distances alive at once
 
 
-def squared_norms(bank: torch.Tensor) -> torch.Tensor:
-    """(M, D) -> (M,), computed once per bank and reused by every query."""
-    return bank.float().pow(2).sum(1)
+def squared_norms(bank):
+    """(M, D) -> (M,) float32, computed once per bank and reused by every query."""
+    xp = array_namespace(bank)
+    bank = xp.astype(bank, xp.float32)
+    return xp.sum(bank * bank, axis=1)
 
 
-def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, *, bank_sq_norms: torch.Tensor | None = None,
-            chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, D) queries, (M, D) bank -> distances (Q, k) ascending, indices (Q, k) into the bank.
+def smallest_k(values, k: int):
+    """(Q, N) -> (Q, k) indices of each row's k smallest values, ascending. One primitive, two kernels:
+    torch's topk, numpy's argpartition (a full sort of every row costs several times more)."""
+    xp = array_namespace(values)
+    if k == 1:
+        return xp.argmin(values, axis=1, keepdims=True)
+    if is_torch_array(values):
+        return values.topk(k, dim=1, largest=False).indices
+    import numpy as np
+
+    part = np.argpartition(values, k - 1, axis=1)[:, :k]
+    order = np.argsort(np.take_along_axis(values, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def nearest(queries, bank, k: int = 1, *, bank_sq_norms=None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """(Q, D) queries, (M, D) bank -> distances (Q, k) float32 ascending, indices (Q, k) int64 into the bank.
 
     Memory stays O(chunk_elements) whatever Q and M are.
     """
+    xp = array_namespace(queries, bank)
     num_queries, num_bank = queries.shape[0], bank.shape[0]
     if not 1 <= k <= num_bank:
         raise ValueError(f"k must be in [1, {num_bank}], got {k}")
     if bank_sq_norms is None:
         bank_sq_norms = squared_norms(bank)
+    if num_queries == 0:
+        return xp.zeros((0, k), dtype=xp.float32, device=device(queries)), \
+            xp.zeros((0, k), dtype=xp.int64, device=device(queries))
     bank_chunk = max(k, min(num_bank, chunk_elements // max(1, min(num_queries, 1024))))
     query_chunk = max(1, chunk_elements // bank_chunk)
-    out_dist = torch.empty(num_queries, k, device=queries.device)
-    out_idx = torch.empty(num_queries, k, dtype=torch.long, device=queries.device)
+    dists, idxs = [], []
     for q0 in range(0, num_queries, query_chunk):
-        q = queries[q0:q0 + query_chunk].float()
-        q_sq = q.pow(2).sum(1, keepdim=True)
+        q = xp.astype(queries[q0:q0 + query_chunk], xp.float32)
+        q_sq = xp.sum(q * q, axis=1)[:, None]
         best_sq = best_idx = None
         for b0 in range(0, num_bank, bank_chunk):
-            b = bank[b0:b0 + bank_chunk].float()
-            dist_sq = torch.addmm(bank_sq_norms[b0:b0 + bank_chunk][None], q, b.T, alpha=-2.0).add_(q_sq)
-            kk = min(k, dist_sq.shape[1])
-            if kk == 1:
-                chunk_sq, chunk_idx = dist_sq.min(1, keepdim=True)
-            else:
-                chunk_sq, chunk_idx = dist_sq.topk(kk, dim=1, largest=False)
-            chunk_idx += b0
+            b = xp.astype(bank[b0:b0 + bank_chunk], xp.float32)
+            dist_sq = q @ xp.matrix_transpose(b)
+            dist_sq *= -2.0
+            dist_sq += bank_sq_norms[None, b0:b0 + bank_chunk]
+            dist_sq += q_sq
+            chunk_idx = smallest_k(dist_sq, min(k, dist_sq.shape[1]))
+            chunk_sq = xp.take_along_axis(dist_sq, chunk_idx, axis=1)
+            chunk_idx = xp.astype(chunk_idx, xp.int64) + b0
             if best_sq is None:
                 best_sq, best_idx = chunk_sq, chunk_idx
             else:  # merge with the running best k; stable so earlier (lower) indices win ties
-                merged_sq = torch.cat([best_sq, chunk_sq], 1)
-                merged_idx = torch.cat([best_idx, chunk_idx], 1)
-                order = merged_sq.argsort(dim=1, stable=True)[:, :k]
-                best_sq, best_idx = merged_sq.gather(1, order), merged_idx.gather(1, order)
+                merged_sq = xp.concat([best_sq, chunk_sq], axis=1)
+                merged_idx = xp.concat([best_idx, chunk_idx], axis=1)
+                order = xp.argsort(merged_sq, axis=1, stable=True)[:, :k]
+                best_sq = xp.take_along_axis(merged_sq, order, axis=1)
+                best_idx = xp.take_along_axis(merged_idx, order, axis=1)
         # Exact distances of the chosen neighbours: (Q, k, D) differences, chunked through q's size.
-        diff = q[:, None, :] - bank[best_idx].float()
-        out_dist[q0:q0 + query_chunk] = diff.pow_(2).sum(-1).sqrt_()
-        out_idx[q0:q0 + query_chunk] = best_idx
+        diff = q[:, None, :] - xp.astype(bank[best_idx], xp.float32)
+        dists.append(xp.sqrt(xp.sum(diff * diff, axis=-1)))
+        idxs.append(best_idx)
+    out_dist = xp.concat(dists, axis=0) if len(dists) > 1 else dists[0]
+    out_idx = xp.concat(idxs, axis=0) if len(idxs) > 1 else idxs[0]
     # Re-sort by the exact distances (the GEMM ranking can swap near-ties by rounding).
-    out_dist, order = out_dist.sort(dim=1, stable=True)
-    return out_dist, out_idx.gather(1, order)
+    order = xp.argsort(out_dist, axis=1, stable=True)
+    return xp.take_along_axis(out_dist, order, axis=1), xp.take_along_axis(out_idx, order, axis=1)

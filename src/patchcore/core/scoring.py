@@ -1,17 +1,22 @@
-"""Anomaly scores and maps from nearest-neighbour distances (PATCHCORE.md section 3, paper eq. 6-7)."""
+"""Anomaly scores and maps from nearest-neighbour distances (PATCHCORE.md section 3, paper eq. 6-7).
+
+Array-API agnostic (array-api-compat): the library calls these with torch tensors (CPU or GPU), the torch-free
+runtime (patchcore.runtime) with numpy arrays, so both score with one implementation. No torch import here
+(typical_nn_distance, used by fit only, imports it when called).
+"""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
-import torch
-import torch.nn.functional as F
+import numpy as np
+from array_api_compat import array_namespace, device
 
 from .knn import nearest
 
 
-def reweighted_image_scores(queries: torch.Tensor, patch_dist: torch.Tensor, patch_idx: torch.Tensor,
-                            bank: torch.Tensor, bank_sq_norms: torch.Tensor, neighbours: int,
-                            distance_scale: float) -> torch.Tensor:
+def reweighted_image_scores(queries, patch_dist, patch_idx, bank, bank_sq_norms, neighbours: int,
+                            distance_scale: float):
     """Image scores s (paper eq. 7) for a batch.
 
     queries (B, P, D) patch features; patch_dist, patch_idx (B, P): each patch's nearest bank distance
@@ -24,85 +29,100 @@ def reweighted_image_scores(queries: torch.Tensor, patch_dist: torch.Tensor, pat
     version). With T the weight runs from 1 - 1/b (m* sits in a dense nominal region) to 1 (m* is
     an isolated, rare nominal feature), which is the paper's intent.
     """
-    s_star, argmax_patch = patch_dist.max(1)  # s* (eq. 6)
+    xp = array_namespace(queries, patch_dist, bank)
+    s_star = xp.max(patch_dist, axis=1)  # s* (eq. 6)
     if neighbours <= 1:
         return s_star
-    batch = torch.arange(queries.shape[0], device=queries.device)
+    argmax_patch = xp.argmax(patch_dist, axis=1)
+    batch = xp.arange(queries.shape[0], device=device(queries))
     m_test_star = queries[batch, argmax_patch]  # (B, D)
     m_star = patch_idx[batch, argmax_patch]  # (B,)
     b = min(neighbours, bank.shape[0])
     _, support = nearest(bank[m_star], bank, b, bank_sq_norms=bank_sq_norms)  # N_b(m*), (B, b)
-    support_dist = (m_test_star[:, None, :] - bank[support]).pow(2).sum(-1).sqrt()  # (B, b)
+    diff = m_test_star[:, None, :] - bank[support]
+    support_dist = xp.sqrt(xp.sum(diff * diff, axis=-1))  # (B, b)
     # The m* column: support[:, 0] is m* unless the bank has exact duplicates of it (then same distance).
     support_dist[:, 0] = s_star
-    weight = 1.0 - torch.softmax(support_dist / distance_scale, dim=1)[:, 0]
+    logits = support_dist / distance_scale
+    logits = xp.exp(logits - xp.max(logits, axis=1, keepdims=True))  # softmax, stable
+    weight = 1.0 - logits[:, 0] / xp.sum(logits, axis=1)
     return weight * s_star
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Normalised 1-D Gaussian, radius round(truncate * sigma), as scipy.ndimage.gaussian_filter."""
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """Normalised 1-D Gaussian (float64), radius round(truncate * sigma), as scipy.ndimage.gaussian_filter."""
     radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).float()
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, H, W) -> (B, H, W): separable Gaussian, borders reflected as scipy's mode='reflect'."""
+def _reflect_index(size: int, radius: int) -> np.ndarray:
+    """Half-sample symmetric padding indices (d c b a | a b c d | d c b a), repeated for tiny maps."""
+    index = np.arange(-radius, size + radius) % (2 * size)
+    return np.where(index >= size, 2 * size - 1 - index, index)
+
+
+def _upsampling_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64: 1-D bilinear interpolation with align_corners=False (torch's F.interpolate)."""
+    if n_in == n_out:
+        return np.eye(n_out)
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    matrix = np.zeros((n_out, n_in))
+    np.add.at(matrix, (np.arange(n_out), i0), 1.0 - frac)
+    np.add.at(matrix, (np.arange(n_out), i1), frac)
+    return matrix
+
+
+@lru_cache(maxsize=64)
+def map_operator(n_in: int, n_out: int, sigma: float) -> np.ndarray:
+    """(n_out, n_in) float32: bilinear up-sampling from n_in to n_out, then the Gaussian (borders reflected
+    as scipy's mode='reflect'), along one axis. Both steps are linear, so a whole map is A_y @ grid @ A_x^T:
+    one small GEMM each side instead of an up-sampled copy and two convolutions over it."""
+    matrix = _upsampling_matrix(n_in, n_out)
+    if sigma > 0:
+        kernel = gaussian_kernel1d(sigma)
+        radius = len(kernel) // 2
+        index = _reflect_index(n_out, radius)
+        blurred = np.zeros_like(matrix)
+        for tap, weight in enumerate(kernel):  # row i of the blur: sum_t k[t] * row reflect(i + t - r)
+            blurred += weight * matrix[index[tap:tap + n_out]]
+        matrix = blurred
+    return matrix.astype(np.float32)
+
+
+def _apply(maps, rows: np.ndarray, cols: np.ndarray):
+    """(B, h, w) -> (B, H, W) = rows @ maps @ cols^T, in the array's own namespace and device."""
+    xp = array_namespace(maps)
+    rows = xp.asarray(rows, device=device(maps))
+    cols_t = xp.asarray(np.ascontiguousarray(cols.T), device=device(maps))
+    return xp.astype(rows @ xp.astype(maps, xp.float32) @ cols_t, maps.dtype)
+
+
+def gaussian_blur(maps, sigma: float):
+    """(B, H, W) -> (B, H, W): separable Gaussian, borders reflected as scipy's mode='reflect'.
+
+    Dense (H, H) and (W, W) operators: for maps of a few thousand pixels a side (anomaly_maps folds the blur
+    into the much smaller up-sampling operator instead)."""
     if sigma <= 0:
         return maps
-    kernel = gaussian_kernel1d(sigma).to(maps)
-    radius = kernel.numel() // 2
-    x = maps[:, None]
-    for dim in (-1, -2):
-        x = _reflect_pad(x, radius, dim)
-        weight = kernel.view(1, 1, 1, -1) if dim == -1 else kernel.view(1, 1, -1, 1)
-        x = _conv_in_strips(x, weight, dim)
-    return x[:, 0]
+    return _apply(maps, map_operator(maps.shape[-2], maps.shape[-2], sigma),
+                  map_operator(maps.shape[-1], maps.shape[-1], sigma))
 
 
-# A convolution may unfold its input (one copy per kernel tap: 33 for sigma 4); past this many output
-# elements it runs in strips, each output line computed as before (lines along the kernel are independent).
-STRIP_ELEMENTS = 1 << 22
-
-
-def _conv_in_strips(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """F.conv2d(x, weight) for a 1-D kernel along `dim`, in strips across the other axis when large."""
-    taps = weight.shape[dim]
-    out_shape = list(x.shape)
-    out_shape[dim] -= taps - 1
-    total = out_shape[0] * out_shape[2] * out_shape[3]
-    if total <= STRIP_ELEMENTS:
-        return F.conv2d(x, weight)
-    across = -2 if dim == -1 else -1  # strips of rows for a horizontal kernel, of columns for a vertical one
-    step = max(1, STRIP_ELEMENTS // (total // x.shape[across]))
-    out = x.new_empty(out_shape)
-    for start in range(0, x.shape[across], step):
-        part = x.narrow(across, start, min(step, x.shape[across] - start))
-        out.narrow(across, start, part.shape[across]).copy_(F.conv2d(part, weight))
-    return out
-
-
-def _reflect_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
-    """Half-sample symmetric padding (d c b a | a b c d | d c b a), repeated for tiny maps."""
-    size = x.shape[dim]
-    index = torch.arange(-radius, size + radius, device=x.device)
-    period = 2 * size
-    index = index % period
-    index = torch.where(index >= size, period - 1 - index, index)
-    return x.index_select(dim % x.ndim, index)
-
-
-def anomaly_maps(patch_dist: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], sigma: float) -> torch.Tensor:
+def anomaly_maps(patch_dist, grid: tuple[int, int], size: tuple[int, int], sigma: float):
     """(B, h*w) patch scores -> (B, H, W) maps: bilinear up-sampling, then Gaussian smoothing."""
-    maps = patch_dist.view(-1, 1, *grid)
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(maps, sigma)
+    maps = patch_dist.reshape((-1, *grid))
+    return _apply(maps, map_operator(grid[0], size[0], float(sigma)), map_operator(grid[1], size[1], float(sigma)))
 
 
-def typical_nn_distance(bank: torch.Tensor, bank_sq_norms: torch.Tensor, *, sample: int = 1000,
-                        generator: torch.Generator) -> float:
-    """Median distance from a bank element to its nearest other element: the scale T of eq. 7."""
+def typical_nn_distance(bank, bank_sq_norms, *, sample: int = 1000, generator) -> float:
+    """Median distance from a bank element to its nearest other element: the scale T of eq. 7 (fit only)."""
+    import torch
+
     count = min(sample, bank.shape[0])
     if bank.shape[0] < 2:
         return 1.0

@@ -15,15 +15,18 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..errors import ModelFileError, OutputError
 
 FORMAT_NAME = "patchcore-model"
 FORMAT_VERSION = 1
 _METADATA_KEY = "patchcore"
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the torch-free runtime reads model files too
+    import torch
 
 
 def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -147,7 +150,7 @@ _ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2
 def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int]] | None = None,
                     optional_tensors: dict[str, tuple[str, int]] | None = None,
                     check_header: Callable[[dict[str, tuple[str, list[int]]], dict[str, Any]], None] | None = None,
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    as_numpy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a model file: its tensors and its patchcore header.
 
     The safetensors header is read and checked first (length, JSON, dtypes, shapes, data offsets inside
@@ -157,7 +160,7 @@ def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int
     tensor data is read; `optional_tensors` may be there too, with their dtype and rank. `check_header(
     {name: (dtype, shape)}, header)` runs after that and before any data is read, so a file whose header
     declares gigabytes the model would refuse is refused without reading them. Every problem is a
-    ModelFileError naming the file.
+    ModelFileError naming the file. `as_numpy`: the tensors as numpy arrays (the torch-free runtime).
     """
     path = Path(path)
     if not path.is_file():
@@ -181,24 +184,36 @@ def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int
                 _check_tensor_schema(path, entries, tensor_schema, optional_tensors or {})
             if check_header is not None:
                 check_header({name: (e["dtype"], list(e["shape"])) for name, e in entries.items()}, header)
-            tensors = _read_tensors(path, handle, entries, data_start=handle.tell())
+            tensors = _read_tensors(path, handle, entries, data_start=handle.tell(), as_numpy=as_numpy)
     except OSError as err:
         raise ModelFileError(f"{path}: cannot read the model file ({err})") from None
     return tensors, header
 
 
-_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
-                 "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "I16": torch.int16, "F16": torch.float16,
-                 "BF16": torch.bfloat16, "U32": torch.uint32, "I32": torch.int32, "F32": torch.float32,
-                 "U64": torch.uint64, "I64": torch.int64, "F64": torch.float64}
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+            "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "I16": torch.int16, "F16": torch.float16,
+            "BF16": torch.bfloat16, "U32": torch.uint32, "I32": torch.int32, "F32": torch.float32,
+            "U64": torch.uint64, "I64": torch.int64, "F64": torch.float64}
 
 
-def _read_tensors(path: Path, handle, entries: dict[str, dict], *, data_start: int) -> dict[str, torch.Tensor]:
+_NUMPY_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+                 "F16": np.float16, "U32": np.uint32, "I32": np.int32, "F32": np.float32, "U64": np.uint64,
+                 "I64": np.int64, "F64": np.float64}  # little-endian machines, as safetensors data
+
+
+def _read_tensors(path: Path, handle, entries: dict[str, dict], *, data_start: int,
+                  as_numpy: bool = False) -> dict[str, torch.Tensor]:
     """Each tensor's bytes copied from `handle` into memory it owns (safetensors data is little-endian, as
     the machines torch runs on). A file that ends early (truncated after its header was read) is a
     ModelFileError, not a crash."""
     tensors = {}
+    dtypes = _NUMPY_DTYPES if as_numpy else _torch_dtypes()
     for name, entry in entries.items():
+        if entry["dtype"] not in dtypes:
+            raise ModelFileError(f"{path}: tensor {name!r} of dtype {entry['dtype']} cannot be read without torch")
         begin, end = entry["data_offsets"]
         buffer = bytearray(end - begin)
         handle.seek(data_start + begin)
@@ -209,7 +224,12 @@ def _read_tensors(path: Path, handle, entries: dict[str, dict], *, data_start: i
                 raise ModelFileError(f"{path}: the file ends inside tensor {name!r} (truncated or being rewritten "
                                      f"while it was read)")
             got += n
-        dtype = _TORCH_DTYPES[entry["dtype"]]
+        dtype = dtypes[entry["dtype"]]
+        if as_numpy:
+            tensors[name] = np.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+            continue
+        import torch
+
         flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(entry["shape"])
     return tensors
