@@ -22,6 +22,11 @@ APP_ONLY = {"argparse", "tqdm", "fastapi", "starlette", "uvicorn", "flask", "aio
             "python_multipart", "prometheus_client", "selenium", "playwright"}
 
 
+# The cluster engine (Ray, an optional extra) lives in these application modules only.
+RAY_ONLY = {"ray"}
+RAY_MODULES = ("patchcore.app.ray_predict", "patchcore.app.ray_fit", "patchcore.app.ray_cluster")
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -126,9 +131,16 @@ def test_application_libraries_only_in_the_application_layer():
     assert not offenders, offenders
 
 
+def test_ray_only_in_its_engine_modules():
+    offenders = [f"{name} imports {target}" for name, path in MODULES.items() if name not in RAY_MODULES
+                 for target in imports_of(path) if target.split(".")[0] in RAY_ONLY]
+    assert not offenders, offenders
+
+
 @pytest.mark.parametrize("source, expected", [
     ("from ..app.cli import main\n", "upward"),
     ("import tqdm\n", "app-only"),
+    ("import ray.data\n", "ray-only"),
 ])
 def test_the_checks_catch_a_violation(tmp_path, monkeypatch, source, expected):
     """The rules above are live: plant an offending module in a copy of the layer map and see it flagged."""
@@ -139,6 +151,9 @@ def test_the_checks_catch_a_violation(tmp_path, monkeypatch, source, expected):
     if expected == "upward":
         with pytest.raises(AssertionError, match="patchcore.core._planted_violation -> patchcore.app.cli"):
             test_no_upward_imports()
+    elif expected == "ray-only":
+        with pytest.raises(AssertionError, match="_planted_violation imports ray.data"):
+            test_ray_only_in_its_engine_modules()
     else:
         with pytest.raises(AssertionError, match="_planted_violation imports tqdm"):
             test_application_libraries_only_in_the_application_layer()

@@ -29,6 +29,8 @@ from ..io.model_file import atomic_write_bytes, check_output_file
 from .options import add_config_options, config_from_args
 from .predict_folder import check_output_folder, collect_inputs, predict_to_folder
 from .progress import progress_bars
+from .ray_commands import add_parsers as add_ray_parsers
+from .ray_commands import add_ray_options, cmd_predict_on_ray, estimator, ray_session
 from .server_commands import add_parsers as add_server_parsers
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -43,8 +45,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"fitting {config.backbone} on {len(paths)} images (coreset "
           f"{config.coreset_size or config.coreset_ratio}, device {args.device})", file=sys.stderr)
     started = time.perf_counter()
-    with progress_bars(args.quiet)(len(paths), "fit") as bar:
-        model = PatchCore(config, device=args.device).fit(
+    with progress_bars(args.quiet)(len(paths), "fit") as bar, ray_session(args):  # --ray: features in Ray tasks
+        model = estimator(args, config).fit(
             paths, progress=bar.update, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)))
     model.save(output)  # atomic: a failure or Ctrl-C leaves no partial file and any previous model intact
     report = model.fit_report_
@@ -68,6 +70,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.ray is not None:  # Ray Data batch scoring into Parquet; resumes its own stopped run (docs/CLUSTER.md)
+        return cmd_predict_on_ray(args, collect_inputs(args.inputs, exclude=Path(args.output)))
     output = Path(args.output)
     check_output_folder(output, overwrite=args.overwrite)  # before any work; removes nothing
     model = PatchCore.load(args.model, device=args.device, weights=args.weights)
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model file to write (replaced atomically if it exists; missing folders are created). "
                           "Checked before the fit starts: a folder, or a folder that cannot be written, is an error")
     feature_memory(fit)
+    add_ray_options(fit, "fit")
     common(fit)
     add_config_options(fit)
     fit.set_defaults(run=cmd_fit)
@@ -221,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="heatmaps, overlays, masks and maps at each input image's own size (the resize and "
                               "crop undone): pixels the model never saw are grey, 128 in masks, NaN in maps "
                               "(default: at the model input geometry)")
+    add_ray_options(predict, "predict")
     common(predict)
     predict.set_defaults(run=cmd_predict)
 
@@ -265,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(bench)
     bench.set_defaults(run=cmd_bench)
     add_server_parsers(sub, common)
+    add_ray_parsers(sub, common, add_config_options)
     return parser
 
 

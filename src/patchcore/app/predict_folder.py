@@ -12,7 +12,7 @@ Written as it goes, so a Ctrl-C, a crash or a full disk leaves usable results of
   (an error, named in "error"); "complete" and "interrupted" are also booleans. It is always valid JSON
   (no NaN: an image whose score is not finite is a failure, not a row).
 
-An output folder that holds results of an earlier run (scores.csv, scores.json, or pictures in the
+An output folder that holds results of an earlier run (scores.csv, scores.json, outputs.txt, or pictures in the
 output subfolders) is refused, or, with overwrite=True, those results are removed first: old and new
 results never mix. Nothing else in the folder is touched.
 
@@ -45,6 +45,9 @@ from ..io.model_file import atomic_write_bytes, probe_writable
 from ..io.render import UNSEEN_GREY, colormap, normalise_map, overlay
 
 SCORE_FILES = ("scores.csv", "scores.json")
+# Every picture a run writes is listed here (flushed before it is written), so that --overwrite removes
+# exactly the earlier run's files and nothing a user put in the same folders.
+MANIFEST = "outputs.txt"
 # Output subfolders and the suffix of what we write in each (the only files removed on overwrite).
 OUTPUT_FOLDERS = {"heatmaps": ".png", "overlays": ".png", "masks": ".png", "maps": ".npy"}
 CSV_FIELDS = ["file", "name", "score", "label"]
@@ -132,7 +135,7 @@ def display_path(path: str | Path) -> str:
 # ---------------------------------------------------------------------------- the output folder
 def earlier_outputs(output: Path) -> list[str]:
     """What in `output` is from an earlier run (our file names only)."""
-    found = [name for name in SCORE_FILES if (output / name).exists()]
+    found = [name for name in SCORE_FILES + (MANIFEST,) if (output / name).exists()]
     for sub, suffix in OUTPUT_FOLDERS.items():
         folder = output / sub
         if folder.is_dir() and any(p.suffix == suffix for p in folder.iterdir()):
@@ -164,18 +167,56 @@ def check_output_folder(output: Path, *, overwrite: bool) -> None:
     probe_writable(folder)
 
 
-def clear_outputs(output: Path) -> None:
-    """Remove the results of an earlier run (only the files we write; other files stay)."""
-    for name in SCORE_FILES:
+def earlier_files(output: Path) -> set[str]:
+    """The pictures an earlier run wrote, as paths relative to `output`: those in its manifest, and (for
+    runs without one) every output of each name in its scores.csv and scores.json."""
+    files: set[str] = set()
+    try:
+        files.update(line for line in (output / MANIFEST).read_text(encoding="utf-8").splitlines() if line)
+    except (OSError, UnicodeDecodeError):
+        pass
+    names: set[str] = set()
+    try:
+        with open(output / "scores.csv", newline="", encoding="utf-8") as handle:
+            names.update(row.get("name") or "" for row in csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        pass
+    try:
+        images = json.loads((output / "scores.json").read_text(encoding="utf-8")).get("images", [])
+        names.update(item.get("name") or "" for item in images if isinstance(item, dict))
+    except (OSError, ValueError, AttributeError):
+        pass
+    files.update(f for name in names if name and "/" not in name and name not in (".", "..")
+                 for f in _output_files(name))
+    return {f for f in files if _is_output_file(f)}
+
+
+def _output_files(name: str) -> list[str]:
+    return [f"{sub}/{name}{suffix}" for sub, suffix in OUTPUT_FOLDERS.items()]
+
+
+def _is_output_file(relative: str) -> bool:
+    """Only `<output folder>/<name><its suffix>`: a damaged manifest can never point elsewhere."""
+    sub, _, name = relative.partition("/")
+    return sub in OUTPUT_FOLDERS and name.endswith(OUTPUT_FOLDERS[sub]) and "/" not in name and \
+        name not in (".", "..") and not name.startswith(".")
+
+
+def clear_outputs(output: Path, names: Iterable[str] = ()) -> None:
+    """Remove the results of an earlier run: its score files and the pictures it wrote (its manifest, or
+    the names in its score tables), and the pictures this run is about to write (`names`), with their
+    temporary files. Files a user put in the output folders stay, and so do those folders then."""
+    files = earlier_files(output)
+    files.update(f for name in names for f in _output_files(name))
+    for relative in files:
+        path = output / relative
+        path.unlink(missing_ok=True)
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+    for name in SCORE_FILES + (MANIFEST,):
         (output / name).unlink(missing_ok=True)
-    for sub, suffix in OUTPUT_FOLDERS.items():
+    for sub in OUTPUT_FOLDERS:
         folder = output / sub
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if path.is_file() and (path.suffix == suffix or path.name.endswith(".tmp")):
-                path.unlink()
-        if not any(folder.iterdir()):
+        if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
 
@@ -198,10 +239,10 @@ def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, prog
         if value is not None and not math.isfinite(value):
             raise InputError(f"the {name[:-1].replace('_', ' ')} must be a finite number, got {value}")
     check_output_folder(output, overwrite=overwrite)
-    if overwrite:
-        clear_outputs(output)
     unique, repeats = unique_inputs(paths)
     names = output_names(unique)
+    if overwrite:
+        clear_outputs(output, names.values())
     subfolders = ["heatmaps", "overlays"]
     if model.pixel_threshold_ is not None:
         subfolders.append("masks")
@@ -213,6 +254,7 @@ def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, prog
     try:
         with progress(len(unique), "predict") as bar:
             for batch_paths, images, result, failures in _scored_batches(model, unique):
+                table.will_write(names[path] for path in batch_paths)
                 rows = [_write_outputs(output, model, names[path], path, image, result, i, save_maps,
                                        full_resolution)
                         for i, (path, image) in enumerate(zip(batch_paths, images))]
@@ -334,12 +376,18 @@ class ScoresTable:
         self.output, self.model, self.n_inputs, self.repeats = output, model, n_inputs, repeats
         self.rows: list[dict] = []
         self.failures: list[ImageReadError] = []
+        self._manifest = open(output / MANIFEST, "a", encoding="utf-8")
         self._handle = open(output / "scores.csv", "w", newline="", encoding="utf-8")
         self._csv = csv.DictWriter(self._handle, fieldnames=CSV_FIELDS)
         self._csv.writeheader()
         self._handle.flush()
         self._written = 0.0
         self._write_json("running")
+
+    def will_write(self, names: Iterable[str]) -> None:
+        """Record the pictures of these names before they are written (the manifest --overwrite reads)."""
+        self._manifest.writelines(f + "\n" for name in names for f in _output_files(name))
+        self._manifest.flush()
 
     def add(self, rows: list[dict], failures: list[ImageReadError]) -> None:
         self.rows += rows
@@ -352,6 +400,7 @@ class ScoresTable:
     def close(self, status: str, error: str | None = None) -> None:
         """Final scores.json. After a failure this is best effort: the original error is what matters."""
         try:
+            self._manifest.close()
             self._handle.close()
             self._write_json(status, error)
         except (OSError, ValueError):
