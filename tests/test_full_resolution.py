@@ -27,7 +27,7 @@ def test_identity_geometry_returns_the_map_itself():
 
 
 def test_iter_predict_keeps_each_size_at_its_own_map_size(tmp_path):
-    """resize none: a batch of mixed sizes comes back as one result per same-size run, none lost."""
+    """resize none: a batch of mixed sizes comes back in input order, each map at its own size, none lost."""
     import numpy as np
     from PIL import Image
 
@@ -41,7 +41,10 @@ def test_iter_predict_keeps_each_size_at_its_own_map_size(tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
     batches = list(model.iter_predict(paths))
     assert [p.name for b in batches for p in b.paths] == [p.name for p in paths]
-    assert [tuple(b.result.maps.shape[1:]) for b in batches] == [(48, 64), (32, 96), (48, 64), (64, 64)]
+    assert len(batches) == 1 and isinstance(batches[0].result.maps, list)
+    assert [tuple(m.shape) for m in batches[0].result.maps] == [(48, 64), (48, 64), (32, 96), (48, 64), (64, 64)]
+    alone = torch.cat([model.predict(p).scores for p in paths])
+    torch.testing.assert_close(batches[0].result.scores, alone)
 
 
 def test_predict_writes_full_resolution_outputs_with_unseen_pixels_marked(category, tmp_path):

@@ -311,11 +311,11 @@ def _predict_batch_failing_at(monkeypatch, call: int, error: BaseException):
     real = PatchCore._score_stack
     calls = {"n": 0}
 
-    def score_stack(self, images, fitted):
+    def score_stack(self, images, fitted, **options):
         calls["n"] += 1
         if calls["n"] == call:
             raise error
-        return real(self, images, fitted)
+        return real(self, images, fitted, **options)
 
     monkeypatch.setattr(PatchCore, "_score_stack", score_stack)
 
@@ -371,9 +371,9 @@ def test_sigint_to_a_real_process_leaves_valid_interrupted_results(model_path, c
     script = ("import sys, time\n"
               "from patchcore import PatchCore\n"
               "real = PatchCore._score_stack\n"
-              "def slow(self, images, fitted):\n"
+              "def slow(self, images, fitted, **options):\n"
               "    time.sleep(0.5)\n"
-              "    return real(self, images, fitted)\n"
+              "    return real(self, images, fitted, **options)\n"
               "PatchCore._score_stack = slow\n"
               "from patchcore.app.cli import main\n"
               "sys.exit(main(sys.argv[1:]))\n")
@@ -465,13 +465,13 @@ def test_a_run_the_model_refuses_is_retried_image_by_image(model_path, category,
     real = PatchCore._score_stack
     sizes: list[int] = []  # the batch size of each call
 
-    def score_stack(self, images, fitted):
+    def score_stack(self, images, fitted, **options):
         sizes.append(images.shape[0])
         if len(sizes) == 1:
             raise InputError("simulated refusal of a run")
         if len(sizes) == 4:  # the third image, alone
             raise InputError("simulated refusal of one image")
-        return real(self, images, fitted)
+        return real(self, images, fitted, **options)
 
     monkeypatch.setattr(PatchCore, "_score_stack", score_stack)
     paths = sorted((category / "test").glob("*/*.png"))  # 18 images, batches of 4

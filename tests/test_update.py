@@ -19,6 +19,7 @@ from patchcore.core.coreset_update import bank_coverage_radius, extend_coreset
 from patchcore.errors import InputError
 from patchcore.evaluation.synthetic import fabric_texture, paste_defect
 from patchcore.io.model_file import read_model_file
+from patchcore.io.sizing import feature_grid
 
 
 # ---------------------------------------------------------------------------- the pure functions
@@ -152,9 +153,12 @@ def test_update_agrees_with_a_refit_on_all_images(fitted, updated, train_paths, 
     assert rho > 0.95 and max_rel < 0.2
 
 
-def test_update_refuses_images_of_another_geometry_and_unfitted_models(fitted):
-    with pytest.raises(InputError, match="feature grid"):
-        _copy(fitted).update([np.zeros((64, 128, 3), np.uint8)])
+def test_update_takes_images_of_another_size_and_refuses_unfitted_models(fitted):
+    """An image of another size enters at the model's geometry with its own grid (it was refused)."""
+    updated = _copy(fitted).update([np.zeros((64, 128, 3), np.uint8)])
+    grid = feature_grid(updated.preprocess.output_size(64, 128), updated.config.feature_strides[0])
+    assert updated.update_report_.n_patches == grid[0] * grid[1]
+    assert updated.n_train_patches_ == fitted.n_train_patches_ + grid[0] * grid[1]
     with pytest.raises(InputError):
         _copy(fitted).update([])
     with pytest.raises(Exception, match="not fitted"):

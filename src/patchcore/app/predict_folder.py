@@ -277,9 +277,8 @@ def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, prog
 
 def _scored_batches(model: PatchCore, paths: list[Path]) -> Iterator[tuple[list[Path], list[torch.Tensor],
                                                                           list, list[ImageReadError]]]:
-    """(paths, decoded images, per-image results, failures) per same-size run, from `model.iter_predict`
-    (which reports unreadable files and images the model cannot take, per file, and scores each same-size
-    run on its own, so maps of different sizes never need stacking).
+    """(paths, decoded images, per-image results, failures) per batch, from `model.iter_predict` (which
+    reports unreadable files and images the model cannot take, per file; each image's map at its own size).
 
     A run the model refuses while scoring (InputError) ends that stream: the next batch_size files are
     retried image by image (an image refused alone is a failure naming it), and the stream resumes after
@@ -315,8 +314,8 @@ def _split(result) -> list[tuple]:
         return []
     n = result.scores.shape[0]
     labels = [None] * n if result.labels is None else [bool(v) for v in result.labels.cpu()]
-    masks = [None] * n if result.masks is None else list(result.masks.cpu())
-    return list(zip(result.scores.cpu().tolist(), result.maps.cpu(), labels, masks))
+    masks = [None] * n if result.masks is None else [m.cpu() for m in result.masks]  # a tensor, or a list
+    return list(zip(result.scores.cpu().tolist(), [m.cpu() for m in result.maps], labels, masks))
 
 
 def _write_outputs(output: Path, model: PatchCore, name: str, path: Path, image: torch.Tensor, result: list,

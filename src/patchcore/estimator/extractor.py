@@ -78,13 +78,16 @@ class FeatureExtractor:
     def weights_sha256(self) -> str:
         return self.backbone.weights_sha256
 
-    def pieces(self, images: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int], Iterator[Piece]]:
+    def pieces(self, images: torch.Tensor, *, at_input: bool = False
+               ) -> tuple[tuple[int, int], tuple[int, int], Iterator[Piece]]:
         """uint8 (B, 3, H, W) -> full grid (h, w), input size (H', W'), and the pieces that cover the grid.
+        `at_input`: the images are already resized and cropped to the model input (only normalised here).
 
         With `tile_size`, each tile goes through the backbone on its own: activation memory is that of
         one tile; the input itself is preprocessed whole (3 floats per pixel)."""
         backbone, preprocess, reductions = self._build()
-        x = preprocess(images.to(self.device, non_blocking=True))
+        images = images.to(self.device, non_blocking=True)
+        x = preprocess.normalise(images) if at_input else preprocess(images)
         height, width = x.shape[-2:]
         finest, deepest = backbone.strides[0], backbone.strides[-1]
         tile = self.config.tile_size
@@ -120,9 +123,9 @@ class FeatureExtractor:
                 yield Piece(kept.contiguous(), r.keep_from, c.keep_from, height, width)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> Embedding:
+    def __call__(self, images: torch.Tensor, *, at_input: bool = False) -> Embedding:
         """uint8 (B, 3, H, W) -> Embedding((B, h*w, D), (h, w), (H', W')): the pieces stitched into the grid."""
-        grid, input_size, pieces = self.pieces(images)
+        grid, input_size, pieces = self.pieces(images, at_input=at_input)
         stitched = None
         for piece in pieces:
             if piece.height == grid[0] and piece.width == grid[1]:

@@ -1,4 +1,4 @@
-"""What the estimator accepts as images, and how it walks them: batches -> same-size stacks.
+"""What the estimator accepts as images, and how it walks them in batches.
 
 One image is a path, a string, a PIL image, an array or a (3, H, W) tensor; anything else that is a
 sequence is several images. A uint8 (B, 3, H, W) tensor is a batch. Empty images (a 0 x 0 array, a
@@ -56,14 +56,3 @@ def iter_batches(images: list, batch_size: int, *,
                 batch.images.append(tensor)
         yield batch
 
-
-def same_size_stacks(images: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Consecutive runs of equally sized (3, H, W) images, stacked (order kept)."""
-    run: list[torch.Tensor] = []
-    for image in images:
-        if run and image.shape != run[0].shape:
-            yield torch.stack(run)
-            run = []
-        run.append(image)
-    if run:
-        yield torch.stack(run)

@@ -30,9 +30,10 @@ from ..io.feature_store import FeatureStore
 from ..io.images import ImageReadError, read_image
 from ..io.model_file import read_model_file, write_model_file
 from ..io.preprocess import Preprocess
+from ..io.sizing import feature_grid
 from .extractor import Embedding, FeatureExtractor
-from .geometry import aspect_mismatch, resolve_geometry
-from .inputs import ImageInput, as_image_list, iter_batches, same_size_stacks
+from .geometry import aspect_mismatch, image_sizes, resolve_geometry
+from .inputs import ImageInput, as_image_list, iter_batches
 from .state import FittedState, config_from_file
 
 log = logging.getLogger("patchcore")
@@ -43,16 +44,18 @@ DEFAULT_MAX_FEATURE_MEMORY = 1 << 30  # bytes of full-dimensional training featu
 class PatchCoreResult(NamedTuple):
     """What `predict` returns, always the same fields.
 
-    scores: (N,) image anomaly scores (paper eq. 7). maps: (N, H, W) pixel scores at the model's input
-    geometry (after resize and crop). labels: True = defect, by the image threshold (None without one);
-    masks: True = defect pixel, by the pixel threshold (None without one). Both thresholds are
-    calibrated on held-out training images; they are on different scales (image score vs pixel score).
+    scores: (N,) image anomaly scores (paper eq. 7). maps: pixel scores at the model's input geometry
+    (after resize and crop): an (N, H, W) tensor when every image has the same model input size, else a
+    list of N (H_i, W_i) tensors (images of different sizes or shapes; `maps[i]` works either way).
+    labels: True = defect, by the image threshold (None without one); masks: True = defect pixel, by the
+    pixel threshold (None without one), shaped like maps. Both thresholds are calibrated on held-out
+    training images; they are on different scales (image score vs pixel score).
     """
 
     scores: torch.Tensor
-    maps: torch.Tensor
+    maps: torch.Tensor | list[torch.Tensor]
     labels: torch.Tensor | None
-    masks: torch.Tensor | None
+    masks: torch.Tensor | list[torch.Tensor] | None
 
 
 @dataclass
@@ -64,6 +67,17 @@ class PredictedBatch:
     result: PatchCoreResult | None
     failures: list[ImageReadError]
     images: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Images of one batch that share a model input size, for one backbone pass: their positions in the
+    batch and their uint8 stack, as decoded when they also share their own size (the resize then runs
+    batched), else each already resized and cropped to the model input (`at_input`)."""
+
+    positions: list[int]
+    stack: torch.Tensor
+    at_input: bool
 
 
 @dataclass
@@ -131,18 +145,44 @@ class PatchCore:
         """uint8 (B, 3, H, W) -> Embedding(features (B, h*w, D), grid (h, w), input size (H', W'))."""
         return self.extractor(images)
 
-    def _iter_stacks(self, images: list) -> Iterator[tuple[object, list[torch.Tensor]]]:
-        """(batch, same-size uint8 stacks) in input order: the one walk every entry point uses. Images the
-        model cannot take (too large once resized, smaller than the crop, of another aspect ratio than an
-        exact resize was fitted for) are per-file failures of their batch, not errors of the run."""
-        for batch in iter_batches(images, self.config.batch_size, check=self._check_input):
-            yield batch, [part for stack in same_size_stacks(batch.images) for part in _forward_sized(stack)]
+    def _iter_groups(self, images: list, region_size: tuple[int, int] | None = None
+                     ) -> Iterator[tuple[object, list[_Group]]]:
+        """(batch, its images grouped by model input size): the one walk every entry point uses. Images of
+        any size and shape go together; each group is one backbone pass (split past MAX_FORWARD_PIXELS).
+        Images the model cannot take (too large once resized, smaller than the crop, of another aspect ratio
+        than an exact resize was fitted for, of another size than the inspection region) are per-file
+        failures of their batch, not errors of the run."""
+        def check(height: int, width: int) -> None:
+            self._check_input(height, width, region_size)
 
-    def _check_input(self, height: int, width: int) -> None:
+        for batch in iter_batches(images, self.config.batch_size, check=check):
+            yield batch, self._groups(batch.images)
+
+    def _groups(self, images: list[torch.Tensor]) -> list[_Group]:
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(self.preprocess.output_size(*image.shape[-2:]), []).append(i)
+        groups = []
+        for positions in by_size.values():
+            members = [images[i] for i in positions]
+            at_input = len({m.shape for m in members}) > 1
+            stack = torch.stack([self.preprocess.geometry(m) for m in members] if at_input else members)
+            start = 0
+            for part in _forward_sized(stack):
+                groups.append(_Group(positions[start:start + part.shape[0]], part, at_input))
+                start += part.shape[0]
+        return groups
+
+    def _check_input(self, height: int, width: int, region_size: tuple[int, int] | None = None) -> None:
         self.preprocess.check_size(height, width)
         problem = aspect_mismatch(self.config, height, width)
         if problem is not None:
             raise InputError(f"a {height} x {width} image: {problem}")
+        if region_size is not None and self.preprocess.output_size(height, width) != tuple(region_size):
+            size = self.preprocess.output_size(height, width)
+            raise InputError(f"a {height} x {width} image becomes {size[0]} x {size[1]} at the model input, the "
+                             f"inspection region is {region_size[0]} x {region_size[1]}: a region model takes "
+                             "images of its training size")
 
     # ------------------------------------------------------------------ fitted state
     def _checked_fitted(self) -> _Fitted:
@@ -219,6 +259,7 @@ class PatchCore:
         store = None
         try:
             region = self._read_region()
+            self._check_region(region, fit_images)
             store, projected, grid, input_size = self._extract_training_features(
                 fit_images, region, report, generator, progress, max_feature_memory, spill_dir)
             report.embed_seconds = time.perf_counter() - started
@@ -254,30 +295,28 @@ class PatchCore:
     def _extract_training_features(self, images: list, region: torch.Tensor | None, report: FitReport,
                                    generator: torch.Generator, progress, max_feature_memory: int, spill_dir):
         """Every training patch feature into a FeatureStore (spilled to disk past the budget), and its
-        d*-dimensional JL projection (psi, section 2) into one preallocated (N, d*) tensor."""
+        d*-dimensional JL projection (psi, section 2) into one preallocated (N, d*) tensor.
+
+        Images of different sizes each bring their own grid: the bank is a set of patch features, and every
+        test patch is scored against all of it (section 3), so nothing here needs one grid. The state's
+        grid and input size are the largest over the training images (one image's, for one size)."""
         cfg = self.config
-        store = projection = projected = grid = input_size = inside = None
+        store = projection = projected = None
+        grid = input_size = (0, 0)
         rows_done = 0
+        region_size = None if region is None else tuple(region.shape)
         try:
-            for batch, stacks in self._iter_stacks(images):
+            for batch, groups in self._iter_groups(images, region_size):
                 report.skipped += [str(err) for err in batch.failures]
                 for err in batch.failures:
                     log.warning("skipped training image %s", err)
                 if progress is not None:
                     progress(len(batch.images) + len(batch.failures))
-                for stack in stacks:
-                    stack_grid, stack_input, pieces = self.extractor.pieces(stack)
-                    if store is None:
-                        grid, input_size = stack_grid, stack_input
-                        if region is not None and tuple(region.shape) != input_size:
-                            raise InputError(f"{cfg.region}: the inspection region becomes {tuple(region.shape)} "
-                                             f"at the model input, the training images {input_size}: give "
-                                             "a mask the size of the training images")
-                        inside = self._region_patches(region, grid)
-                        per_image = grid[0] * grid[1] if inside is None else int(inside.sum())
-                    elif stack_grid != grid:
-                        raise InputError(f"all training images must give the same feature grid; got "
-                                         f"{stack_grid} and {grid} (set a fixed --resize H,W or a --crop)")
+                for group in groups:
+                    stack_grid, stack_input, pieces = self.extractor.pieces(group.stack, at_input=group.at_input)
+                    grid = (max(grid[0], stack_grid[0]), max(grid[1], stack_grid[1]))
+                    input_size = (max(input_size[0], stack_input[0]), max(input_size[1], stack_input[1]))
+                    inside = self._region_patches(region, stack_grid)
                     for piece in pieces:
                         rows = piece.features
                         if inside is not None:  # patches outside the inspection region never enter the bank
@@ -288,12 +327,17 @@ class PatchCore:
                             store = FeatureStore(rows.shape[1], max_memory_bytes=max_feature_memory,
                                                  spill_dir=spill_dir)
                             projection = random_projection(rows.shape[1], cfg.projection_dim, generator).to(self.device)
-                            # Allocated once: no list + cat doubling for large sets.
-                            projected = torch.empty(len(images) * per_image, cfg.projection_dim)
+                            # Allocated once from the images' header sizes: no list + cat doubling for large sets.
+                            projected = torch.empty(self._patch_count_bound(images), cfg.projection_dim)
+                        if rows_done + rows.shape[0] > projected.shape[0]:  # a size the headers did not tell
+                            grown = torch.empty(max(2 * projected.shape[0], rows_done + rows.shape[0]),
+                                                cfg.projection_dim)
+                            grown[:rows_done] = projected[:rows_done]
+                            projected = grown
                         projected[rows_done:rows_done + rows.shape[0]] = (rows @ projection).cpu()
                         rows_done += rows.shape[0]
                         store.append(rows)
-                    report.n_images += stack.shape[0]
+                    report.n_images += group.stack.shape[0]
         except BaseException:
             if store is not None:
                 store.close()
@@ -303,6 +347,28 @@ class PatchCore:
         if rows_done == 0:
             raise InputError(f"{cfg.region}: the inspection region covers no patch of the training images")
         return store, projected[:rows_done], grid, input_size  # a view: skipped files leave the tail unused
+
+    def _patch_count_bound(self, images: list) -> int:
+        """Patches the images will give at most, from their sizes (file headers; no decoding)."""
+        stride = self.config.feature_strides[0]
+        total = 0
+        for height, width in image_sizes(images):
+            try:
+                self.preprocess.check_size(height, width)
+            except InputError:  # refused when decoded
+                continue
+            grid = feature_grid(self.preprocess.output_size(height, width), stride)
+            total += grid[0] * grid[1]
+        return max(total, 1)
+
+    def _check_region(self, region: torch.Tensor | None, images: list) -> None:
+        """A region mask the size of the training images (checked on the first; each image is checked again
+        when decoded, and one of another size is skipped, named)."""
+        sizes = image_sizes(images[:1]) if region is not None else []
+        if sizes and self.preprocess.output_size(*sizes[0]) != tuple(region.shape):
+            raise InputError(f"{self.config.region}: the inspection region becomes {tuple(region.shape)} at the "
+                             f"model input, the training images {self.preprocess.output_size(*sizes[0])}: give "
+                             "a mask the size of the training images")
 
     def _read_region(self) -> torch.Tensor | None:
         """The inspection region file -> bool (H', W') at the model input: the images' resize and crop."""
@@ -315,11 +381,13 @@ class PatchCore:
         """Thresholds from held-out nominal images: image scores for the image threshold, each image's
         largest pixel score for the pixel threshold (never from test images)."""
         scores, pixel_max = [], []
-        for batch, result in self._iter_scored(images, self._checked_fitted()):
+        fitted = self._checked_fitted()
+        for batch, groups in self._iter_groups(images, _region_size(fitted.state)):
             report.skipped += [str(err) for err in batch.failures]
             for err in batch.failures:
                 log.warning("skipped held-out calibration image %s", err)
-            if result is not None:
+            for group in groups:
+                result = self._score_stack(group.stack, fitted, at_input=group.at_input)
                 scores += result.scores.tolist()
                 pixel_max += result.maps.flatten(1).amax(1).tolist()
         if scores:
@@ -331,7 +399,7 @@ class PatchCore:
 
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
-    def _score_stack(self, images: torch.Tensor, fitted: _Fitted) -> PatchCoreResult:
+    def _score_stack(self, images: torch.Tensor, fitted: _Fitted, *, at_input: bool = False) -> PatchCoreResult:
         """The one scoring core. uint8 (B, 3, H, W), all the same size -> PatchCoreResult.
 
         Piece by piece (one piece without tiling): exact 1-NN of every patch, kept as a (B, h, w) grid of
@@ -339,7 +407,7 @@ class PatchCore:
         `fitted` is read once per call by the entry points, so a concurrent `set_state` cannot mix two
         states in one result."""
         state = fitted.state
-        grid, input_size, pieces = self.extractor.pieces(images)
+        grid, input_size, pieces = self.extractor.pieces(images, at_input=at_input)
         batch, (h, w) = images.shape[0], grid
         inside = self._region_patches(state.region, grid)
         dim = state.memory_bank.shape[1]
@@ -401,45 +469,47 @@ class PatchCore:
         out[:, y0:y1, x0:x1] = seen
         return out
 
-    def _iter_scored(self, images: list, fitted: _Fitted) -> Iterator[tuple[object, PatchCoreResult | None]]:
-        for batch, stacks in self._iter_stacks(images):
-            parts = [self._score_stack(stack, fitted) for stack in stacks]
-            yield batch, _concat_results(parts) if parts else None
-
     def predict_batch(self, images: torch.Tensor) -> PatchCoreResult:
-        """Score one uint8 (B, 3, H, W) batch in a single pass (the serving path; tensors may be on the GPU)."""
-        return self._score_stack(images, self._checked_fitted())
+        """Score one uint8 (B, 3, H, W) batch in a single pass (the serving path; tensors may be on the GPU).
+        The checks of every other entry point apply (an InputError for a size the model cannot take)."""
+        fitted = self._checked_fitted()
+        self._check_input(*images.shape[-2:], _region_size(fitted.state))
+        return self._score_stack(images, fitted)
 
     def predict(self, images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> PatchCoreResult:
-        """Score one image or a sequence of images (paths, arrays, PIL images, (3, H, W) tensors), or a uint8
-        (B, 3, H, W) batch, which may already be on the model's device. An unreadable file raises
+        """Score one image or a sequence of images (paths, arrays, PIL images, (3, H, W) tensors) of any sizes,
+        or a uint8 (B, 3, H, W) batch, which may already be on the model's device. Results are in input order;
+        maps come as a list when the images have different model input sizes. An unreadable file raises
         ImageReadError naming it; `iter_predict` instead reports such files and goes on."""
         fitted = self._checked_fitted()
         if isinstance(images, torch.Tensor) and images.ndim == 4:
+            self._check_input(*images.shape[-2:], _region_size(fitted.state))
             step = self.config.batch_size
             return _concat_results([self._score_stack(images[i:i + step], fitted)
                                     for i in range(0, images.shape[0], step)])
-        parts = []
-        for batch, result in self._iter_scored(as_image_list(images), fitted):
+        per_image: list[tuple] = []  # (score, map, label, mask) in input order
+        for batch, groups in self._iter_groups(as_image_list(images), _region_size(fitted.state)):
             if batch.failures:
                 raise batch.failures[0]
-            if result is not None:
-                parts.append(result)
-        return _concat_results(parts)
+            per_image += self._score_groups(groups, fitted)
+        return _stack_results(per_image)
 
     def iter_predict(self, paths: Sequence[str | Path]) -> Iterator[PredictedBatch]:
-        """Stream batches: unreadable files are reported in `failures`, the rest scored (order kept)."""
+        """Stream batches in input order: unreadable files are reported in `failures`, the rest scored (maps
+        as a list where the batch's images have different model input sizes, as `predict`)."""
         fitted = self._checked_fitted()  # one state for the whole stream
-        for batch, stacks in self._iter_stacks(as_image_list(paths)):
-            if not stacks:
-                yield PredictedBatch([], None, batch.failures, [])
-            start, failures = 0, batch.failures
-            # One PredictedBatch per same-size run: images of other sizes (resize none) keep their own maps.
-            for stack in stacks:
-                end = start + stack.shape[0]
-                yield PredictedBatch(batch.paths[start:end], self._score_stack(stack, fitted), failures,
-                                     batch.images[start:end])
-                start, failures = end, []
+        for batch, groups in self._iter_groups(as_image_list(paths), _region_size(fitted.state)):
+            result = _stack_results(self._score_groups(groups, fitted)) if groups else None
+            yield PredictedBatch(batch.paths, result, batch.failures, batch.images)
+
+    def _score_groups(self, groups: list[_Group], fitted: _Fitted) -> list[tuple]:
+        """One batch's groups -> (score, map, label, mask) per image, in the batch's order."""
+        per_image: list = [None] * sum(len(g.positions) for g in groups)
+        for group in groups:
+            result = self._score_stack(group.stack, fitted, at_input=group.at_input)
+            for k, position in enumerate(group.positions):
+                per_image[position] = _image_result(result, k)
+        return per_image
 
     # ---- incremental update
     def update(self, images: Sequence[ImageInput], *, max_new: int | None = None,
@@ -462,21 +532,18 @@ class PatchCore:
             raise InputError("update needs at least one image")
         report = UpdateReport(bank_before=state.memory_bank.shape[0])
         rows = []
-        for batch, stacks in self._iter_stacks(images):
+        for batch, groups in self._iter_groups(images, _region_size(state)):
             report.skipped += [str(err) for err in batch.failures]
             for err in batch.failures:
                 log.warning("skipped update image %s", err)
-            for stack in stacks:
-                embedding = self.embed(stack)
-                if embedding.grid != state.grid:
-                    raise InputError(f"update images give the feature grid {embedding.grid}, the model's is "
-                                     f"{state.grid}: use images of the training geometry")
+            for group in groups:  # any size: each image brings its own grid, as in fit
+                embedding = self.extractor(group.stack, at_input=group.at_input)
                 features = embedding.features
-                inside = self._region_patches(state.region, state.grid)
+                inside = self._region_patches(state.region, embedding.grid)
                 if inside is not None:  # as in fit: outside the inspection region nothing enters the bank
                     features = features[:, inside.flatten().to(features.device)]
                 rows.append(features.flatten(0, 1).to(state.memory_bank.device))
-                report.n_images += stack.shape[0]
+                report.n_images += group.stack.shape[0]
         if not rows:
             raise InputError("no readable update image: " + "; ".join(report.skipped[:5]))
         features = torch.cat(rows)
@@ -559,6 +626,7 @@ def _forward_sized(stack: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _concat_results(parts: list[PatchCoreResult]) -> PatchCoreResult:
+    """Results of same-size batches, concatenated (a 4-D tensor input: one size throughout)."""
     if not parts:
         raise InputError("no images to score")
 
@@ -566,7 +634,32 @@ def _concat_results(parts: list[PatchCoreResult]) -> PatchCoreResult:
         values = [getattr(p, name) for p in parts]
         return None if values[0] is None else torch.cat([v.cpu() for v in values])
 
-    maps = [p.maps.cpu() for p in parts]
-    if len({m.shape[1:] for m in maps}) > 1:
-        raise InputError("images gave maps of different sizes; use a fixed --resize H,W or a --crop")
-    return PatchCoreResult(cat("scores"), torch.cat(maps), cat("labels"), cat("masks"))
+    return PatchCoreResult(cat("scores"), cat("maps"), cat("labels"), cat("masks"))
+
+
+def _image_result(result: PatchCoreResult, k: int) -> tuple:
+    """Image k of a batch result: (score, map, label or None, mask or None), on the CPU."""
+    return (result.scores[k].cpu(), result.maps[k].cpu(), None if result.labels is None else result.labels[k].cpu(),
+            None if result.masks is None else result.masks[k].cpu())
+
+
+def _stack_results(per_image: list[tuple]) -> PatchCoreResult:
+    """Per-image results in input order -> one PatchCoreResult; maps (and masks) stacked when they share a
+    size, else a list."""
+    if not per_image:
+        raise InputError("no images to score")
+    scores, maps, labels, masks = zip(*per_image)
+    same = len({m.shape for m in maps}) == 1
+
+    def gather(values):
+        if values[0] is None:
+            return None
+        return torch.stack(values) if same else list(values)
+
+    return PatchCoreResult(torch.stack(scores), gather(maps), None if labels[0] is None else torch.stack(labels),
+                           gather(masks))
+
+
+def _region_size(state: FittedState) -> tuple[int, int] | None:
+    return None if state.region is None else tuple(state.region.shape)
+

@@ -89,7 +89,11 @@ class Preprocess:
         height, width = images.shape[-2:]
         self.check_size(height, width)
         top, left, ch, cw = self.crop_box(height, width)
-        x = self._resize(images)[..., top:top + ch, left:left + cw].float().div_(255.0)  # a new, contiguous copy
+        return self.normalise(self._resize(images)[..., top:top + ch, left:left + cw])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, h, w) already at the model input size (resized and cropped) -> normalised float."""
+        x = images.float().div_(255.0)  # a new, contiguous copy
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         # In place: one float copy of the input alive, not three (a 20-megapixel image is 240 MB of float32).
