@@ -250,3 +250,103 @@ def test_with_thresholds_refuses_non_finite_values(small_models):
         with pytest.raises(InputError, match="finite"):
             model.with_thresholds(pixel=value)
     assert model.image_threshold_ == PatchCore.load(small_models[0], device="cpu").image_threshold_
+
+
+# ---------------------------------------------------------------------------- predict and fit inputs and outputs
+def _predict(model: Path, inputs: list, output: Path, *extra: str) -> int:
+    from patchcore.app.cli import main
+
+    return main(["predict", str(model), *map(str, inputs), "-o", str(output), "--device", "cpu", "--quiet", *extra])
+
+
+def test_predict_overwrite_removes_only_its_own_outputs(small_models, category, tmp_path):
+    """Case: `predict --overwrite` deleted files the user put in masks/ (or heatmaps/, overlays/, maps/)."""
+    images = sorted((category / "test" / "good").glob("*.png"))[:3]
+    out = tmp_path / "out"
+    assert _predict(small_models[0], images, out, "--save-maps") == 0
+    mine = {out / "masks" / "my_reference.png": b"user mask", out / "heatmaps" / "legend.png": b"user legend",
+            out / "maps" / "calibration.npy": b"user data", out / "overlays" / "notes.txt": b"notes"}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    assert _predict(small_models[0], images[:1], out, "--overwrite") == 0  # fewer images: no --save-maps
+    for path, data in mine.items():
+        assert path.read_bytes() == data, path
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == sorted(["legend.png", f"{images[0].stem}.png"])
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["calibration.npy"]  # the earlier maps are gone
+    # a run without a manifest (an older version): the names in its score tables are what it wrote
+    (out / "outputs.txt").unlink()
+    assert _predict(small_models[0], images[1:2], out, "--overwrite") == 0
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == sorted(["legend.png", f"{images[1].stem}.png"])
+    assert all(path.read_bytes() == data for path, data in mine.items())
+
+
+def _cli_child(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "patchcore.app.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_named_pipes_among_the_inputs_do_not_hang_predict_or_fit(small_models, category, tmp_path):
+    """Case: a named pipe given as input hung `predict` and `fit` forever."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((category / "train" / "good").glob("*.png"))[:10]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    os.mkfifo(folder / "pipe.png")  # inside a folder
+    pipe = tmp_path / "given.png"
+    os.mkfifo(pipe)  # given by name
+    try:
+        result = _cli_child(["predict", str(small_models[0]), str(folder), str(pipe), "-o", str(tmp_path / "out"),
+                             "--device", "cpu", "--quiet"])
+    except subprocess.TimeoutExpired:
+        pytest.fail("predict hung on a named pipe")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "not a regular file (a named pipe)" in result.stderr and str(pipe) in result.stderr
+    assert len(json.loads((tmp_path / "out" / "scores.json").read_text())["images"]) == 10
+    try:
+        result = _cli_child(["fit", str(folder), str(pipe), "-o", str(tmp_path / "m.model"), "--device", "cpu",
+                             "--quiet", "--backbone", "resnet18_random", "--resize", "64", "--crop", "none"])
+    except subprocess.TimeoutExpired:
+        pytest.fail("fit hung on a named pipe")
+    assert result.returncode == 1 and "named pipe" in result.stderr, result.stderr[-2000:]
+    assert (tmp_path / "m.model").is_file()
+
+
+def test_gif_files_are_found_in_folders(tmp_path):
+    """Case: .gif ignored in folders (it is decoded when given by name)."""
+    from PIL import Image
+
+    from patchcore.io.images import list_images, read_image
+
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "a.gif")
+    assert list_images(tmp_path) == [tmp_path / "a.gif"]
+    assert read_image(tmp_path / "a.gif").shape == (8, 8, 3)
+
+
+def test_an_rgba_array_is_composited_like_the_same_pixels_as_a_file_or_pil_image(tmp_path):
+    """Case: an RGBA numpy array dropped alpha where a file or PIL image went black on transparent areas."""
+    from PIL import Image
+
+    from patchcore.io.images import as_uint8_tensor, read_image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (16, 20, 4), dtype=np.uint8)
+    rgba[:4, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    from_file = as_uint8_tensor(read_image(tmp_path / "a.png"))
+    assert torch.equal(as_uint8_tensor(rgba), from_file)
+    assert torch.equal(as_uint8_tensor(Image.fromarray(rgba, "RGBA")), from_file)
+    assert int(from_file[:, :4].max()) == 0
+    assert torch.equal(as_uint8_tensor(rgba.astype(np.uint16) * 257), from_file)
+
+
+def test_limit_messages_say_how_far_over_the_limit_an_image_is():
+    """Case: messages such as "67.1 above 67.1"."""
+    from patchcore.errors import InputError
+    from patchcore.io.images import check_limits
+
+    with pytest.raises(InputError) as info:
+        check_limits(8192, 8193)
+    assert "67117056 pixels, above the limit of 67108864 pixels" in str(info.value)
+    with pytest.raises(InputError) as info:
+        check_limits(10, 325)
+    assert "32.5:1, above the limit 32:1" in str(info.value)
