@@ -28,6 +28,7 @@ Limits, each a module constant that an environment variable overrides (read at e
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 import zlib
 from collections import deque
@@ -46,8 +47,9 @@ from ..errors import ConfigError, ImageReadError, InputError
 if TYPE_CHECKING:
     import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-# PIL plugins tried on a file, by content (the suffix does not matter): the formats above, and GIF.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".gif")
+# PIL plugins tried on a file, by content (the suffix does not matter): the formats above (JPEG includes
+# MPO, the multi-picture JPEG many cameras write: its first picture).
 DECODE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF")
 MAX_PIXELS = 8192 * 8192
 MAX_ASPECT_RATIO = 32.0
@@ -76,11 +78,11 @@ def check_limits(height: int, width: int) -> None:
         raise InputError(f"empty image ({height} x {width} pixels)")
     pixels, max_pixels = height * width, limit("MAX_PIXELS", MAX_PIXELS)
     if pixels > max_pixels:
-        raise InputError(f"image too large: {width} x {height} = {pixels / 1e6:.1f} Mpx, above the limit "
-                         f"{max_pixels / 1e6:.1f} Mpx (MAX_PIXELS; raise it with PATCHCORE_MAX_PIXELS=<pixels>)")
+        raise InputError(f"image too large: {width} x {height} = {pixels} pixels, above the limit of "
+                         f"{max_pixels:.0f} pixels (MAX_PIXELS; raise it with PATCHCORE_MAX_PIXELS=<pixels>)")
     aspect, max_aspect = max(height, width) / min(height, width), limit("MAX_ASPECT_RATIO", MAX_ASPECT_RATIO)
     if aspect > max_aspect:
-        raise InputError(f"extreme aspect ratio: {width} x {height} is {aspect:.0f}:1, above the limit "
+        raise InputError(f"extreme aspect ratio: {width} x {height} is {aspect:.4g}:1, above the limit "
                          f"{max_aspect:g}:1 (MAX_ASPECT_RATIO; raise it with PATCHCORE_MAX_ASPECT_RATIO=<ratio>)")
 
 
@@ -136,14 +138,32 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+def open_regular_file(path: str | Path):
+    """A regular file opened for binary reading; ImageReadError for anything else. Opened without blocking
+    and checked on the open descriptor: a named pipe among the inputs would otherwise hang the run forever
+    (open() waits for a writer), and a device could be read without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                    else "a device or socket")
+            raise ImageReadError(Path(path), f"not a regular file ({kind}); only files are read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextmanager
 def open_image(path: str | Path) -> Iterator[Image.Image]:
-    """PIL's lazy open of a file, restricted to DECODE_FORMATS, PIL's per-file warnings silenced (our
-    MAX_PIXELS applies; "Corrupt EXIF data" and the like are noise per file). Nothing is decoded yet."""
-    with warnings.catch_warnings():
+    """PIL's lazy open of a regular file, restricted to DECODE_FORMATS, PIL's per-file warnings silenced
+    (our MAX_PIXELS applies; "Corrupt EXIF data" and the like are noise per file). Nothing is decoded yet."""
+    with open_regular_file(path) as handle, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)
-        with Image.open(path, formats=DECODE_FORMATS) as image:
+        with Image.open(handle, formats=DECODE_FORMATS) as image:
             yield image
 
 
@@ -245,7 +265,7 @@ def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarra
     The header's size is checked against MAX_PIXELS and MAX_ASPECT_RATIO before decoding; `check(H, W)`
     (e.g. Preprocess.check_size) runs on the upright size and its InputError becomes this file's error."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ImageReadError(path, "no such file")
     try:
         with open_image(path) as image:
@@ -307,7 +327,8 @@ def as_uint8_tensor(image: np.ndarray | Image.Image | torch.Tensor) -> torch.Ten
         raise InputError(f"image arrays must be uint8 or uint16, got {arr.dtype}")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
-    arr = arr[..., :3]
+    elif arr.shape[2] == 4:  # transparent areas black, exactly as for an RGBA file or PIL image
+        arr = to_rgb_uint8(Image.fromarray(np.ascontiguousarray(arr), "RGBA"))
     return torch.from_numpy(np.array(arr, copy=True, order="C")).permute(2, 0, 1)
 
 
