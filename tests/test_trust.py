@@ -75,9 +75,9 @@ def test_a_file_that_ends_inside_a_tensor_is_a_model_file_error(tmp_path, monkey
 
     real = model_file._read_tensors
 
-    def truncate_then_read(p, handle, entries, *, data_start):  # the file shrinks after its header was read
+    def truncate_then_read(p, handle, entries, *, data_start, **kwargs):  # the file shrinks after its header
         os.truncate(path, data_start + 40)
-        return real(p, handle, entries, data_start=data_start)
+        return real(p, handle, entries, data_start=data_start, **kwargs)
 
     monkeypatch.setattr(model_file, "_read_tensors", truncate_then_read)
     with pytest.raises(ModelFileError, match="ends inside tensor 'memory_bank'"):
