@@ -15,6 +15,7 @@ LAYERS = {
     "patchcore.core": 1,
     "patchcore.backbones": 2, "patchcore.io": 2,
     "patchcore.estimator": 3,
+    "patchcore.runtime": 3,  # scores without torch: below evaluation and app, never importing the estimator
     "patchcore.evaluation": 4,
     "patchcore.app": 5,
 }
@@ -80,6 +81,57 @@ def internal_graph() -> dict[str, set[str]]:
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in MODULES if m != "patchcore" and layer_of(m) is None)
     assert not unplaced, f"modules outside the layer map: {unplaced}"
+
+
+TORCH = {"torch", "torchvision", "timm"}
+
+
+def top_level_imports(path: Path) -> list[str]:
+    """What a module imports when it is imported (not inside functions, not under TYPE_CHECKING)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append(target)
+            found += [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES]
+    return found
+
+
+def import_closure(start: str) -> set[str]:
+    """The package modules importing `start` loads (its parents' __init__ included), transitively."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in MODULES:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
+        for target in top_level_imports(MODULES[name]):
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target.startswith("patchcore"):
+                todo.append(target)
+    return seen
+
+
+def test_the_runtime_imports_no_torch():
+    """`import patchcore.runtime` must work on a line PC without torch (issue 17): no module it loads imports
+    torch, torchvision or timm at import time, and it never reaches the estimator."""
+    loaded = import_closure("patchcore.runtime.model") | import_closure("patchcore.runtime")
+    assert not any(m.startswith("patchcore.estimator") for m in loaded), sorted(loaded)
+    offenders = sorted(f"{m} imports {t}" for m in loaded for t in top_level_imports(MODULES[m])
+                       if t.split(".")[0] in TORCH)
+    assert not offenders, offenders
 
 
 def test_no_module_imports_the_package_facade():

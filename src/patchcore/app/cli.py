@@ -74,7 +74,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return cmd_predict_on_ray(args, collect_inputs(args.inputs, exclude=Path(args.output)))
     output = Path(args.output)
     check_output_folder(output, overwrite=args.overwrite)  # before any work; removes nothing
-    model = PatchCore.load(args.model, device=args.device, weights=args.weights)
+    model = load_for_runtime(args)
     # Each threshold is on its own scale (image scores vs pixel scores): one never stands in for the other.
     model.with_thresholds(image=args.threshold, pixel=args.pixel_threshold)
     paths = collect_inputs(args.inputs, exclude=output)
@@ -89,6 +89,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {failure}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
+
+
+def load_for_runtime(args: argparse.Namespace) -> PatchCore:
+    """The model of `predict` / `update`: scored by torch, or by the exported graph (--runtime onnx)."""
+    if getattr(args, "runtime", "torch") == "onnx":
+        from ..estimator.exported import ExportedPatchCore
+
+        return ExportedPatchCore.load(args.model, weights=args.weights, export_dir=args.export,
+                                      backend=args.backend, threads=args.threads, precision=args.precision)
+    return PatchCore.load(args.model, device=args.device, weights=args.weights)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..estimator.export import export_model
+    from ..estimator.exported import default_export_dir
+
+    output = Path(args.output) if args.output else default_export_dir(args.model)
+    model = PatchCore.load(args.model, device="cpu", weights=args.weights)
+    checks = expand_inputs(args.check_images) if args.check_images else None
+    print(f"exporting {model.config.backbone} to {output} (ONNX opset 18) ...", file=sys.stderr)
+    report = export_model(model, args.model, output, check_images=checks)
+    sizes = "dynamic" if report.dynamic_size else "fixed"
+    print(f"wrote {output}/embedding.onnx ({report.graph_bytes / 1e6:.1f} MB, {sizes} height and width) in "
+          f"{report.export_seconds:.0f} s; checked on {report.checked_images} images: image "
+          f"scores within {report.max_score_rel_diff:.1e} relative of the library's, maps within "
+          f"{report.max_map_rel_diff:.1e}, labels {'identical' if report.labels_equal else 'DIFFERENT'}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="torch: the library; onnx: the graph written by `patchcore export` (docs/RUNTIME.md)")
+    p.add_argument("--export", default=None, help="export folder for --runtime onnx (default: MODEL.onnx)")
+    p.add_argument("--backend", choices=["onnxruntime", "onnxruntime-cuda", "openvino"], default="onnxruntime",
+                   help="engine for --runtime onnx (default onnxruntime, CPU)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="threads of one scoring process: the engine's with --runtime onnx (default: all cores), "
+                        "torch's per actor with --ray (default: the cluster's CPUs / actors)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 (default); bf16 only with --backend openvino, an explicit accuracy trade")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -222,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pixel threshold for the defect masks, on the pixel-score scale of the maps "
                               "(default: the model's, calibrated at fit)")
     predict.add_argument("--save-maps", action="store_true", help="also write raw float32 maps as .npy")
+    add_runtime_options(predict)
     predict.add_argument("--full-resolution", action="store_true",
                          help="heatmaps, overlays, masks and maps at each input image's own size (the resize and "
                               "crop undone): pixels the model never saw are grey, 128 in masks, NaN in maps "
@@ -229,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_options(predict, "predict")
     common(predict)
     predict.set_defaults(run=cmd_predict)
+
+    export = sub.add_parser("export", help="write the embedding as an ONNX graph for the torch-free runtime")
+    export.add_argument("model", help="model file from `patchcore fit`")
+    export.add_argument("-o", "--output", default=None, help="export folder (default: MODEL.onnx)")
+    export.add_argument("--weights", default=None, help="local backbone weights file, if the model's is elsewhere")
+    export.add_argument("--check-images", nargs="+", default=None,
+                        help="images (files or folders) scored through both paths to check the export "
+                             "(default: a few synthetic images)")
+    export.set_defaults(run=cmd_export)
 
     demo = sub.add_parser("demo", help="make a synthetic inspection set, fit, predict, show where results are")
     demo.add_argument("-o", "--output", default="patchcore-demo",

@@ -36,8 +36,8 @@ def add_ray_options(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "predict":
         group.add_argument("--actors", type=int, default=1, help="scoring actors, each with the model loaded once "
                                                                  "(default 1)")
-        group.add_argument("--threads", type=int, default=None,
-                           help="torch threads per actor (default: the cluster's CPUs / actors)")
+        # --threads (threads per actor; default: the cluster's CPUs / actors) is predict's own option, shared
+        # with --runtime onnx: one option, one meaning (threads of one scoring process).
         group.add_argument("--chunk-size", type=int, default=64,
                            help="images per chunk: the unit of work, retry and output file (default 64)")
         group.add_argument("--pictures", action="store_true",

@@ -119,6 +119,18 @@ def anomaly_maps(patch_dist, grid: tuple[int, int], size: tuple[int, int], sigma
     return _apply(maps, map_operator(grid[0], size[0], float(sigma)), map_operator(grid[1], size[1], float(sigma)))
 
 
+def region_patches(region, grid: tuple[int, int]):
+    """(H', W') inspection region at the model input -> (h, w) bool: the patches whose centre it covers."""
+    height, width = region.shape
+    # float32 as the library computed it with torch, so that both paths pick the same pixels
+    ys = np.minimum(((np.arange(grid[0], dtype=np.float32) + 0.5) * height / grid[0]).astype(np.int64), height - 1)
+    xs = np.minimum(((np.arange(grid[1], dtype=np.float32) + 0.5) * width / grid[1]).astype(np.int64), width - 1)
+    xp = array_namespace(region)
+    rows = xp.asarray(ys, device=device(region))
+    cols = xp.asarray(xs, device=device(region))
+    return xp.astype(region[rows, :][:, cols], xp.bool)
+
+
 def typical_nn_distance(bank, bank_sq_norms, *, sample: int = 1000, generator) -> float:
     """Median distance from a bank element to its nearest other element: the scale T of eq. 7 (fit only)."""
     import torch

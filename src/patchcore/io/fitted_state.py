@@ -2,6 +2,9 @@
 
 The model file keeps the layout of format version 1 (a "fitted" JSON object beside the safetensors
 bank), so files written before this schema existed load unchanged, byte for byte the same on save.
+
+Torch-free: the estimator holds torch tensors in it, the runtime (patchcore.runtime) numpy arrays, and both
+read and check a model file with this one schema (array-api-compat for the two array checks).
 """
 from __future__ import annotations
 
@@ -9,12 +12,15 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from array_api_compat import array_namespace
 
 from ..config import MAX_BANK_ROWS, MAX_EMBEDDING_DIM, PatchCoreConfig
 from ..errors import ConfigError, ModelFileError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,10 @@ class FittedState:
                 field_values[name] = parse(fitted.get(name, _OPTIONAL.get(name)))
             except (TypeError, ValueError) as err:
                 raise _invalid(path, f"fitted.{name}", str(err)) from None
-        state = cls(memory_bank=bank, backbone_weights_sha256=sha,
-                    region=None if region is None else region.bool(), **field_values)
+        if region is not None:
+            xp = array_namespace(region)
+            region = xp.astype(region, xp.bool)
+        state = cls(memory_bank=bank, backbone_weights_sha256=sha, region=region, **field_values)
         state.validate(path, feature_stride=_finest_stride(header))
         return state
 
@@ -118,15 +126,18 @@ class FittedState:
         'good'). `feature_stride` (the finest level's) also checks that the grid fits the input size.
         """
         bank = self.memory_bank
-        if bank.dtype != torch.float32 or bank.ndim != 2:
+        xp = array_namespace(bank)
+        if bank.dtype != xp.float32 or bank.ndim != 2:
             raise _invalid(path, "memory_bank", f"must be a 2-D float32 tensor, got {bank.ndim}-D {bank.dtype}")
         rows, dim = bank.shape
         if not 1 <= rows <= MAX_BANK_ROWS:
             raise _invalid(path, "memory_bank", f"must have 1 to {MAX_BANK_ROWS} rows, got {rows}")
         if not 1 <= dim <= MAX_EMBEDDING_DIM:
             raise _invalid(path, "memory_bank", f"must have 1 to {MAX_EMBEDDING_DIM} columns, got {dim}")
-        if not bool(torch.isfinite(bank).all()):
-            raise _invalid(path, "memory_bank", f"{int((~torch.isfinite(bank)).sum())} values are NaN or infinite")
+        finite = xp.isfinite(bank)
+        if not bool(xp.all(finite)):
+            raise _invalid(path, "memory_bank", f"{int(xp.sum(xp.astype(~finite, xp.int64)))} values are NaN or "
+                                                "infinite")
         if not (math.isfinite(self.distance_scale) and self.distance_scale > 0):
             raise _invalid(path, "fitted.distance_scale",
                            f"must be a positive finite number, got {self.distance_scale}")
@@ -157,7 +168,8 @@ class FittedState:
             raise _invalid(path, "fitted.n_train_patches",
                            f"must be between the bank's {rows} rows and n_train_images x grid = "
                            f"{self.n_train_images * grid_h * grid_w}, got {self.n_train_patches}")
-        if self.region is not None and (tuple(self.region.shape) != tuple(self.input_size) or not self.region.any()):
+        if self.region is not None and (tuple(self.region.shape) != tuple(self.input_size)
+                                        or not bool(array_namespace(self.region).any(self.region))):
             raise _invalid(path, "region", f"must be a non-empty mask of the input size {list(self.input_size)}, "
                                            f"got shape {list(self.region.shape)}")
 
