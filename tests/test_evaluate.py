@@ -208,21 +208,26 @@ def test_grey_rectangular_folder_layout(tmp_path, bits, suffix, masks):
     assert "no decision threshold" in record["at_training_threshold"]["description"]
 
 
-def test_a_crash_keeps_finished_categories(mvtec_root, tmp_path, monkeypatch):
+def test_a_failing_category_is_named_and_the_others_are_evaluated(mvtec_root, tmp_path, monkeypatch, capsys):
     real = evaluate_module.evaluate_category
 
-    def second_fails(split, *args, **kwargs):
-        if split.name == "weave":
+    def first_fails(split, *args, **kwargs):
+        if split.name == "fabric":
             raise RuntimeError("out of memory")
         return real(split, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "evaluate_category", second_fails)
+    monkeypatch.setattr(evaluate_module, "evaluate_category", first_fails)
     out = tmp_path / "out"
     assert main(["evaluate", str(mvtec_root), "-o", str(out), *FAST]) == 3  # internal error: traceback, exit 3
-    assert (out / "fabric.json").is_file() and not (out / "weave.json").exists()
+    err = capsys.readouterr().err
+    assert "fabric: failed with an internal error" in err and "RuntimeError: out of memory" in err
+    assert (out / "weave.json").is_file() and not (out / "fabric.json").exists()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["categories_done"] == ["fabric"] and not summary["complete"]
-    assert "Incomplete: 1 of 2" in (out / "results.md").read_text()
+    assert summary["categories_done"] == ["weave"] and not summary["complete"] and summary["partial"]
+    assert summary["categories_failed"] == [{"category": "fabric", "error": "RuntimeError: out of memory",
+                                             "internal": True}]
+    results = (out / "results.md").read_text()
+    assert "Incomplete: 1 of 2" in results and "Failed: fabric: RuntimeError: out of memory" in results
     assert not list(out.glob(".*.tmp"))
 
 

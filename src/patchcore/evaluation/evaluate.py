@@ -7,11 +7,16 @@ to <output>/<category>.json, summary.json and results.md, rewritten after every 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import resource
 import sys
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ import torch
 
 from .._version import __version__
 from ..config import PatchCoreConfig
-from ..errors import DatasetError
+from ..errors import DatasetError, PatchCoreError
 from ..estimator import PatchCore
 from ..io.images import as_uint8_tensor, read_image
 from ..io.preprocess import Preprocess
@@ -28,6 +33,8 @@ from .datasets import TestSet, find_categories, image_size, load_split, read_mas
 from .metrics import image_metrics, pixel_metrics
 from .pixel_stream import StreamingPixelMetrics
 from .progress import Progress, no_progress
+
+logger = logging.getLogger("patchcore")
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max")
 AUPRO_FPR_LIMIT = 0.3
@@ -42,29 +49,44 @@ METRIC_NOTES = {
 
 
 # ---------------------------------------------------------------------------- ground truth
-def load_masks(split: TestSet, preprocess: Preprocess) -> dict[int, np.ndarray]:
-    """Test item index -> its ground truth at model geometry, for defect images that have a mask."""
-    masks = {}
-    for i, item in enumerate(split.items):
+def check_masks(split: TestSet) -> None:
+    """Every mask readable and the size of its image: before fitting, so a bad mask fails in seconds."""
+    for item in split.items:
         if item.mask_path is None:
             continue
         mask = read_mask(item.mask_path)
-        expected = image_size(item.path)
+        try:
+            expected = image_size(item.path)
+        except DatasetError:  # an unreadable test image is a per-file failure of scoring, not of its mask
+            continue
         if mask.shape != expected:
             raise DatasetError(f"{item.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image "
                                f"{item.path} is {expected[0]}x{expected[1]} (H x W)")
-        masks[i] = preprocess.mask_geometry(mask)
-    return masks
 
 
-def resolution_text(config: PatchCoreConfig, input_size: tuple[int, int]) -> str:
-    """'pixel metrics at 224x224 model input geometry (resize 256, centre crop 224)'."""
+def load_masks(split: TestSet, preprocess: Preprocess) -> dict[int, np.ndarray]:
+    """Test item index -> its ground truth at model geometry (the fitted model's: the geometry fit chose),
+    for defect images that have a mask."""
+    return {i: preprocess.mask_geometry(read_mask(item.mask_path))
+            for i, item in enumerate(split.items) if item.mask_path is not None}
+
+
+def geometry_text(config: PatchCoreConfig) -> str:
+    """'resize 256, centre crop 224' or 'one scale x0.4 for every image, aspect kept'."""
+    if config.scale is not None:
+        return f"one scale x{config.scale:g} for every image, aspect kept"
+
     def size(value) -> str:
         return str(value) if isinstance(value, int) else f"{value[0]}x{value[1]}"
 
     resize = "no resize" if config.resize is None else f"resize {size(config.resize)}"
     crop = "no crop" if config.crop is None else f"centre crop {size(config.crop)}"
-    return f"pixel metrics at {input_size[0]}x{input_size[1]} model input geometry ({resize}, {crop})"
+    return f"{resize}, {crop}"
+
+
+def resolution_text(config: PatchCoreConfig, input_size: tuple[int, int]) -> str:
+    """'pixel metrics at 224x224 model input geometry (resize 256, centre crop 224)'."""
+    return f"pixel metrics at {input_size[0]}x{input_size[1]} model input geometry ({geometry_text(config)})"
 
 
 def _view_notes(split: TestSet, preprocess: Preprocess, masks: dict[int, np.ndarray]) -> list[str]:
@@ -121,40 +143,50 @@ def _subset_image_auroc(labels: np.ndarray, scores: np.ndarray, split: TestSet, 
     return image_metrics(labels[keep], scores[keep])["image_auroc"]
 
 
-def _pixel_results(split: TestSet, model: PatchCore, maps: np.ndarray, masks: dict[int, np.ndarray],
+def _pixel_results(split: TestSet, model: PatchCore, maps: list[np.ndarray], masks: dict[int, np.ndarray],
                    pixel_resolution: str):
     """(overall metrics, per defect type metrics, pixel curves, resolution text), or None without defect pixels.
 
-    "model": exact metrics at the model input geometry (masks resized nearest-neighbour and cropped).
-    "original": at each image's own size, as the MVTec protocol: the (N, h, w) maps are up-sampled one image
-    at a time and the metrics accumulated in score bins (pixel_stream.py), so memory does not grow with
-    the image size; pixels outside the model's view (the crop) count as not flagged.
+    maps: one (h_i, w_i) map per test item, at its model input size (sizes differ when the images do).
+    "model": metrics at the model input geometry (masks resized nearest-neighbour and cropped); exact when
+    every map has one size, else accumulated in score bins like "original".
+    "original": at each image's own size, as the MVTec protocol: the maps are up-sampled one image at a time
+    and the metrics accumulated in score bins (pixel_stream.py), so memory does not grow with the image
+    size; pixels outside the model's view (the crop) count as not flagged.
     """
     if pixel_resolution not in PIXEL_RESOLUTIONS:
         raise DatasetError(f"pixel_resolution must be one of {PIXEL_RESOLUTIONS}, got {pixel_resolution!r}")
     types = [item.defect_type for item in split.items]
     defect_types = sorted({t for t in types if t != "good"})
-    low, high = float(np.nanmin(maps)), float(np.nanmax(maps))
+    low, high = min(float(np.nanmin(m)) for m in maps), max(float(np.nanmax(m)) for m in maps)
     stream = StreamingPixelMetrics(low, high, fpr_limit=AUPRO_FPR_LIMIT)
+    map_sizes = sorted({m.shape for m in maps})
     if pixel_resolution == "model":
-        gt = np.zeros(maps.shape, dtype=bool)  # good images: empty masks
         for i, mask in masks.items():
-            if mask.shape != maps.shape[1:]:
+            if mask.shape != maps[i].shape:
                 raise DatasetError(f"{split.items[i].mask_path}: mask at model geometry is {mask.shape}, "
-                                   f"the anomaly maps are {maps.shape[1:]}")
-            gt[i] = mask
-        if not gt.any():
+                                   f"its anomaly map is {maps[i].shape}")
+        gt = [masks[i] if i in masks else np.zeros(m.shape, dtype=bool) for i, m in enumerate(maps)]
+        if not any(g.any() for g in gt):
             return None
         for i in range(len(types)):
-            stream.add(gt[i], maps[i], types[i])  # for the curves only; the metrics below are exact
-        overall = pixel_metrics(gt, maps, fpr_limit=AUPRO_FPR_LIMIT)
+            stream.add(gt[i], maps[i], types[i])
+        if len(map_sizes) > 1:  # images of several model input sizes: binned, as at the original resolution
+            overall = stream.metrics()
+            by_type = {t: {k: v for k, v in stream.metrics(["good", t]).items() if k != "unseen_defect_share"}
+                       for t in defect_types}
+            text = (f"pixel metrics at each image's model input size ({_sizes_text(map_sizes)}; "
+                    f"{geometry_text(model.config)}), binned over {stream.bins} score levels; masks resized "
+                    "nearest-neighbour, any non-zero = defect")
+            return overall, by_type, stream.curves(), text
+        gt_stack, maps_stack = np.stack(gt), np.stack(maps)
+        overall = pixel_metrics(gt_stack, maps_stack, fpr_limit=AUPRO_FPR_LIMIT)  # exact
         by_type = {}
         for t in defect_types:
             keep = np.array([x in ("good", t) for x in types])
-            by_type[t] = (pixel_metrics(gt[keep], maps[keep], fpr_limit=AUPRO_FPR_LIMIT) if gt[keep].any()
-                          else dict.fromkeys(("pixel_auroc", "pixel_f1_max", "aupro")))
-        text = (resolution_text(model.config, tuple(maps.shape[1:]))
-                + "; masks resized nearest-neighbour, any non-zero = defect")
+            by_type[t] = (pixel_metrics(gt_stack[keep], maps_stack[keep], fpr_limit=AUPRO_FPR_LIMIT)
+                          if gt_stack[keep].any() else dict.fromkeys(("pixel_auroc", "pixel_f1_max", "aupro")))
+        text = resolution_text(model.config, map_sizes[0]) + "; masks resized nearest-neighbour, any non-zero = defect"
         return overall, by_type, stream.curves(), text
     sizes = set()
     for i, item in enumerate(split.items):
@@ -168,12 +200,17 @@ def _pixel_results(split: TestSet, model: PatchCore, maps: np.ndarray, masks: di
         return None
     by_type = {t: {k: v for k, v in stream.metrics(["good", t]).items() if k != "unseen_defect_share"}
                for t in defect_types}
-    shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3]) + (" ..." if len(sizes) > 3 else "")
-    text = (f"pixel metrics at each image's original resolution ({shown}; maps up-sampled bilinearly from the "
-            f"{maps.shape[1]}x{maps.shape[2]} model input, binned over {stream.bins} score levels); "
+    text = (f"pixel metrics at each image's original resolution ({_sizes_text(sorted(sizes))}; maps up-sampled "
+            f"bilinearly from the {_sizes_text(map_sizes)} model input{'s' if len(map_sizes) > 1 else ''}, binned "
+            f"over {stream.bins} score levels); "
             f"{100 * overall['unseen_defect_share']:.1f}% of defect pixels lie outside the model's view and "
             "count as not flagged")
     return overall, by_type, stream.curves(), text
+
+
+def _sizes_text(sizes: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (f" ... {len(sizes)} sizes" if len(sizes) > 3 else "")
+
 
 
 def _category_report(split: TestSet, model: PatchCore, scores, labels, maps, masks, metrics, per_type,
@@ -197,10 +234,14 @@ def _category_report(split: TestSet, model: PatchCore, scores, labels, maps, mas
 def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = "auto",
                       max_feature_memory: int = 1 << 30, progress: Progress = no_progress,
                       model: PatchCore | None = None, pixel_resolution: str = "original",
-                      reports: list | None = None) -> dict[str, Any]:
+                      reports: list | None = None, on_metrics: Callable[[dict], None] | None = None
+                      ) -> dict[str, Any]:
     """Fit on split.train, score split.items, return the category's JSON record.
 
-    `reports`: if given, the category's report.html section (a report.CategoryReport) is appended to it.
+    `reports`: if given, the category's report.html section (a report.CategoryReport) is appended to it; a
+    failure while drawing it is a note in the record, not an error. `on_metrics(record)`: called as soon as the
+    metrics are known, before the report is drawn (evaluate writes the category's JSON there).
+    Unreadable test images are per-file failures (record["failures"], record["partial"]), the rest scored.
     `pixel_resolution`: "original" (the MVTec protocol: each image's own size, maps up-sampled one image at
     a time, streaming metrics) or "model" (the model input geometry, masks resized; exact metrics).
 
@@ -210,9 +251,9 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     started = time.perf_counter()
-    preprocess = model.preprocess  # builds the backbone (loads weights); not counted as fit time
+    model.preprocess  # noqa: B018 - builds the backbone (loads weights); not counted as fit time
     backbone_seconds = time.perf_counter() - started
-    masks = load_masks(split, preprocess)  # before fitting: a bad mask fails in seconds, not after the fit
+    check_masks(split)  # before fitting: a bad mask fails in seconds, not after the fit
 
     started = time.perf_counter()
     with progress(len(split.train), f"{split.name} fit") as bar:
@@ -224,39 +265,31 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     report = model.fit_report_
 
     paths = [item.path for item in split.items]
-    index = {path: i for i, path in enumerate(paths)}
-    scores = np.zeros(len(paths), dtype=np.float64)
-    maps: np.ndarray | None = None  # (N, h, w) float32: ~200 kB per image at 224 x 224
     started = time.perf_counter()
-    with progress(len(paths), f"{split.name} test") as bar:
-        for batch in model.iter_predict(paths):
-            done, result = batch.paths, batch.result
-            if batch.failures:
-                raise DatasetError(f"unreadable test image: {batch.failures[0]}")
-            bar.update(len(done))
-            batch_maps = result.maps.numpy().astype(np.float32, copy=False)
-            if maps is None:
-                maps = np.zeros((len(paths), *batch_maps.shape[1:]), dtype=np.float32)
-            elif batch_maps.shape[1:] != maps.shape[1:]:
-                raise DatasetError(f"test images give anomaly maps of different sizes ({maps.shape[1:]} and "
-                                   f"{batch_maps.shape[1:]}); set a fixed --resize H,W or a --crop")
-            rows = [index[Path(p)] for p in done]
-            scores[rows] = result.scores.double().numpy()
-            maps[rows] = batch_maps
+    scored, scores, maps, test_failures = _score_test_set(split, model, progress)
     predict_seconds = time.perf_counter() - started
+    for failure in test_failures:
+        logger.warning("test image not scored: %s", failure)
 
     started = time.perf_counter()
-    labels = np.asarray(split.labels)
+    masks = load_masks(scored, model.preprocess)  # at the geometry fit chose, not the one it started from
+    labels = np.asarray(scored.labels)
     metrics: dict[str, float | None] = dict.fromkeys(METRICS)
     image = image_metrics(labels, scores)
     metrics["image_auroc"], metrics["image_f1_max"] = image["image_auroc"], image["image_f1_max"]
-    notes = list(split.notes) + _view_notes(split, preprocess, masks)
-    per_type = {t: {"n": sum(item.defect_type == t for item in split.items),
-                    "image_auroc": _subset_image_auroc(labels, scores, split, t)}
-                for t in split.defect_types if t != "good"}
+    notes = list(split.notes) + _view_notes(scored, model.preprocess, masks)
+    if test_failures:
+        notes.append(f"{len(test_failures)} of {len(paths)} test images could not be read or scored and are left "
+                     "out of every metric (failures.test_images): the results are partial")
+    if report.skipped:
+        notes.append(f"{len(report.skipped)} training image(s) could not be read and were skipped "
+                     "(failures.train_images)")
+    per_type = {t: {"n": sum(item.defect_type == t for item in scored.items),
+                    "image_auroc": _subset_image_auroc(labels, scores, scored, t)}
+                for t in scored.defect_types if t != "good"}
     pixel_curves = None  # for the report
-    if split.has_masks:
-        pixel = _pixel_results(split, model, maps, masks, pixel_resolution)
+    if scored.has_masks:
+        pixel = _pixel_results(scored, model, maps, masks, pixel_resolution)
         if pixel is None:
             notes.append("all ground-truth masks are empty at the model geometry: no pixel metrics")
             resolution = "no pixel metrics (every mask is empty where the model looks)"
@@ -268,9 +301,6 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     else:
         resolution = "no pixel metrics (no ground-truth masks)"
     metrics_seconds = time.perf_counter() - started
-    if reports is not None:
-        reports.append(_category_report(split, model, scores, labels, maps, masks, metrics, per_type,
-                                        pixel_curves, resolution, notes))
 
     predicted = None
     if model.image_threshold_ is not None:
@@ -285,18 +315,19 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     else:
         at_threshold = {"description": "no decision threshold: fewer than 10 training images or calibration_ratio 0"}
 
-    return {
+    record = {
         "category": split.name,
         "root": str(split.root),
         "layout": split.layout,
         "package_version": __version__,
-        "settings": config.to_dict(),
+        "settings": model.config.to_dict(),  # as fit chose it (geometry auto may set the scale)
         "device": _device_text(model.device),
         "n_images": {
             "train": len(split.train), "train_fitted": report.n_images,
             "train_held_out_for_threshold": report.n_calibration_images, "test": len(split.items),
+            "test_scored": len(scored.items),
             "test_good": int(np.sum(labels == 0)), "test_defect": int(np.sum(labels == 1)),
-            "test_by_type": {t: sum(i.defect_type == t for i in split.items) for t in split.defect_types},
+            "test_by_type": {t: sum(i.defect_type == t for i in scored.items) for t in scored.defect_types},
         },
         "metrics": metrics,
         "per_defect_type": per_type,
@@ -321,14 +352,53 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
                      "earlier categories)",
         },
         "fit": {"n_patches": report.n_patches, "coreset_size": report.coreset_size,
-                "features_spilled_to_disk": report.features_spilled_to_disk,
-                "skipped_train_images": list(report.skipped)},
+                "features_spilled_to_disk": report.features_spilled_to_disk, "geometry": report.geometry},
+        "partial": bool(test_failures or report.skipped),
+        "failures": {"train_images": list(report.skipped), "test_images": test_failures},
         "notes": notes,
         "images": [{"file": item.path.relative_to(split.root).as_posix(), "defect_type": item.defect_type,
                     "label": item.label, "score": float(scores[i]),
                     "predicted_defect": None if predicted is None else bool(predicted[i])}
-                   for i, item in enumerate(split.items)],
+                   for i, item in enumerate(scored.items)],
     }
+    if on_metrics is not None:
+        on_metrics(record)  # written before the report is drawn: a failing report loses no metric
+    if reports is not None:
+        try:
+            reports.append(_category_report(scored, model, scores, labels, maps, masks, metrics, per_type,
+                                            pixel_curves, resolution, notes))
+        except Exception as err:  # the metrics stand without their pictures
+            logger.warning("report.html section of %s failed: %s", split.name, err, exc_info=True)
+            record["notes"].append(f"the report.html section could not be drawn: {type(err).__name__}: {err}")
+            if on_metrics is not None:
+                on_metrics(record)
+    return record
+
+
+def _score_test_set(split: TestSet, model: PatchCore, progress: Progress):
+    """Score every test image: (the split of the scored items, their scores (N,), their maps (one (h, w)
+    float32 array each, at its model input size), the failures as text). An unreadable or unscorable image
+    is a failure naming it; the rest are scored."""
+    paths = [item.path for item in split.items]
+    index = {path: i for i, path in enumerate(paths)}
+    scores: dict[int, float] = {}
+    maps: dict[int, np.ndarray] = {}
+    failures: list[str] = []
+    with progress(len(paths), f"{split.name} test") as bar:
+        for batch in model.iter_predict(paths):
+            failures += [str(err) for err in batch.failures]
+            bar.update(len(batch.paths) + len(batch.failures))
+            if batch.result is None:
+                continue
+            for k, path in enumerate(batch.paths):
+                i = index[Path(path)]
+                scores[i] = float(batch.result.scores[k])
+                maps[i] = batch.result.maps[k].cpu().numpy().astype(np.float32, copy=False)
+    kept = sorted(scores)
+    if not kept:
+        raise DatasetError(f"{split.name}: no test image could be scored: " + "; ".join(failures[:3]))
+    scored = split if len(kept) == len(paths) else dataclasses.replace(split, items=[split.items[i] for i in kept])
+    return scored, np.array([scores[i] for i in kept], dtype=np.float64), [maps[i] for i in kept], failures
 
 
 # ---------------------------------------------------------------------------- reports
@@ -351,7 +421,8 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def summarise(records: list[dict[str, Any]], requested: list[str]) -> dict[str, Any]:
+def summarise(records: list[dict[str, Any]], requested: list[str],
+              failed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     keep = ("category", "layout", "n_images", "metrics", "pixel_resolution", "at_training_threshold", "timings",
             "notes")
     mean = {m: _mean([r["metrics"][m] for r in records]) for m in METRICS}
@@ -362,6 +433,8 @@ def summarise(records: list[dict[str, Any]], requested: list[str]) -> dict[str, 
         "categories_requested": requested,
         "categories_done": [r["category"] for r in records],
         "complete": [r["category"] for r in records] == requested,
+        "categories_failed": list(failed or []),
+        "partial": bool(failed) or any(r.get("partial") for r in records),
         "mean": {**mean,
                  "n_categories": {m: sum(r["metrics"][m] is not None for r in records) for m in METRICS},
                  "fit_seconds": _mean([r["timings"]["fit_seconds"] for r in records]),
@@ -417,6 +490,7 @@ def markdown(summary: dict[str, Any]) -> str:
     if not summary["complete"]:
         lines.append(f"Incomplete: {len(summary['categories_done'])} of {len(summary['categories_requested'])} "
                      "categories finished.")
+    lines += [f"Failed: {f['category']}: {f['error']}" for f in summary["categories_failed"]]
     notes = [f"- {r['category']}: {note}" for r in summary["categories"] for note in r["notes"]]
     if notes:
         lines += ["", "Notes:", ""] + notes
@@ -433,19 +507,35 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(output: Path, records: list[dict[str, Any]], requested: list[str]) -> None:
-    summary = summarise(records, requested)
+def write_results(output: Path, records: list[dict[str, Any]], requested: list[str],
+                  failed: list[dict[str, Any]] | None = None) -> None:
+    summary = summarise(records, requested, failed)
     write_atomic(output / "summary.json", _json(summary))
     write_atomic(output / "results.md", markdown(summary))
 
 
 # ---------------------------------------------------------------------------- driver
+@dataclass
+class Evaluation:
+    """What `evaluate` did: one record per category that finished, and the categories that failed."""
+
+    records: list[dict[str, Any]]
+    failed: list[dict[str, Any]]  # {"category", "error", "internal": True for an error that is a bug}
+
+    @property
+    def partial(self) -> bool:
+        """A category failed, or one lost training or test images: the results do not cover all the data."""
+        return bool(self.failed) or any(r["partial"] for r in self.records)
+
+
 def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, categories: list[str] | None = None,
              train: str | Path | None = None, device: str = "auto", max_feature_memory: int = 1 << 30,
              progress: Progress = no_progress, log=None, pixel_resolution: str = "original",
-             report: bool = True) -> list[dict[str, Any]]:
+             report: bool = True) -> Evaluation:
     """Evaluate every category under `root` (or the named ones); write results as each one finishes.
 
+    A category that fails (its error named in the log and in summary.json) does not stop the others; the
+    metrics of each category are written before its report section is drawn.
     `report`: also write report.html (needs matplotlib: the `report` extra); without matplotlib the
     report is skipped with a note in the log, the metrics are written all the same."""
     log = log or (lambda text: None)
@@ -457,7 +547,7 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     requested = [s.name for s in splits]
-    records: list[dict[str, Any]] = []
+    run = Evaluation([], [])
     sections: list | None = None
     if report:
         from .report import ReportUnavailableError, check_available, write_report
@@ -468,20 +558,40 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
         except ReportUnavailableError as err:
             log(f"report.html skipped: {err}")
     for n, split in enumerate(splits, 1):
-        log(f"[{n}/{len(splits)}] {split.name} ({split.layout} layout): fit on {len(split.train)} training "
-            f"images, score {len(split.items)} test images")
-        record = evaluate_category(split, config, device=device, max_feature_memory=max_feature_memory,
-                                   progress=progress, pixel_resolution=pixel_resolution, reports=sections)
-        records.append(record)
-        write_atomic(output / f"{split.name}.json", _json(record))
-        write_results(output, records, requested)
+        step = f"[{n}/{len(splits)}] {split.name}"
+        log(f"{step} ({split.layout} layout): fit on {len(split.train)} training images, score {len(split.items)} "
+            "test images")
+
+        def write_metrics(record: dict[str, Any], name: str = split.name) -> None:
+            write_atomic(output / f"{name}.json", _json(record))
+
+        try:
+            record = evaluate_category(split, config, device=device, max_feature_memory=max_feature_memory,
+                                       progress=progress, pixel_resolution=pixel_resolution, reports=sections,
+                                       on_metrics=write_metrics)
+        except PatchCoreError as err:  # this category's data or settings: named, and the next one goes on
+            run.failed.append({"category": split.name, "error": str(err), "internal": False})
+            log(f"{step}: failed: {err}")
+            write_results(output, run.records, requested, run.failed)
+            continue
+        except Exception as err:  # a bug or the machine (out of memory): traceback in the log, then go on
+            run.failed.append({"category": split.name, "error": f"{type(err).__name__}: {err}", "internal": True})
+            log(f"{step}: failed with an internal error:\n{traceback.format_exc()}")
+            write_results(output, run.records, requested, run.failed)
+            continue
+        run.records.append(record)
+        write_results(output, run.records, requested, run.failed)
         if sections is not None:
-            write_report(output / "report.html", sections)  # rewritten after each category, like the rest
+            try:
+                write_report(output / "report.html", sections)  # rewritten after each category, like the rest
+            except Exception as err:  # the metrics are written; the pictures are a convenience
+                log(f"{step}: report.html could not be written: {type(err).__name__}: {err}")
         m, t = record["metrics"], record["timings"]
         for note in record["notes"]:
-            log(f"[{n}/{len(splits)}] {split.name}: note: {note}")
-        log(f"[{n}/{len(splits)}] {split.name}: image AUROC {_pct(m['image_auroc'])}, pixel AUROC "
-            f"{_pct(m['pixel_auroc'])}, AUPRO {_pct(m['aupro'])}; fit {t['fit_seconds']:.1f} s (coreset "
-            f"{t['coreset_seconds']:.1f} s), predict {t['predict_ms_per_image']:.1f} ms/img, "
-            f"peak RSS {t['peak_rss_mib']:.0f} MiB")
-    return records
+            log(f"{step}: note: {note}")
+        for failure in record["failures"]["test_images"]:
+            log(f"{step}: test image not scored: {failure}")
+        log(f"{step}: image AUROC {_pct(m['image_auroc'])}, pixel AUROC {_pct(m['pixel_auroc'])}, AUPRO "
+            f"{_pct(m['aupro'])}; fit {t['fit_seconds']:.1f} s (coreset {t['coreset_seconds']:.1f} s), predict "
+            f"{t['predict_ms_per_image']:.1f} ms/img, peak RSS {t['peak_rss_mib']:.0f} MiB")
+    return run

@@ -235,9 +235,10 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
                     per_type_pixels: bool = True) -> CategoryReport:
     """A CategoryReport from what evaluate_category has.
 
-    scores (N,), labels (N,) 0/1, defect_types (N,); maps (N, H, W) anomaly maps at model geometry; masks the
-    ground truth at the same geometry, either a bool (N, H, W) array or {test index: (H, W) bool} for the
-    images that have one (the others: empty); None without masks.
+    scores (N,), labels (N,) 0/1, defect_types (N,); maps (N, H, W) anomaly maps at model geometry, or a list
+    of N (h_i, w_i) maps for images of different sizes; masks the ground truth at the same geometry, either a
+    bool (N, H, W) array or {test index: bool mask the size of its map} for the images that have one (the
+    others: empty); None without masks.
     per_type: precomputed rows per defect type ({"n", "image_auroc", "pixel_auroc", "aupro", ...}), used
     as given; without it they are computed here: n and image AUROC against all good images, and with
     masks and per_type_pixels also pixel AUROC and AUPRO on the good and that type's images (one sort of
@@ -258,13 +259,21 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
         raise ValueError(f"maps hold {len(maps)} images, scores {n}")
     if masks is not None and maps is None:
         raise ValueError("masks need the maps they are compared with")
+    map_shapes = None if maps is None else [np.shape(m) for m in maps]  # (h_i, w_i): sizes may differ
     if isinstance(masks, Mapping):
         by_index = {int(i): np.asarray(m, dtype=bool) for i, m in masks.items()}
-        if any(not 0 <= i < n or m.shape != maps.shape[1:] for i, m in by_index.items()):
-            raise ValueError(f"masks must map test indices to {tuple(maps.shape[1:])} masks")
+        wrong = [i for i, m in by_index.items() if not 0 <= i < n or m.shape != map_shapes[i]]
+        if wrong:
+            i = wrong[0]
+            raise ValueError(f"masks must map test indices to masks of their map's size: index {i} has "
+                             f"{by_index[i].shape if i in by_index else None}, "
+                             f"its map {map_shapes[i] if 0 <= i < n else None}")
 
         def gt_array() -> np.ndarray:
-            stack = np.zeros(maps.shape, dtype=bool)
+            if len(set(map_shapes)) > 1:
+                raise ValueError("maps of different sizes: pass pixel_curves and per_type (evaluate computes "
+                                 "them at each image's size)")
+            stack = np.zeros((n, *map_shapes[0]), dtype=bool)
             for i, m in by_index.items():
                 stack[i] = m
             return stack
@@ -326,7 +335,8 @@ def category_report(name: str, scores, labels, defect_types: Sequence[str], *, t
 
     gallery = []
     false_alarms, missed = select_gallery(scores, labels, threshold, k)
-    value_range = None if maps is None else (float(np.min(maps)), float(np.max(maps)))
+    value_range = None if maps is None else (min(float(np.nanmin(m)) for m in maps),
+                                             max(float(np.nanmax(m)) for m in maps))
     for kind, indices in zip(GALLERY_KINDS, (false_alarms, missed)):
         for i in indices:
             if threshold is None:

@@ -5,6 +5,8 @@ Layout: <root>/train/good, test/good, test/<defect>, ground_truth/<defect>/<stem
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +29,14 @@ def fabric_texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def paste_defect(image: np.ndarray, rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one defect of `kind` at a random place -> (image, mask bool (H, W))."""
-    size = image.shape[0]
+    """Draw one defect of `kind` at a random place -> (image, mask bool (H, W)); its size follows the
+    shorter side."""
+    height, width = image.shape[:2]
+    size = min(height, width)
     picture = Image.fromarray(image)
     mask = Image.new("L", picture.size, 0)
     draw, mask_draw = ImageDraw.Draw(picture), ImageDraw.Draw(mask)
-    margin = size // 5
-    cx, cy = rng.integers(margin, size - margin, size=2)
+    cx, cy = rng.integers([width // 5, height // 5], [width - width // 5, height - height // 5], size=2)
     if kind == "scratch":
         angle = rng.uniform(0, np.pi)
         half = size * rng.uniform(0.12, 0.2)
@@ -58,21 +61,29 @@ def paste_defect(image: np.ndarray, rng: np.random.Generator, kind: str) -> tupl
 
 
 def make_category(root: str | Path, *, n_train: int = 30, n_test_good: int = 6, n_test_per_defect: int = 4,
-                  size: int = 128, seed: int = 0) -> Path:
-    """Write a synthetic category in MVTec AD layout under `root` and return `root`."""
+                  size: int = 128, seed: int = 0, sizes: Sequence[tuple[int, int]] | None = None) -> Path:
+    """Write a synthetic category in MVTec AD layout under `root` and return `root`.
+
+    `sizes`: (H, W) of the images in turn (elongated, rotated, varied, tiny ...) instead of size x size."""
     root = Path(root)
     rng = np.random.default_rng(seed)
+    shapes = itertools.cycle(sizes or [(size, size)])
+
+    def texture() -> np.ndarray:  # the next shape, cut from a square texture
+        height, width = next(shapes)
+        return fabric_texture(rng, max(height, width))[:height, :width].copy()
+
     (root / "train" / "good").mkdir(parents=True, exist_ok=True)
     (root / "test" / "good").mkdir(parents=True, exist_ok=True)
     for i in range(n_train):
-        Image.fromarray(fabric_texture(rng, size)).save(root / "train" / "good" / f"{i:03d}.png")
+        Image.fromarray(texture()).save(root / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
-        Image.fromarray(fabric_texture(rng, size)).save(root / "test" / "good" / f"{i:03d}.png")
+        Image.fromarray(texture()).save(root / "test" / "good" / f"{i:03d}.png")
     for kind in DEFECT_KINDS:
         (root / "test" / kind).mkdir(parents=True, exist_ok=True)
         (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
         for i in range(n_test_per_defect):
-            image, mask = paste_defect(fabric_texture(rng, size), rng, kind)
+            image, mask = paste_defect(texture(), rng, kind)
             Image.fromarray(image).save(root / "test" / kind / f"{i:03d}.png")
             Image.fromarray((mask * 255).astype(np.uint8)).save(root / "ground_truth" / kind / f"{i:03d}_mask.png")
     return root
