@@ -23,7 +23,7 @@ from ..core.bank_index import BankIndex
 from ..core.coreset import coreset_count, greedy_coreset, random_projection
 from ..core.coreset_update import UpdateReport, extend_coreset
 from ..core.knn import squared_norms
-from ..core.scoring import anomaly_maps, reweighted_image_scores, typical_nn_distance
+from ..core.scoring import anomaly_maps, region_patches, reweighted_image_scores, typical_nn_distance
 from ..core.thresholds import calibration_split, nominal_threshold
 from ..errors import DeviceError, InputError, ModelFileError, NotFittedError
 from ..io.feature_store import FeatureStore
@@ -446,12 +446,7 @@ class PatchCore:
     @staticmethod
     def _region_patches(region: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor | None:
         """(H', W') inspection region at the model input -> (h, w) bool: the patches whose centre it covers."""
-        if region is None:
-            return None
-        height, width = region.shape
-        ys = ((torch.arange(grid[0]) + 0.5) * height / grid[0]).long().clamp_max(height - 1)
-        xs = ((torch.arange(grid[1]) + 0.5) * width / grid[1]).long().clamp_max(width - 1)
-        return region.cpu()[ys][:, xs].bool()
+        return None if region is None else region_patches(region.cpu(), grid)  # core: shared with the runtime
 
     def maps_at_original_size(self, maps: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         """(B, H', W') maps at the model input -> (B, H, W) at the input images' own size: the resize undone
