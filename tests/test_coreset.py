@@ -226,6 +226,7 @@ def test_grouped_update_skips_most_of_the_hot_set(monkeypatch):
     features = low_dimensional(20_000, 32, 5)
     n = 600
     plain = {}
+    monkeypatch.setattr(coreset, "_LOW_MIN_HOT", 1 << 40)  # the per-element triangle test alone
     expected = greedy_coreset(features, n, generator=_gen(4), backend="numpy", hot_size=20_000, stats=plain)
     assert plain["group_builds"] == 0  # the default thresholds: a hot set this small is not grouped
     monkeypatch.setattr(coreset, "_GROUP_MIN_HOT", 0)
@@ -240,6 +241,75 @@ def test_grouped_update_skips_most_of_the_hot_set(monkeypatch):
     for k in range(1, n):
         assert int(selected[k]) == int(nearest.numpy().argmax())
         nearest = torch.minimum(nearest, (features - features[selected[k]]).pow(2).sum(1))
+
+
+@pytest.fixture
+def low_bounds(monkeypatch):
+    """Low-dimensional bounds (per hot element, and in the refresh) from the first hot set on, at any size."""
+    monkeypatch.setattr(coreset, "_LOW_MIN_HOT", 0)
+
+
+@pytest.mark.parametrize("name", sorted(LAZY_CASES))
+@pytest.mark.parametrize("hot_size", [1, 16, 4096])
+def test_low_dimensional_bounds_equal_reference(name, hot_size, low_bounds):
+    # The per-element bound in the principal directions after the triangle test, and the refresh's GEMM lower
+    # bound in those directions: the same selection, ties included, on both backends.
+    make, n = LAZY_CASES[name]
+    features = make()
+    seeds = [0, _first_pick_is_outlier_seed(features)] if name.startswith("bulk") else [0, 5]
+    for seed in seeds:
+        expected = greedy_coreset_reference(features, n, generator=_gen(seed))
+        for backend in ("numpy", "torch"):
+            stats = {}
+            fast = greedy_coreset(features, n, generator=_gen(seed), backend=backend, hot_size=hot_size, stats=stats)
+            assert torch.equal(fast, expected), (seed, backend)
+            assert stats["low_bounds"] > 0, (seed, backend)  # the path ran
+            if hot_size < n:  # rebuilt after the first hot set: the refresh took its bound in q dimensions
+                assert stats["low_pairs"] > 0 and stats["bound_pairs"] == 0, stats
+
+
+def test_low_dimensional_bounds_on_all_datasets(low_bounds):
+    for name, (make, n) in sorted(DATASETS.items()):
+        features = make()
+        expected = greedy_coreset_reference(features, n, generator=_gen(3))
+        for backend, hot_size in (("numpy", 16), ("torch", 16), ("numpy", 4096)):
+            stats = {}
+            fast = greedy_coreset(features, n, generator=_gen(3), backend=backend, hot_size=hot_size, stats=stats)
+            assert torch.equal(fast, expected), (name, backend, hot_size)
+            assert stats["low_bounds"] > 0, name
+
+
+def texture_like(n: int, seed: int) -> torch.Tensor:
+    """Texture-like features: a compact bulk with a decaying spectrum in 64-d (most variance in a few
+    directions) plus 1% scattered outliers farther out, the shape of real texture features."""
+    gen = _gen(seed)
+    spectrum = torch.logspace(0.0, -3.0, 64)
+    x = torch.randn(n, 64, generator=gen) * spectrum
+    far = torch.randperm(n, generator=gen)[: n // 100]
+    x[far] = torch.randn(far.numel(), 64, generator=gen) * spectrum * 4.0
+    return x
+
+
+def test_low_dimensional_bounds_leave_few_direct_distances(monkeypatch):
+    # Texture-like data: the triangle test alone computes direct distances for many more elements than move;
+    # the bound in the principal directions leaves few more than move (the floor), same selection.
+    features = texture_like(20_000, 9)
+    n = 400
+    monkeypatch.setattr(coreset, "_LOW_MIN_HOT", 1 << 40)
+    plain = {}
+    expected = greedy_coreset(features, n, generator=_gen(1), backend="numpy", hot_size=20_000, stats=plain)
+    monkeypatch.setattr(coreset, "_LOW_MIN_HOT", 0)
+    for backend in ("numpy", "torch"):
+        stats = {}
+        selected = greedy_coreset(features, n, generator=_gen(1), backend=backend, hot_size=20_000, stats=stats)
+        assert torch.equal(selected, expected), backend
+        assert stats["moved"] == plain["moved"] and stats["moved"] > 0  # the same elements move in both
+        assert plain["candidates"] > 5 * plain["moved"], plain
+        assert stats["candidates"] < 2 * stats["moved"], stats
+    nearest = (features - features[expected[0]]).pow(2).sum(1)
+    for k in range(1, n):
+        assert int(expected[k]) == int(nearest.numpy().argmax())
+        nearest = torch.minimum(nearest, (features - features[expected[k]]).pow(2).sum(1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
