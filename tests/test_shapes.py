@@ -128,3 +128,13 @@ def test_serve_scores_every_shape_as_the_library_does(varied, model_path, tmp_pa
             assert answer.status_code == 200, answer.text
             body = answer.json()
             assert body["score"] == pytest.approx(float(model.predict(path).scores[0]), rel=1e-5)
+
+
+def test_bench_on_varied_shapes(varied):
+    from patchcore import PatchCoreConfig
+    from patchcore.evaluation.bench import run_bench
+
+    config = PatchCoreConfig(backbone="resnet18_random", batch_size=4, pixel_budget=64 * 64, coreset_ratio=0.2)
+    result = run_bench(varied, config, device="cpu", throughput_batch=4, latency_images=6)
+    assert result["settings"]["config"]["scale"] > 0 and result["latency_ms_batch1_median"] > 0
+    assert result["throughput_images_per_s"] > 0 and 0 <= result["image_auroc"] <= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -50,9 +51,11 @@ def run_bench(data: Path, config: PatchCoreConfig, *, device: str = "auto", thro
 
     # From decoded tensors (the serving path): latency at batch 1, throughput at a larger batch.
     decoded = [as_uint8_tensor(read_image(item.path)) for item in split.items[:max(latency_images, 2)]]
-    same = [d for d in decoded if d.shape == decoded[0].shape]
+    # Images of any sizes one at a time for latency; the throughput batch needs one size: the commonest.
+    commonest = Counter(d.shape for d in decoded).most_common(1)[0][0]
+    same = [d for d in decoded if d.shape == commonest]
     latencies = []
-    for image in same:
+    for image in decoded:
         x = image[None].to(model.device)
         _sync(model.device)
         started = time.perf_counter()
@@ -71,7 +74,7 @@ def run_bench(data: Path, config: PatchCoreConfig, *, device: str = "auto", thro
     result["throughput_batch"] = throughput_batch
     result["throughput_images_per_s"] = throughput_batch / statistics.median(runs)
     result["peak_rss_mib"] = peak_rss_mib()
-    result["settings"] = {"data": str(data), "device": record["device"], "config": config.to_dict(),
+    result["settings"] = {"data": str(data), "device": record["device"], "config": model.config.to_dict(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "python": platform.python_version(), "patchcore": record["package_version"],
                           "machine": platform.machine(), "pixel_resolution": record["pixel_resolution"]}
