@@ -20,12 +20,11 @@ from patchcore.core.coreset import coreset_count, greedy_coreset_reference, rand
 from patchcore.core.features import level_reductions, patch_embeddings
 from patchcore.core.knn import nearest, squared_norms
 from patchcore.core.scoring import anomaly_maps, reweighted_image_scores, typical_nn_distance
-from patchcore.core.thresholds import calibration_split, nominal_threshold
+from patchcore.core.thresholds import calibration_split, fold_of_images, quantile_threshold
 from patchcore.io.images import as_uint8_tensor, read_image
 from patchcore.io.preprocess import Preprocess
 
-BASE = PatchCoreConfig(backbone="resnet18_random", resize=64, crop=None, coreset_ratio=0.1, batch_size=4,
-                       calibration_ratio=0.25, seed=0)
+BASE = PatchCoreConfig(backbone="resnet18_random", resize=64, crop=None, coreset_ratio=0.1, batch_size=4, seed=0)
 # Each variant changes one field that the method uses; the default for that field is BASE's.
 VARIANTS = {
     "patch_size": dict(patch_size=5),
@@ -35,7 +34,8 @@ VARIANTS = {
     "blur_sigma": dict(blur_sigma=1.5),
     "coreset_ratio": dict(coreset_ratio=0.25),
     "coreset_size": dict(coreset_size=17),
-    "calibration_ratio": dict(calibration_ratio=0.5),
+    "calibration_ratio": dict(calibration_ratio=0.25),  # a true hold-out instead of out-of-fold scores
+    "false_alarm_rate": dict(false_alarm_rate=0.1),
     "embedding_dim": dict(embedding_dim=96),
     "projection_dim": dict(projection_dim=8),
     "seed": dict(seed=5),
@@ -65,7 +65,9 @@ class Oracle:
     def fit(self, images: list[torch.Tensor]) -> dict:
         cfg = self.config
         bank_images, held_out = calibration_split(images, cfg.calibration_ratio, cfg.seed)
-        rows = self.features(bank_images).flatten(0, 1)
+        features = self.features(bank_images)
+        owner = torch.arange(len(bank_images)).repeat_interleave(features.shape[1])  # the image of each row
+        rows = features.flatten(0, 1)
         generator = torch.Generator().manual_seed(cfg.seed)
         projected = rows @ random_projection(rows.shape[1], cfg.projection_dim, generator)  # psi (section 2)
         projected -= projected.mean(0)
@@ -76,8 +78,17 @@ class Oracle:
                   "n_bank_images": len(bank_images), "image_threshold": None, "pixel_threshold": None}
         if held_out:
             scores, maps = self.predict(fitted, torch.stack(held_out))
-            fitted["image_threshold"] = nominal_threshold(scores.tolist())
-            fitted["pixel_threshold"] = nominal_threshold(maps.flatten(1).amax(1).tolist())
+        elif len(images) >= 10:  # each image against the bank without the rows of its fold (section 5)
+            fold = torch.from_numpy(fold_of_images(len(images), 10, cfg.seed))
+            bank_fold = fold[owner[selected.sort().values]]
+            parts = [self.predict(dict(fitted, bank=bank[bank_fold != fold[i]]), images[i][None])
+                     for i in range(len(images))]
+            scores, maps = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            return fitted
+        fitted["image_threshold"] = quantile_threshold(scores.tolist(), cfg.false_alarm_rate)
+        fitted["pixel_threshold"] = quantile_threshold(maps.flatten(1).amax(1).tolist(), cfg.false_alarm_rate)
+        fitted["nominal_scores"] = scores
         return fitted
 
     def predict(self, fitted: dict, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +196,21 @@ def test_entry_points_share_one_scoring_core(base, images, test_images, category
 
 
 def test_thresholds_are_each_from_their_own_scores(base):
-    """The pixel threshold comes from held-out maps, the image threshold from held-out image scores."""
+    """The pixel threshold comes from out-of-sample maps, the image threshold from out-of-sample image scores."""
     _, fitted = base
     assert fitted["pixel_threshold"] != pytest.approx(fitted["image_threshold"], rel=1e-3)
+
+
+def test_nominal_scores_are_out_of_sample(base, images):
+    """Every training image is in the bank, yet its calibration score is the oracle's out-of-fold score, well
+    above what the same image scores against the whole bank (in-sample, it finds its own patches)."""
+    _, fitted = base
+    model = PatchCore(BASE, device="cpu").fit(images)
+    assert model.n_train_images_ == len(images) and model.fit_report_.n_calibration_images == len(images)
+    out_of_fold = torch.tensor(model.calibration_scores_, dtype=torch.float64)
+    assert torch.allclose(out_of_fold, fitted["nominal_scores"].double(), rtol=1e-4)
+    in_sample = model.predict(images).scores
+    assert bool((out_of_fold > in_sample.double() * 1.05).all())
 
 
 def test_concurrent_predict_from_threads_equals_single_threaded(images, category):

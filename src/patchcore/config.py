@@ -58,9 +58,11 @@ class PatchCoreConfig:
     reweight_neighbours: int = field(default=9, metadata={
         "help": "b in eq. 7 (image-score reweighting); 0 disables it"})
     blur_sigma: float = field(default=4.0, metadata={"help": "Gaussian smoothing of maps, pixels"})
-    # --- decision threshold from held-out training images (never from test images)
-    calibration_ratio: float = field(default=0.1, metadata={
-        "help": "fraction of training images held out to set the decision threshold (0: none)"})
+    # --- decision thresholds from out-of-sample nominal scores (never from test images; PATCHCORE.md section 5)
+    calibration_ratio: float = field(default=0.0, metadata={
+        "help": "0: every training image enters the bank and the thresholds come from every training image, "
+                "each scored against banks without its own rows (k-fold); > 0: this share of the training "
+                "images is held out of the bank and scored instead (a true hold-out)"})
     # --- runtime
     batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
     # --- high resolution (fields after this line were added after model format 1: see to_dict)
@@ -75,6 +77,10 @@ class PatchCoreConfig:
                 "protocol. Explicit --resize/--crop are always used as given"})
     pixel_budget: int = field(default=320 * 320, metadata={
         "help": "pixels of the model input when geometry auto chooses a whole-part size"})
+    false_alarm_rate: float = field(default=0.01, metadata={
+        "help": "target share of good parts labelled defect: the thresholds are the (1 - rate) quantile of "
+                "out-of-sample nominal scores (robust log-normal estimate; fit prints the expected rate and its "
+                "uncertainty)"})
     scale: float | None = field(default=None, metadata={
         "help": "one resize factor for every image, aspect kept, sides rounded to the deepest feature stride: "
                 "crops of different sizes from one camera keep one pixel size in the features. Replaces "
@@ -100,7 +106,7 @@ class PatchCoreConfig:
             _require_int(name, getattr(self, name))
         if self.coreset_size is not None:
             _require_int("coreset_size", self.coreset_size)
-        for name in ("coreset_ratio", "blur_sigma", "calibration_ratio"):
+        for name in ("coreset_ratio", "blur_sigma", "calibration_ratio", "false_alarm_rate"):
             _require_finite(name, getattr(self, name))
         strides = self.feature_strides
         if (not isinstance(strides, tuple) or not strides or len(strides) > 8
@@ -136,6 +142,8 @@ class PatchCoreConfig:
             _require_range("coreset_size", self.coreset_size, 1, MAX_BANK_ROWS)
         if not 0.0 <= self.calibration_ratio < 1.0:
             raise ConfigError(f"calibration_ratio must be in [0, 1), got {self.calibration_ratio}")
+        if not 0.0 < self.false_alarm_rate <= 0.5:
+            raise ConfigError(f"false_alarm_rate must be in (0, 0.5], got {self.false_alarm_rate}")
         _require_range("reweight_neighbours", self.reweight_neighbours, 0, MAX_NEIGHBOURS)
         if self.embedding_dim < len(self.feature_strides):
             raise ConfigError("embedding_dim must be at least the number of levels")
@@ -167,7 +175,7 @@ class PatchCoreConfig:
 
 
 LATER_FIELDS = {"tile_size": None, "tile_overlap": 128, "geometry": "auto", "pixel_budget": 320 * 320,
-                "region": None, "scale": None}
+                "region": None, "scale": None, "false_alarm_rate": 0.01}
 
 
 def _check_tiling(config: PatchCoreConfig) -> None:

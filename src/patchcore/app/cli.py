@@ -56,11 +56,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"coreset {report.coreset_seconds:.1f} s)", file=sys.stderr)
     print(f"working geometry: {report.geometry}", file=sys.stderr)
     if model.image_threshold_ is not None:
-        print(f"decision threshold {model.image_threshold_:.4g} (image), {model.pixel_threshold_:.4g} (pixel), "
-              f"from {report.n_calibration_images} held-out training images", file=sys.stderr)
+        print(f"decision threshold {model.image_threshold_:.4g} (image), {model.pixel_threshold_:.4g} (pixel): "
+              f"{report.thresholds}", file=sys.stderr)
+        if report.suspects:  # a line wants to look at these: "good" sets often hold a few parts that are not
+            print(f"{len(report.suspects)} training image(s) score like defects against the others (score > "
+                  f"threshold); look at them, and refit without the bad ones:", file=sys.stderr)
+            for name, score in report.suspects:
+                print(f"  {name}  {score:.4g}", file=sys.stderr)
     else:
-        print("no decision threshold (fewer than 10 training images or --calibration-ratio 0): "
-              "predict writes scores and heatmaps but no good/defect labels", file=sys.stderr)
+        print("no decision threshold (fewer than 10 training images): predict writes scores and heatmaps but no "
+              "good/defect labels", file=sys.stderr)
     if report.skipped:  # the model is written, but not from every image given: exit 1 says so
         print(f"{len(report.skipped)} training image(s) could not be read and were skipped:", file=sys.stderr)
         for failure in report.skipped:

@@ -31,6 +31,7 @@ from ..config import PatchCoreConfig
 from ..core.coreset import random_projection
 from ..errors import InputError, PatchCoreError
 from ..estimator import FitReport, PatchCore
+from ..estimator.model import TrainingFeatures
 from ..io.images import list_images
 from ..io.model_file import atomic_write_bytes
 from .ray_cluster import RaySession
@@ -78,20 +79,21 @@ def _extract_chunk(config: PatchCoreConfig, device: str, threads: int | None, im
     report = FitReport()
     generator = torch.Generator().manual_seed(config.seed)
     try:
-        store, projected, grid, input_size = model._extract_training_features(
-            images, region, report, generator, None, max_feature_memory, None)
+        training = model._extract_training_features(images, region, report, generator, None, max_feature_memory, None)
     except InputError:
         if report.n_images == 0 and report.skipped:  # every file of this chunk unreadable: an empty chunk
-            meta = {"n_images": 0, "skipped": report.skipped, "grid": (0, 0), "input_size": (0, 0), "dim": 0}
+            meta = {"n_images": 0, "skipped": report.skipped, "grid": (0, 0), "input_size": (0, 0), "dim": 0,
+                    "images": []}
             return meta, np.zeros((0, config.projection_dim), np.float32), np.zeros((0, 0), np.float32)
         raise
     try:
-        features = store.gather(torch.arange(store.rows)).numpy()
+        features = training.store.gather(torch.arange(training.store.rows)).numpy()
     finally:
-        store.close()
-    meta = {"n_images": report.n_images, "skipped": report.skipped, "grid": grid, "input_size": input_size,
-            "dim": features.shape[1]}
-    return meta, projected.numpy(), features
+        training.store.close()
+    # where each image's rows sit in this chunk (the driver shifts them by the chunk's first row)
+    meta = {"n_images": report.n_images, "skipped": report.skipped, "grid": training.grid,
+            "input_size": training.input_size, "dim": features.shape[1], "images": training.images}
+    return meta, training.projected.numpy(), features
 
 
 @ray.remote(max_retries=3)
@@ -123,7 +125,7 @@ class RayPatchCore(PatchCore):
                  for chunk in self._chunks(images)]
         metas = [call[0] for call in calls]
         projections = [call[1] for call in calls]
-        feature_refs, counts, projected_parts = [], [], []
+        feature_refs, counts, projected_parts, placed = [], [], [], []
         grid = input_size = (0, 0)
         dim = 0
         for meta_ref, projected_ref, features_ref in zip(metas, projections, (c[2] for c in calls)):
@@ -139,6 +141,9 @@ class RayPatchCore(PatchCore):
             dim = meta["dim"]
             projected_parts.append(ray.get(projected_ref))  # (n, d*): the driver's share, as in the plain fit
             feature_refs.append(features_ref)
+            first_row = sum(counts)
+            placed += [replace(image, pieces=tuple((start + first_row, *rest) for start, *rest in image.pieces))
+                       for image in meta["images"]]
             counts.append(projected_parts[-1].shape[0])
         if not feature_refs:
             raise InputError("no readable training image: " + "; ".join(report.skipped[:5]))
@@ -146,7 +151,7 @@ class RayPatchCore(PatchCore):
         if projected.shape[0] == 0:
             raise InputError(f"{cfg.region}: the inspection region covers no patch of the training images")
         random_projection(dim, cfg.projection_dim, generator)  # the draw the plain fit makes: same generator state
-        return RemoteFeatures(feature_refs, counts, dim), projected, grid, input_size
+        return TrainingFeatures(RemoteFeatures(feature_refs, counts, dim), projected, grid, input_size, placed)
 
 
 # ---------------------------------------------------------------------------- many models

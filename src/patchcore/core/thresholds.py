@@ -1,26 +1,101 @@
-"""Decision thresholds from held-out nominal training images (never from test images).
+"""Decision thresholds from nominal scores (never from test images): a threshold that means a false-alarm rate.
 
-PatchCore itself gives scores, not decisions; a line needs a good/defect rule. We hold out a seeded share
-of the training images from the memory bank, score them like test images, and put the threshold above
-their scores.
+PatchCore gives scores, not decisions (PATCHCORE.md section 5). With no defects to learn from, a threshold can
+only come from out-of-sample nominal scores, and it should mean something a line can plan with: "about 1% of
+good parts will be flagged". The estimator below gives the (1 - rate) quantile of nominal scores:
+
+- Robust log-normal: mu = median(log s), sigma = 1.4826 MAD(log s), threshold = exp(mu + z_(1-rate) sigma).
+  Why not the empirical k-th largest score: at 1% and ~200 images it is the 2nd largest score, decided by the
+  very images most likely to be "good" parts that are not quite good (real good sets hold a few); the median
+  and the MAD ignore up to half of the images being off. Why log: image scores are positive maxima of
+  distances, right-skewed; their logarithm is close to symmetric. The price is a parametric tail: the
+  observed rate on new parts is measured in `evaluate` and reported beside the target.
+- Its uncertainty with n images: a seeded bootstrap of the estimator, read as the false-alarm rate each
+  resampled threshold would give under the fitted distribution (a 90% interval).
+
+Where the nominal scores come from is fit's business (estimator/model.py): every training image scored against
+the bank without the rows of its fold, or a held-out share (calibration_split, calibration_ratio > 0).
 """
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+BOOTSTRAP_ROUNDS = 400
 
 
-def nominal_threshold(nominal_scores: list[float]) -> float:
-    """Decision threshold from held-out nominal scores: mean + 3 std (about 0.1% false alarms if
-    nominal scores are roughly normal), and never below the largest held-out score. The max alone
-    is too tight when only a few images are held out."""
-    values = torch.tensor(nominal_scores, dtype=torch.float64)
-    spread = float(values.std()) if values.numel() > 1 else 0.0
-    return float(max(float(values.max()), float(values.mean()) + 3.0 * spread))
+@dataclass(frozen=True)
+class FalseAlarmEstimate:
+    """What a threshold means on nominal parts: the expected share flagged, and a 90% interval."""
+
+    rate: float
+    low: float
+    high: float
+    n: int
+
+    def text(self) -> str:
+        return (f"{percent(self.rate)} expected false alarms (90% interval {percent(self.low)} to "
+                f"{percent(self.high)}, from {self.n} out-of-sample good images)")
+
+
+def percent(share: float) -> str:
+    """0.0123 -> '1.2%'; below 0.1% as '<0.1%' (a bootstrap tail says nothing finer)."""
+    return "<0.1%" if share < 0.001 else f"{100 * share:.2g}%" if share < 0.1 else f"{100 * share:.0f}%"
+
+
+def _log_location_scale(scores) -> tuple[float, float]:
+    logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-12))
+    mu = float(np.median(logs))
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(logs - mu)))
+    if sigma <= 0:  # half the scores or more are equal: fall back to the plain standard deviation
+        sigma = float(np.std(logs))
+    return mu, max(sigma, 1e-9)
+
+
+def quantile_threshold(scores, false_alarm_rate: float) -> float:
+    """The (1 - false_alarm_rate) quantile of nominal scores (> 0), robust log-normal estimate."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0 or not 0.0 < false_alarm_rate < 1.0:
+        raise ValueError(f"need nominal scores and a rate in (0, 1), got {scores.size} scores, {false_alarm_rate}")
+    mu, sigma = _log_location_scale(scores)
+    return float(math.exp(mu + NormalDist().inv_cdf(1.0 - false_alarm_rate) * sigma))
+
+
+def expected_false_alarms(scores, threshold: float, *, seed: int = 0) -> FalseAlarmEstimate:
+    """The share of nominal parts above `threshold` under the distribution fitted to `scores`, with a 90%
+    bootstrap interval (the estimator refitted on resampled scores). Works for any threshold: one fit set, one
+    the user gave, one an old model file holds."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size < 2:
+        raise ValueError("need at least two nominal scores")
+
+    def rate(sample) -> float:
+        mu, sigma = _log_location_scale(sample)
+        return 1.0 - NormalDist(mu, sigma).cdf(math.log(max(threshold, 1e-12)))
+
+    rng = np.random.default_rng(seed)
+    rounds = [rate(scores[rng.integers(0, scores.size, scores.size)]) for _ in range(BOOTSTRAP_ROUNDS)]
+    low, high = np.quantile(rounds, [0.05, 0.95])
+    return FalseAlarmEstimate(rate(scores), float(low), float(high), int(scores.size))
+
+
+def fold_of_images(n: int, folds: int, seed: int) -> np.ndarray:
+    """(n,) fold id of each training image: a seeded permutation dealt into `folds` folds of equal size."""
+    order = np.random.default_rng(seed + 1).permutation(n)
+    fold = np.empty(n, dtype=np.int64)
+    fold[order] = np.arange(n) % folds
+    return fold
 
 
 def calibration_split(items: list, ratio: float, seed: int) -> tuple[list, list]:
     """(bank items, held-out items): round(ratio * n) items held out (seeded), at least min(5, n // 4)
     since a threshold from two or three scores is mostly noise; none if ratio is 0 or n < 10."""
+    import torch
+
     count = max(int(round(ratio * len(items))), min(5, len(items) // 4))
     if ratio <= 0 or len(items) < 10:
         return items, []

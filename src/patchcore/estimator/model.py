@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .._version import __version__
@@ -24,14 +25,14 @@ from ..core.coreset import coreset_count, greedy_coreset, random_projection
 from ..core.coreset_update import UpdateReport, extend_coreset
 from ..core.knn import squared_norms
 from ..core.scoring import anomaly_maps, region_patches, reweighted_image_scores, typical_nn_distance
-from ..core.thresholds import calibration_split, nominal_threshold
+from ..core.thresholds import calibration_split, expected_false_alarms, fold_of_images, percent, quantile_threshold
 from ..errors import DeviceError, InputError, ModelFileError, NotFittedError
 from ..io.feature_store import FeatureStore
 from ..io.images import ImageReadError, read_image
 from ..io.model_file import read_model_file, write_model_file
 from ..io.preprocess import Preprocess
 from ..io.sizing import feature_grid
-from .extractor import Embedding, FeatureExtractor
+from .extractor import Embedding, FeatureExtractor, Piece
 from .geometry import aspect_mismatch, image_sizes, resolve_geometry
 from .inputs import ImageInput, as_image_list, iter_batches
 from .state import FittedState, config_from_file
@@ -39,6 +40,10 @@ from .state import FittedState, config_from_file
 log = logging.getLogger("patchcore")
 
 DEFAULT_MAX_FEATURE_MEMORY = 1 << 30  # bytes of full-dimensional training features kept in RAM
+MIN_CALIBRATION_IMAGES = 10  # fewer training images: no thresholds (a quantile from a handful is noise)
+# Folds of whole training images for the out-of-sample nominal scores: each image is scored against the bank
+# without the rows of its fold, i.e. without 1/10 of the bank (or of 1/n with fewer images).
+CALIBRATION_FOLDS = 10
 
 
 class PatchCoreResult(NamedTuple):
@@ -94,6 +99,32 @@ class FitReport:
     features_spilled_to_disk: bool = False
     skipped: list[str] = field(default_factory=list)
     geometry: str = ""  # the working geometry fit used, and why (estimator/geometry.py)
+    thresholds: str = ""  # how the thresholds were set and what the image threshold means
+    # Training images that score like defects against banks without their own rows: (name, score), highest
+    # first. A line wants to look at them: a "good" set often holds a few parts that are not.
+    suspects: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _TrainingImage:
+    """Where one training image's patch features sit in the feature store: its name, grid and input size,
+    and per piece (row_start, rows, top, left, height, width) of its rows (with a region: only the inside ones)."""
+
+    name: str
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    pieces: tuple[tuple[int, int, int, int, int], ...]
+
+
+class TrainingFeatures(NamedTuple):
+    """What fit's feature extraction gives: the store of every training patch feature, their d*-dimensional
+    projection, the largest grid and input size, and where each image's rows are."""
+
+    store: object  # a FeatureStore (or another store with gather / rows / spilled / close)
+    projected: torch.Tensor
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    images: list[_TrainingImage]
 
 
 @dataclass(frozen=True)
@@ -241,8 +272,10 @@ class PatchCore:
             max_feature_memory: int = DEFAULT_MAX_FEATURE_MEMORY, spill_dir: str | Path | None = None) -> PatchCore:
         """Build the coreset memory bank from nominal images (paths, arrays, PIL images or tensors).
 
-        A share of the images (config.calibration_ratio) is held out from the bank and scored to set
-        the decision thresholds. Unreadable files are skipped with a warning naming each
+        Every image enters the bank; the decision thresholds are the (1 - config.false_alarm_rate) quantile of
+        out-of-sample nominal scores: each training image scored against the bank without the rows of its
+        fold (with calibration_ratio > 0, a held-out share instead). Training images that score above the
+        threshold are listed in `fit_report_.suspects`. Unreadable files are skipped with a warning naming each
         (`fit_report_.skipped`); no readable image at all is an error.
         """
         images = as_image_list(images)
@@ -260,8 +293,9 @@ class PatchCore:
         try:
             region = self._read_region()
             self._check_region(region, fit_images)
-            store, projected, grid, input_size = self._extract_training_features(
+            training = self._extract_training_features(
                 fit_images, region, report, generator, progress, max_feature_memory, spill_dir)
+            store, projected = training.store, training.projected
             report.embed_seconds = time.perf_counter() - started
 
             started = time.perf_counter()
@@ -271,40 +305,47 @@ class PatchCore:
             selected = greedy_coreset(projected.to(self.device), n, generator=generator).cpu()
             del projected
             # Sorted: bank order follows the training data, so the file is independent of selection order.
-            bank = store.gather(selected.sort().values).to(self.device)
+            bank_rows = selected.sort().values
+            bank = store.gather(bank_rows).to(self.device)
             report.coreset_size = n
             report.features_spilled_to_disk = store.spilled
             report.coreset_seconds = time.perf_counter() - started
+            self.set_state(FittedState(
+                memory_bank=bank,
+                distance_scale=typical_nn_distance(bank, squared_norms(bank), generator=generator),  # T of eq. 7
+                image_threshold=None, pixel_threshold=None, calibration_scores=(),
+                grid=training.grid, input_size=training.input_size, n_train_images=report.n_images,
+                n_train_patches=report.n_patches, backbone_weights_sha256=self.extractor.weights_sha256,
+                region=region))
+
+            started = time.perf_counter()
+            if calibration_images:
+                self._calibrate(calibration_images, report)
+            elif len(training.images) >= MIN_CALIBRATION_IMAGES:
+                self._calibrate_out_of_fold(training, bank_rows, report)
+            report.calibration_seconds = time.perf_counter() - started
         finally:
             if store is not None:
                 store.close()
-        self.set_state(FittedState(
-            memory_bank=bank,
-            distance_scale=typical_nn_distance(bank, squared_norms(bank), generator=generator),  # T of eq. 7
-            image_threshold=None, pixel_threshold=None, calibration_scores=(),
-            grid=grid, input_size=input_size, n_train_images=report.n_images, n_train_patches=report.n_patches,
-            backbone_weights_sha256=self.extractor.weights_sha256, region=region))
-
-        started = time.perf_counter()
-        if calibration_images:
-            self._calibrate(calibration_images, report)
-        report.calibration_seconds = time.perf_counter() - started
         self.fit_report_ = report
         return self
 
     def _extract_training_features(self, images: list, region: torch.Tensor | None, report: FitReport,
-                                   generator: torch.Generator, progress, max_feature_memory: int, spill_dir):
+                                   generator: torch.Generator, progress, max_feature_memory: int,
+                                   spill_dir) -> TrainingFeatures:
         """Every training patch feature into a FeatureStore (spilled to disk past the budget), and its
         d*-dimensional JL projection (psi, section 2) into one preallocated (N, d*) tensor.
 
         Images of different sizes each bring their own grid: the bank is a set of patch features, and every
         test patch is scored against all of it (section 3), so nothing here needs one grid. The state's
-        grid and input size are the largest over the training images (one image's, for one size)."""
+        grid and input size are the largest over the training images (one image's, for one size). Where
+        each image's rows went is kept (TrainingFeatures.images) for the out-of-fold thresholds."""
         cfg = self.config
         store = projection = projected = None
         grid = input_size = (0, 0)
-        rows_done = 0
+        rows_done = offset = 0
         region_size = None if region is None else tuple(region.shape)
+        placed: list[_TrainingImage] = []
         try:
             for batch, groups in self._iter_groups(images, region_size):
                 report.skipped += [str(err) for err in batch.failures]
@@ -317,11 +358,16 @@ class PatchCore:
                     grid = (max(grid[0], stack_grid[0]), max(grid[1], stack_grid[1]))
                     input_size = (max(input_size[0], stack_input[0]), max(input_size[1], stack_input[1]))
                     inside = self._region_patches(region, stack_grid)
+                    where: list[list] = [[] for _ in group.positions]
                     for piece in pieces:
                         rows = piece.features
                         if inside is not None:  # patches outside the inspection region never enter the bank
                             kept = inside[piece.top:piece.top + piece.height, piece.left:piece.left + piece.width]
                             rows = rows[:, kept.flatten().to(rows.device)]
+                        per_image = rows.shape[1]
+                        for b, rows_of_image in enumerate(where):
+                            rows_of_image.append((rows_done + b * per_image, per_image, piece.top, piece.left,
+                                                  piece.height, piece.width))
                         rows = rows.flatten(0, 1)
                         if store is None:
                             store = FeatureStore(rows.shape[1], max_memory_bytes=max_feature_memory,
@@ -337,7 +383,11 @@ class PatchCore:
                         projected[rows_done:rows_done + rows.shape[0]] = (rows @ projection).cpu()
                         rows_done += rows.shape[0]
                         store.append(rows)
+                    for position, rows_of_image in zip(group.positions, where):
+                        name = str(batch.paths[position]) if batch.paths else f"#{offset + position}"
+                        placed.append(_TrainingImage(name, stack_grid, stack_input, tuple(rows_of_image)))
                     report.n_images += group.stack.shape[0]
+                offset += len(batch.images)
         except BaseException:
             if store is not None:
                 store.close()
@@ -346,7 +396,8 @@ class PatchCore:
             raise InputError("no readable training image: " + "; ".join(report.skipped[:5]))
         if rows_done == 0:
             raise InputError(f"{cfg.region}: the inspection region covers no patch of the training images")
-        return store, projected[:rows_done], grid, input_size  # a view: skipped files leave the tail unused
+        # projected[:rows_done]: a view; skipped files leave the tail unused
+        return TrainingFeatures(store, projected[:rows_done], grid, input_size, placed)
 
     def _patch_count_bound(self, images: list) -> int:
         """Patches the images will give at most, from their sizes (file headers; no decoding)."""
@@ -378,9 +429,9 @@ class PatchCore:
         return torch.from_numpy(self.preprocess.mask_geometry(picture.max(axis=2) > 0))
 
     def _calibrate(self, images: list, report: FitReport) -> None:
-        """Thresholds from held-out nominal images: image scores for the image threshold, each image's
-        largest pixel score for the pixel threshold (never from test images)."""
-        scores, pixel_max = [], []
+        """Thresholds from held-out nominal images (calibration_ratio > 0): image scores for the image
+        threshold, each image's largest pixel score for the pixel threshold (never from test images)."""
+        scores, pixel_max, names = [], [], []
         fitted = self._checked_fitted()
         for batch, groups in self._iter_groups(images, _region_size(fitted.state)):
             report.skipped += [str(err) for err in batch.failures]
@@ -390,12 +441,70 @@ class PatchCore:
                 result = self._score_stack(group.stack, fitted, at_input=group.at_input)
                 scores += result.scores.tolist()
                 pixel_max += result.maps.flatten(1).amax(1).tolist()
-        if scores:
-            state = self.state_.replace(calibration_scores=tuple(float(s) for s in scores),
-                                        image_threshold=nominal_threshold(scores),
-                                        pixel_threshold=nominal_threshold(pixel_max))
-            fitted = self._fitted
-            self._fitted = _Fitted(state, fitted.index, fitted.bank_sq_norms)
+                names += [str(batch.paths[p]) for p in group.positions] if batch.paths else \
+                    [f"held-out #{len(names) + k}" for k in range(len(group.positions))]
+        report.n_calibration_images = len(scores)  # the readable ones
+        if len(scores) >= 2:
+            self._set_thresholds(scores, pixel_max, names, report, f"{len(scores)} held-out training images")
+
+    @torch.inference_mode()
+    def _calibrate_out_of_fold(self, training: TrainingFeatures, bank_rows: torch.Tensor, report: FitReport) -> None:
+        """Thresholds from every training image, each scored against the bank without the rows of its fold
+        (k folds of whole images, seeded), from the features fit already has: out-of-sample nominal scores,
+        as a hold-out gives, while the bank keeps every image. A bank row's image is where its store row sat."""
+        state = self.state_
+        images = training.images
+        folds = min(CALIBRATION_FOLDS, len(images))
+        fold = fold_of_images(len(images), folds, self.config.seed)
+        starts = np.array([piece[0] for image in images for piece in image.pieces])
+        owners = np.array([i for i, image in enumerate(images) for _ in image.pieces])
+        order = np.argsort(starts, kind="stable")
+        row_fold = fold[owners[order][np.searchsorted(starts[order], bank_rows.numpy(), side="right") - 1]]
+        scores, pixel_max = np.zeros(len(images)), np.zeros(len(images))
+        for f in range(folds):
+            keep = torch.from_numpy(row_fold != f).to(state.memory_bank.device)
+            if not bool(keep.any()):  # every bank row came from this fold (a tiny set): nothing to score against
+                return
+            bank = state.memory_bank[keep]
+            fitted = _Fitted(state.replace(memory_bank=bank), BankIndex(bank), squared_norms(bank))
+            for i in np.nonzero(fold == f)[0]:
+                image = images[i]
+                pieces = [self._stored_piece(training.store, image, piece, state.region) for piece in image.pieces]
+                result = self._score_pieces(pieces, image.grid, image.input_size, 1, fitted)
+                scores[i], pixel_max[i] = float(result.scores[0]), float(result.maps[0].max())
+        self._set_thresholds(scores.tolist(), pixel_max.tolist(), [image.name for image in images], report,
+                             f"all {len(images)} training images, each scored against the bank without the rows "
+                             f"of its fold ({folds} folds)")
+
+    def _stored_piece(self, store, image: _TrainingImage, piece: tuple, region: torch.Tensor | None) -> Piece:
+        """One piece of a training image's grid back from the feature store, as the extractor gave it (with a
+        region, the outside patches as zeros: they score zero anyway)."""
+        start, count, top, left, height, width = piece
+        rows = store.gather(torch.arange(start, start + count)).to(self.device)
+        inside = self._region_patches(region, image.grid)
+        if inside is not None:
+            full = rows.new_zeros(height * width, rows.shape[1])
+            full[inside[top:top + height, left:left + width].flatten().to(rows.device)] = rows
+            rows = full
+        return Piece(rows[None], top, left, height, width)
+
+    def _set_thresholds(self, scores: list[float], pixel_max: list[float], names: list[str], report: FitReport,
+                        source: str) -> None:
+        """Image and pixel thresholds at the (1 - false_alarm_rate) quantile of the nominal scores (each on its
+        own scale: image scores, and each image's largest pixel score); the suspects; what it means."""
+        rate = self.config.false_alarm_rate
+        image_threshold = quantile_threshold(scores, rate)
+        state = self.state_.replace(calibration_scores=tuple(float(s) for s in scores),
+                                    image_threshold=image_threshold,
+                                    pixel_threshold=quantile_threshold(pixel_max, rate))
+        fitted = self._fitted
+        self._fitted = _Fitted(state, fitted.index, fitted.bank_sq_norms)
+        report.n_calibration_images = len(scores)
+        estimate = expected_false_alarms(scores, image_threshold, seed=self.config.seed)
+        report.thresholds = (f"set for {percent(rate)} false alarms from the out-of-sample scores of {source}: "
+                             f"{estimate.text()}")
+        report.suspects = sorted(((name, float(s)) for name, s in zip(names, scores) if s > image_threshold),
+                                 key=lambda item: -item[1])
 
     # ------------------------------------------------------------------ predict
     @torch.inference_mode()
@@ -406,9 +515,15 @@ class PatchCore:
         distances; of the features only each image's farthest patch (m_test,*) is kept, for eq. 7.
         `fitted` is read once per call by the entry points, so a concurrent `set_state` cannot mix two
         states in one result."""
-        state = fitted.state
         grid, input_size, pieces = self.extractor.pieces(images, at_input=at_input)
-        batch, (h, w) = images.shape[0], grid
+        return self._score_pieces(pieces, grid, input_size, images.shape[0], fitted)
+
+    def _score_pieces(self, pieces, grid: tuple[int, int], input_size: tuple[int, int], batch: int,
+                      fitted: _Fitted) -> PatchCoreResult:
+        """Patch features of `batch` images, piece by piece, -> PatchCoreResult (the scoring core's second half;
+        fit's out-of-fold scoring enters here with features it already has)."""
+        state = fitted.state
+        h, w = grid
         inside = self._region_patches(state.region, grid)
         dim = state.memory_bank.shape[1]
         patch_dist = torch.zeros(batch, h, w, device=self.device)
@@ -564,6 +679,12 @@ class PatchCore:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         """Write the model atomically: bank as safetensors, everything else as JSON (no pickle)."""
+        tensors, header = self.file_parts()
+        write_model_file(path, tensors, header)
+
+    def file_parts(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The model file's tensors and JSON header, as save writes them (an ensemble file holds one set per
+        member: estimator/ensemble.py)."""
         state = self.state_
         header = {
             "package_version": __version__,
@@ -575,7 +696,7 @@ class PatchCore:
         tensors = {"memory_bank": state.memory_bank.float()}
         if state.region is not None:
             tensors["region"] = state.region.to(torch.uint8)
-        write_model_file(path, tensors, header)
+        return tensors, header
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto", weights: str | None = None) -> PatchCore:
@@ -584,16 +705,28 @@ class PatchCore:
         built = {}
 
         def check_header(shapes, header):  # before the bank is read: refuse what the header alone refutes
-            FittedState.check_header(shapes, header, path)
-            built["model"] = model = cls(config_from_file(header, path, weights=weights), device=device)
-            if shapes["memory_bank"][1][1] != model.embedding_dim:
-                raise ModelFileError(f"{path}: memory bank of shape {tuple(shapes['memory_bank'][1])} does not fit "
-                                     f"backbone {model.config.backbone} with embedding size {model.embedding_dim}")
+            built["model"] = cls.from_file_header(shapes, header, path, device=device, weights=weights)
 
         tensors, header = read_model_file(path, tensor_schema=FittedState.TENSORS,
                                           optional_tensors=FittedState.OPTIONAL_TENSORS, check_header=check_header)
-        model = built["model"]
-        config = model.config
+        return built["model"].install_file_state(tensors, header, path)
+
+    @classmethod
+    def from_file_header(cls, shapes: dict, header: dict, path: str | Path, *, device: str | torch.device = "auto",
+                         weights: str | None = None) -> PatchCore:
+        """An unfitted model from a model file's header, checked before any tensor data is read (`shapes`:
+        {tensor name: (dtype, shape)}); `install_file_state` then installs the tensors. Shared by `load` and
+        the ensemble's loader (one header per member)."""
+        FittedState.check_header(shapes, header, path)
+        model = cls(config_from_file(header, path, weights=weights), device=device)
+        if shapes["memory_bank"][1][1] != model.embedding_dim:
+            raise ModelFileError(f"{path}: memory bank of shape {tuple(shapes['memory_bank'][1])} does not fit "
+                                 f"backbone {model.config.backbone} with embedding size {model.embedding_dim}")
+        return model
+
+    def install_file_state(self, tensors: dict, header: dict, path: str | Path) -> PatchCore:
+        """The learned state read from a model file, checked (schema, bounds, backbone weights) and installed."""
+        model, config = self, self.config
         state = FittedState.from_file(tensors, header, path)
         if model.extractor.weights_sha256 != state.backbone_weights_sha256:
             raise ModelFileError(

@@ -25,8 +25,10 @@ import torch
 
 from .._version import __version__
 from ..config import PatchCoreConfig
+from ..core.thresholds import expected_false_alarms
 from ..errors import DatasetError, PatchCoreError
 from ..estimator import PatchCore
+from ..estimator.ensemble import build_model
 from ..io.images import as_uint8_tensor, read_image
 from ..io.preprocess import Preprocess
 from .datasets import TestSet, find_categories, image_size, load_split, read_mask
@@ -119,6 +121,20 @@ def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) 
     return {"threshold": float(threshold), "accuracy": (tp + tn) / len(y), "precision": precision,
             "recall": recall, "f1": f1, "true_positives": tp, "false_positives": fp,
             "true_negatives": tn, "false_negatives": fn}
+
+
+def false_alarm_rates(model: PatchCore, labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """What the model's image threshold was expected to flag among good parts (from its nominal scores,
+    PATCHCORE.md section 5) and what it flagged among the test's good images."""
+    good = np.asarray(labels) == 0
+    observed = float(np.mean(scores[good] > model.image_threshold_)) if good.any() else None
+    values: dict[str, Any] = {"target_false_alarm_rate": model.config.false_alarm_rate,
+                              "observed_false_alarm_rate": observed}
+    if len(model.calibration_scores_) >= 2:
+        estimate = expected_false_alarms(model.calibration_scores_, model.image_threshold_, seed=model.config.seed)
+        values.update(expected_false_alarm_rate=estimate.rate,
+                      expected_false_alarm_interval=[estimate.low, estimate.high])
+    return values
 
 
 def _device_text(device: torch.device) -> str:
@@ -247,7 +263,7 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
 
     `model`: an unfitted PatchCore to use (and leave fitted for the caller, e.g. the benchmark).
     `progress(total, description)`: a context manager with `update(n)`, e.g. a progress bar."""
-    model = model if model is not None else PatchCore(config, device=device)
+    model = model if model is not None else build_model(config, device=device)  # backbone a,b: an ensemble
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     started = time.perf_counter()
@@ -305,15 +321,16 @@ def evaluate_category(split: TestSet, config: PatchCoreConfig, *, device: str = 
     predicted = None
     if model.image_threshold_ is not None:
         at_threshold = {
-            "description": (f"image decisions at the model's own threshold, set by fit from the scores of "
-                            f"{report.n_calibration_images} held-out training images (calibration_ratio "
-                            f"{config.calibration_ratio}); no test image was used to choose it"),
+            "description": (f"image decisions at the model's own threshold, set by fit {report.thresholds}; no test "
+                            "image was used to choose it"),
             "n_held_out_train_images": report.n_calibration_images,
             **threshold_metrics(labels, scores, model.image_threshold_),
+            **false_alarm_rates(model, labels, scores),
+            "suspect_train_images": [name for name, _ in report.suspects],
         }
         predicted = scores > model.image_threshold_
     else:
-        at_threshold = {"description": "no decision threshold: fewer than 10 training images or calibration_ratio 0"}
+        at_threshold = {"description": "no decision threshold: fewer than 10 training images"}
 
     record = {
         "category": split.name,
@@ -494,16 +511,21 @@ def markdown(summary: dict[str, Any]) -> str:
     notes = [f"- {r['category']}: {note}" for r in summary["categories"] for note in r["notes"]]
     if notes:
         lines += ["", "Notes:", ""] + notes
-    lines += ["", "## At the decision threshold set on held-out training images (no test data used)", "",
-              "| category | threshold | held-out train images | accuracy | precision | recall |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "## At the model's own threshold (set from out-of-sample training scores; no test data used)", "",
+              "| category | threshold | from train images | false alarms expected (90% interval) | false alarms "
+              "observed | defects caught | precision | F1 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["categories"]:
         t = r["at_training_threshold"]
         if "threshold" not in t:
-            lines.append(f"| {r['category']} | none | - | - | - | - |")
+            lines.append(f"| {r['category']} | none | - | - | - | - | - | - |")
             continue
-        lines.append(f"| {r['category']} | {t['threshold']:.4g} | {t['n_held_out_train_images']} | "
-                     f"{_pct(t['accuracy'])} | {_pct(t['precision'])} | {_pct(t['recall'])} |")
+        low, high = t.get("expected_false_alarm_interval") or (None, None)
+        expected = "-" if "expected_false_alarm_rate" not in t else \
+            f"{_pct(t['expected_false_alarm_rate'])} ({_pct(low)}-{_pct(high)})"
+        lines.append(f"| {r['category']} | {t['threshold']:.4g} | {t['n_held_out_train_images']} | {expected} | "
+                     f"{_pct(t['observed_false_alarm_rate'])} | {_pct(t['recall'])} | {_pct(t['precision'])} | "
+                     f"{_pct(t['f1'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -594,4 +616,11 @@ def evaluate(root: str | Path, config: PatchCoreConfig, output: str | Path, *, c
         log(f"{step}: image AUROC {_pct(m['image_auroc'])}, pixel AUROC {_pct(m['pixel_auroc'])}, AUPRO "
             f"{_pct(m['aupro'])}; fit {t['fit_seconds']:.1f} s (coreset {t['coreset_seconds']:.1f} s), predict "
             f"{t['predict_ms_per_image']:.1f} ms/img, peak RSS {t['peak_rss_mib']:.0f} MiB")
+        decisions = record["at_training_threshold"]
+        if "threshold" in decisions:
+            expected = decisions.get("expected_false_alarm_rate")
+            log(f"{step}: at the model's threshold {decisions['threshold']:.4g}: false alarms expected "
+                f"{_pct(expected)}% (target {_pct(decisions['target_false_alarm_rate'])}%), observed "
+                f"{_pct(decisions['observed_false_alarm_rate'])}% of the test's good images; defects caught "
+                f"{_pct(decisions['recall'])}%, F1 {_pct(decisions['f1'])}%")
     return run
