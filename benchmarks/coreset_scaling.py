@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""Greedy k-center coreset: the current `greedy_coreset` against the previous one (`baseline`, kept below),
-on the same data in the same run (median of --repeat runs each), plus a check that both select the same.
+"""Greedy k-center coreset: the current `greedy_coreset` against an earlier one, on the same data in the same
+run (old and new runs interleaved, median of --repeat runs each), plus a check that both select the same.
+
+--old git:COMMIT (default git:826e58f, the code before issue 18) loads `greedy_coreset` from that commit's
+src/patchcore/core/coreset.py (needs the git checkout); --old baseline runs the plain pre-issue-10 algorithm
+kept verbatim below.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/coreset_scaling.py                      # the small recipes
     OMP_WAIT_POLICY=PASSIVE python benchmarks/coreset_scaling.py --cases bulk-1m      # 1M x 128, 10k centres
     OMP_WAIT_POLICY=PASSIVE python benchmarks/coreset_scaling.py --extract-bottle   # once: fit bottle, save .npy
     OMP_WAIT_POLICY=PASSIVE python benchmarks/coreset_scaling.py --cases bottle
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/coreset_scaling.py --extract-texture  # once: real features, .npy
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/coreset_scaling.py --cases texture texture-real bottle --ratio 0.01
 
 Recipes (d = 128):
   bulk-50k / bulk-1m (/ bulk-1m-500): 97% N(0, 0.2^2 I) (a compact bulk of nominal patches)
@@ -16,6 +22,16 @@ Recipes (d = 128):
   mixture-50k:        50 clusters, centres N(0, I), points N(centre, 0.2^2 I); 500 centres.
   lowrank-164k:       bottle-like synthetic: 164k rows of a rank-16 model with a decaying spectrum, plus
                       isotropic noise and 1% rows 3x farther out; 16.4k centres (10%).
+  texture:            texture-like features, 415,520 x 128 (530 images x 28 x 28 patches), the slow case of
+                      issue 18: per image a random phase of a periodic weave, two cell types in a checkerboard
+                      (a smooth 2-D manifold, harmonics mixed into 128-d), so each image's interior patches
+                      are near-duplicates: a compact bulk whose values bunch near the maximum once the
+                      manifold is covered; border patches (2 cells deep) carry per-position offsets:
+                      scattered outliers; plus noise with a decaying spectrum (96-97% of the variance in 32
+                      principal directions, as in real texture features). --ratio (10%) centres.
+  texture-real:       real projected features of the same kind: efficientnet_lite0 at 256/224 on 530 woven-fabric
+                      images (patchcore.evaluation.synthetic.fabric_texture, 256 x 256, seed 0), all patches
+                      (an .npy written by --extract-texture; 415,520 x 128).
   bottle:             real projected features (an .npy written by --extract-bottle), --ratio (10%) centres.
   bottle-native:      the same at native 900 x 900 (2.67M x 128, written by
                       `benchmarks/bottle_native_fit.py --save-projected /tmp/bottle_native_projected.npy`).
@@ -23,9 +39,12 @@ Recipes (d = 128):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +126,30 @@ def lowrank(total: int, dim: int = 128, rank: int = 16, seed: int = 2) -> torch.
     return x
 
 
+def texture(images: int = 530, grid: int = 28, dim: int = 128, noise: float = 0.1, harmonics: int = 3,
+            seed: int = 0) -> torch.Tensor:
+    """Texture-like features (see the module docstring), images * grid * grid rows, shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    j = torch.arange(1, harmonics + 1, dtype=torch.float32)
+
+    def weave(phase):  # (n, 2) phases -> (n, 4 * harmonics): a smooth periodic 2-D manifold, decaying harmonics
+        x, y = phase[:, :1] * j, phase[:, 1:] * j
+        return torch.cat([x.cos(), x.sin(), y.cos(), y.sin()], 1) / j.repeat(4)
+
+    mix = torch.randn(4 * harmonics, dim, generator=gen)
+    phase = torch.rand(images, 2, generator=gen) * 2 * torch.pi
+    cell = torch.tensor([[0.0, 0.0], [torch.pi / 2, torch.pi / 2]])
+    r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    kind = ((r + c) % 2).reshape(-1)
+    nominal = weave((phase[:, None, :] + cell[kind][None]).reshape(-1, 2)) @ mix
+    edge = torch.minimum(torch.minimum(r, c), torch.minimum(grid - 1 - r, grid - 1 - c)).reshape(-1).float()
+    border = torch.randn(grid * grid, dim, generator=gen) * ((edge < 2).float() / (1 + edge))[:, None]
+    spectrum = torch.logspace(0.0, -1.0, dim)
+    spectrum *= (dim / spectrum.pow(2).sum()).sqrt()
+    x = nominal + border.repeat(images, 1) + noise * torch.randn(images * grid * grid, dim, generator=gen) * spectrum
+    return x[torch.randperm(x.shape[0], generator=gen)]
+
+
 def load_bottle(path: str) -> torch.Tensor:
     return torch.from_numpy(np.load(path)).float()
 
@@ -117,7 +160,9 @@ CASES = {
     "lowrank-164k": (lambda a: lowrank(164_000), 16_400),
     "bulk-1m": (lambda a: bulk(1_000_000), 10_000),
     "bulk-1m-500": (lambda a: bulk(1_000_000), 500),  # the old code at 1M in minutes, not hours
-    "bottle": (lambda a: load_bottle(a.bottle_npy), None),  # --ratio of N centres (default 10%)
+    "texture": (lambda a: texture(), None),  # --ratio of N centres (default 10%)
+    "texture-real": (lambda a: load_bottle(a.texture_npy), None),
+    "bottle": (lambda a: load_bottle(a.bottle_npy), None),
     "bottle-native": (lambda a: load_bottle(a.native_npy), None),  # 900 x 900, ~2.7M patches; --ratio 0.01
 }
 
@@ -146,14 +191,72 @@ def extract_bottle(out: str) -> None:
     print(f"saved {captured['x'].shape} to {out}")
 
 
-def timed(fn, features, n, seed, repeat):
-    times, result, stats = [], None, {}
-    for _ in range(repeat):
-        stats = {}
-        start = time.perf_counter()
-        result = fn(features, n, generator=torch.Generator().manual_seed(seed), stats=stats)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result, stats
+def extract_texture(out: str, count: int = 530) -> None:
+    """Projected features of `count` woven-fabric images (256 x 256), all patches, as fit feeds them to the coreset."""
+    import numpy as np
+
+    from patchcore.config import PatchCoreConfig
+    from patchcore.estimator import model as model_module
+    from patchcore.evaluation.synthetic import fabric_texture
+
+    rng = np.random.default_rng(0)
+    images = [fabric_texture(rng, 256) for _ in range(count)]
+    captured = {}
+
+    def capture(projected, n, *, generator):
+        captured["x"] = projected.cpu().numpy().copy()
+        return torch.arange(n)  # the selection is not needed here
+
+    original = model_module.greedy_coreset
+    model_module.greedy_coreset = capture
+    try:
+        model_module.PatchCore(PatchCoreConfig(backbone="efficientnet_lite0", coreset_ratio=0.01,
+                                               calibration_ratio=0.0)).fit(images)
+    finally:
+        model_module.greedy_coreset = original
+    np.save(out, captured["x"])
+    print(f"saved {captured['x'].shape} to {out}")
+
+
+def load_old(spec: str):
+    """The `greedy_coreset` to compare against: `baseline` (below) or git:COMMIT's core/coreset.py."""
+    if spec == "baseline":
+        return baseline
+    commit = spec.removeprefix("git:")
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "-C", str(root), "show", f"{commit}:src/patchcore/core/coreset.py"],
+                            check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType(f"coreset_{commit}")
+    exec(compile(source, f"{commit}:coreset.py", "exec"), module.__dict__)  # a trusted file of this repository
+    return module.greedy_coreset
+
+
+def timed_pair(fns, features, n, seed, repeats):
+    """Runs of each fn interleaved (a, b, a, b, ...), so that load changes hit both alike."""
+    times = [[] for _ in fns]
+    results, stats = [None] * len(fns), [{} for _ in fns]
+    for r in range(max(repeats)):
+        for i, fn in enumerate(fns):
+            if r >= repeats[i]:
+                continue
+            stats[i] = {}
+            start = time.perf_counter()
+            results[i] = fn(features, n, generator=torch.Generator().manual_seed(seed), stats=stats[i])
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), t, res, st) for t, res, st in zip(times, results, stats)]
+
+
+def profile(stats: dict) -> str:
+    """Where the work went, per step: see _Greedy.stats in core/coreset.py."""
+    steps = max(1, stats.get("steps", 1))
+    per = {k: stats[k] / steps for k in ("hot_total", "low_bounds", "candidates", "moved", "members",
+                                         "centre_gaps", "low_gaps") if k in stats}
+    text = " ".join(f"{k}/step {v:.0f}" for k, v in per.items())
+    pairs = stats.get("bound_pairs", 0) + stats.get("low_pairs", 0)
+    return (f"steps {steps} {text} | rebuilds {stats.get('rebuilds', 0)} refreshed {stats.get('refreshed', 0)} "
+            f"bound pairs {stats.get('bound_pairs', 0)} low pairs {stats.get('low_pairs', 0)} "
+            f"({pairs / steps:.0f}/step) "
+            f"direct distances {stats.get('distances', 0)}")
 
 
 def main() -> int:
@@ -162,18 +265,26 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--baseline-repeat", type=int, default=None, help="runs of the old code (default --repeat)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--old", default="git:826e58f", help="baseline, or git:COMMIT (default: before issue 18)")
+    parser.add_argument("--no-baseline", action="store_true", help="run the new code only")
     parser.add_argument("--bottle-npy", default="/tmp/bottle_projected.npy")
     parser.add_argument("--native-npy", default="/tmp/bottle_native_projected.npy")
-    parser.add_argument("--ratio", type=float, default=0.1, help="centres / N for the bottle cases")
+    parser.add_argument("--texture-npy", default="/tmp/texture_projected.npy")
+    parser.add_argument("--ratio", type=float, default=0.1, help="centres / N for the texture and bottle cases")
     parser.add_argument("--extract-bottle", action="store_true", help="fit bottle once and save --bottle-npy")
+    parser.add_argument("--extract-texture", action="store_true", help="extract fabric features, save --texture-npy")
+    parser.add_argument("-o", "--output", default=None, help="also write the rows as JSON")
     args = parser.parse_args()
-    if args.extract_bottle:
-        extract_bottle(args.bottle_npy)
+    if args.extract_bottle or args.extract_texture:
+        if args.extract_bottle:
+            extract_bottle(args.bottle_npy)
+        if args.extract_texture:
+            extract_texture(args.texture_npy)
         return 0
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}")
-    header = (f"{'case':<14} {'N':>9} {'n':>6} {'old s':>8} {'new s':>8} {'old/new':>8} {'new s/Mpatch':>12} "
-              f"{'old dist/N/step':>15} {'new dist/N/step':>15} {'same':>5}")
+    old = None if args.no_baseline else load_old(args.old)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}, old = {args.old}")
+    header = (f"{'case':<14} {'N':>9} {'n':>6} {'old s':>8} {'new s':>8} {'old/new':>8} {'old s/Mpatch':>12} "
+              f"{'new s/Mpatch':>12} {'same':>5}")
     print(header)
     rows = []
     for name in args.cases:
@@ -181,21 +292,35 @@ def main() -> int:
         features = make(args)
         total = features.shape[0]
         n = n or int(round(args.ratio * total))
-        new_t, new_all, new_sel, new_stats = timed(greedy_coreset, features, n, args.seed, args.repeat)
-        work_new = (new_stats["distances"] + new_stats["bound_pairs"]) / (total * n)
-        if args.no_baseline:
-            old_t, same, work_old = float("nan"), "-", float("nan")
-        else:
-            old_t, old_all, old_sel, old_stats = timed(baseline, features, n, args.seed,
-                                                       args.baseline_repeat or args.repeat)
+        fns, repeats = [greedy_coreset], [args.repeat]
+        if old is not None:
+            fns, repeats = [old, greedy_coreset], [args.baseline_repeat or args.repeat, args.repeat]
+        results = timed_pair(fns, features, n, args.seed, repeats)
+        new_t, new_all, new_sel, new_stats = results[-1]
+        old_t, old_all, same, old_stats = float("nan"), [], "-", {}
+        if old is not None:
+            old_t, old_all, old_sel, old_stats = results[0]
             same = "yes" if torch.equal(old_sel, new_sel) else "NO"
-            work_old = old_stats["distances"] / (total * n)
-        line = (f"{name:<14} {total:>9} {n:>6} {old_t:>8.2f} {new_t:>8.2f} {old_t / new_t:>8.1f} "
-                f"{new_t / total * 1e6:>12.2f} {work_old:>15.4f} {work_new:>15.4f} {same:>5}")
+        row = dict(case=name, n_patches=total, n=n, old_s=old_t, new_s=new_t, old_runs=old_all, new_runs=new_all,
+                   old_s_per_mpatch=old_t / total * 1e6, new_s_per_mpatch=new_t / total * 1e6, same=same,
+                   old_stats=old_stats, new_stats=new_stats)
+        line = (f"{name:<14} {total:>9} {n:>6} {old_t:>8.2f} {new_t:>8.2f} {old_t / new_t:>8.2f} "
+                f"{row['old_s_per_mpatch']:>12.2f} {row['new_s_per_mpatch']:>12.2f} {same:>5}")
         print(line, flush=True)
-        print(f"    new runs {[round(t, 2) for t in new_all]}  stats {new_stats}", flush=True)
-        rows.append(line)
-    return 0 if all("NO" not in r for r in rows) else 1
+        print(f"    new runs {[round(t, 2) for t in new_all]}  old runs {[round(t, 2) for t in old_all]}")
+        print(f"    new: {profile(new_stats)}")
+        if old_stats:
+            print(f"    old: {profile(old_stats)}", flush=True)
+        rows.append(row)
+    reference = next((r for r in rows if r["case"] == "bottle"), None)
+    if reference is not None:  # per-patch cost against bottle's, measured in this run
+        for r in rows:
+            old_x = r["old_s_per_mpatch"] / reference["old_s_per_mpatch"]
+            new_x = r["new_s_per_mpatch"] / reference["new_s_per_mpatch"]
+            print(f"{r['case']:<14} per-patch cost / bottle's in this run: old {old_x:.2f}  new {new_x:.2f}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["same"] != "NO" for r in rows) else 1
 
 
 if __name__ == "__main__":

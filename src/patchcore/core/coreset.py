@@ -571,7 +571,10 @@ class _Greedy:
         cannot exclude (a few per row) get direct distances. approx = ||a||^2 + ||b||^2 - 2 a.b on the stored
         float32 copies, as one product of [a, ||a||^2, 1] and [-2 b, 1, ||b||^2]: it errs from the exact
         ||a - b||^2 by at most low_margin * (||a||^2 + ||b||^2) (a (q + 2)-term dot product); a pair is
-        excluded when even approx less that margin reaches the row's low threshold (see _low_threshold).
+        excluded when even approx less that margin reaches the row's low threshold (see _low_threshold). That
+        threshold follows the row's best value so far, and a stale value is a loose upper bound: so each block
+        first takes the direct distance to each row's nearest centre by approx (almost always the nearest), which
+        tightens it before the comparison.
         """
         feats = self.x[rows]
         low = self._low_copies(rows)
@@ -586,6 +589,11 @@ class _Greedy:
             right = torch.cat([self.low_centres[c0:c1] * -2.0, torch.ones_like(centres_sq)[:, None],
                                centres_sq[:, None]], 1)
             approx = left @ right.T
+            nearest = approx.argmin(1) + c0
+            dist = (feats - self.centres.index_select(0, nearest)).pow_(2).sum(1)
+            best = torch.minimum(best, _key(dist, nearest))
+            best_value = _unkey(best)[0]
+            self.stats["distances"] += rows.numel()
             limit = self._low_threshold(best_value) + self.low_margin * (low_sq.double() + float(centres_sq.max()))
             limit = limit.mul_(1.0 + 1e-6).float()  # rounded to float32 no lower than the float64 limit
             r, c = torch.nonzero(approx < limit[:, None], as_tuple=True)
