@@ -47,25 +47,34 @@ class RemoteFeatures:
         self.refs, self.dim = refs, dim
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.rows = int(self.offsets[-1])
+        self._cached: tuple[int, np.ndarray] | None = None  # one chunk's rows, for image-by-image reads
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows at `indices` (any order) -> (len(indices), D) float32: one task per chunk that holds any."""
+        """Rows at `indices` (any order) -> (len(indices), D) float32. Rows of several chunks (the bank's):
+        one task per chunk picks them where they are; rows of one chunk (one training image's, for the
+        out-of-fold thresholds, image after image): that chunk is fetched once and kept until another is."""
         index = indices.cpu().numpy().astype(np.int64)
         if index.size and (index.min() < 0 or index.max() >= self.rows):
             raise IndexError("feature index out of range")
-        order = np.argsort(index, kind="stable")
-        chunk_of = np.searchsorted(self.offsets, index[order], side="right") - 1
+        chunk_of = np.searchsorted(self.offsets, index, side="right") - 1
+        chunks = np.unique(chunk_of)
         out = np.empty((index.size, self.dim), dtype=np.float32)
+        if len(chunks) == 1:
+            chunk = int(chunks[0])
+            if self._cached is None or self._cached[0] != chunk:
+                self._cached = (chunk, ray.get(self.refs[chunk]))
+            out[:] = self._cached[1][index - self.offsets[chunk]]
+            return torch.from_numpy(out)
         pending = []
-        for chunk in np.unique(chunk_of):
-            at = order[chunk_of == chunk]
+        for chunk in chunks:
+            at = np.flatnonzero(chunk_of == chunk)
             pending.append((at, _take_rows.remote(self.refs[chunk], index[at] - self.offsets[chunk])))
         for at, ref in pending:
             out[at] = ray.get(ref)
         return torch.from_numpy(out)
 
     def close(self) -> None:
-        self.refs = []  # dropping the references frees the object store
+        self.refs, self._cached = [], None  # dropping the references frees the object store
 
 
 @ray.remote(num_returns=3, max_retries=3)
@@ -142,8 +151,7 @@ class RayPatchCore(PatchCore):
             projected_parts.append(ray.get(projected_ref))  # (n, d*): the driver's share, as in the plain fit
             feature_refs.append(features_ref)
             first_row = sum(counts)
-            placed += [replace(image, pieces=tuple((start + first_row, *rest) for start, *rest in image.pieces))
-                       for image in meta["images"]]
+            placed += [_shifted(image, first_row, len(placed)) for image in meta["images"]]
             counts.append(projected_parts[-1].shape[0])
         if not feature_refs:
             raise InputError("no readable training image: " + "; ".join(report.skipped[:5]))
@@ -152,6 +160,13 @@ class RayPatchCore(PatchCore):
             raise InputError(f"{cfg.region}: the inspection region covers no patch of the training images")
         random_projection(dim, cfg.projection_dim, generator)  # the draw the plain fit makes: same generator state
         return TrainingFeatures(RemoteFeatures(feature_refs, counts, dim), projected, grid, input_size, placed)
+
+
+def _shifted(image, first_row: int, images_before: int):
+    """A chunk's record of where a training image's rows sit -> the same in the whole set's row numbers (and
+    an in-memory image's '#k' name counted over the whole set, as the single-process fit names it)."""
+    name = f"#{images_before + int(image.name[1:])}" if image.name.startswith("#") else image.name
+    return replace(image, name=name, pieces=tuple((start + first_row, *rest) for start, *rest in image.pieces))
 
 
 # ---------------------------------------------------------------------------- many models

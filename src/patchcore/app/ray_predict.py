@@ -58,6 +58,7 @@ SCHEMA = pa.schema([("path", pa.string()), ("name", pa.string()), ("score", pa.f
                     ("image_threshold", pa.float64()), ("pixel_threshold", pa.float64()),
                     ("model_sha256", pa.string()), ("error", pa.string())])
 PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+DECODE_CPUS = 0.25  # booked per decoding task: decoding a chunk costs a fraction of scoring it
 MAX_LISTED_FAILURES = 100  # in summary.json; every failure is a row of the Parquet parts
 
 
@@ -300,10 +301,14 @@ def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path
                       "backend": backend, "device": device, "threads": per_actor,
                       "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
                       "pictures": pictures, "save_maps": save_maps, "full_resolution": full_resolution}
+            # Ray's CPU counts are bookkeeping, not limits: each actor books what its threads use, less a
+            # share kept free so that decoding tasks can always run beside the actors (they would wait
+            # for a free CPU forever if the actors booked every one).
+            booked = max(DECODE_CPUS, min(per_actor, cpus / actors - DECODE_CPUS))
             ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-            ds = ds.map(decode_chunk, num_cpus=0.5)  # decoding is light next to scoring: two per core
+            ds = ds.map(decode_chunk, num_cpus=DECODE_CPUS)
             ds = ds.map_batches(ChunkScorer, fn_constructor_kwargs=scorer, batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+                                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=booked,
                                 num_gpus=1 if device == "cuda" else 0)
             for result in ds.iter_rows():
                 if progress is not None:

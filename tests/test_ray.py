@@ -1,0 +1,236 @@
+"""Scoring and fitting on Ray (app/ray_predict.py, app/ray_fit.py) against the single-process paths, on a
+local Ray instance (2 CPUs, no dashboard): the same scores, the same model file bytes, every image exactly
+once after a killed actor, and a stopped job resumed. Node loss: tests/test_ray_cluster.py."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from conftest import small_config  # noqa: E402
+
+from patchcore import PatchCore  # noqa: E402
+from patchcore.app.cli import main  # noqa: E402
+from patchcore.app.predict_folder import display_path, predict_to_folder  # noqa: E402
+from patchcore.app.ray_fit import RayPatchCore, fit_many_on_ray  # noqa: E402
+from patchcore.app.ray_predict import predict_on_ray  # noqa: E402
+from patchcore.errors import OutputError  # noqa: E402
+from patchcore.evaluation.synthetic import make_category  # noqa: E402
+
+JOB_TIMEOUT = 240  # seconds: a job that hangs fails the test instead of the CI run
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    category = make_category(root / "cat", n_train=14, n_test_good=12, n_test_per_defect=8, size=64, seed=3)
+    tests = sorted((category / "test").rglob("*.png"))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return category, tests + [root / "broken.png", root / "missing.png"]
+
+
+def config(**overrides):
+    return small_config(backbone="resnet18_random", resize=64, batch_size=4, **overrides)
+
+
+@pytest.fixture(scope="module")
+def model_file(data, tmp_path_factory):
+    category, _ = data
+    path = tmp_path_factory.mktemp("model") / "cat.model"
+    PatchCore(config(), device="cpu").fit(sorted((category / "train" / "good").glob("*.png"))).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model_file, data, tmp_path_factory):
+    """What single-process `patchcore predict` writes for the same files: {file: score or None}, the folder."""
+    out = tmp_path_factory.mktemp("single")
+    rows, failures = predict_to_folder(PatchCore.load(model_file, device="cpu"), data[1], out)
+    scores = {row["file"]: (row["score"], row["label"]) for row in rows}
+    scores.update({display_path(f.path): None for f in failures})
+    return scores, out
+
+
+def read_rows(output: Path) -> list[dict]:
+    return pq.read_table(output / "scores").to_pylist()
+
+
+def assert_matches(rows: list[dict], reference: dict) -> None:
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted(reference), "every input exactly once"
+    for row in rows:
+        expected = reference[row["path"]]
+        if expected is None:
+            assert row["error"] and row["score"] is None
+        else:
+            assert row["error"] is None
+            assert (row["score"], row["label"]) == expected  # bit for bit, as single-process predict
+
+
+def test_predict_on_ray_equals_single_process(local_ray, model_file, data, reference, tmp_path):
+    scores, single = reference
+    report = predict_on_ray(model_file, data[1], tmp_path / "out", actors=2, chunk_size=3, pictures=True)
+    rows = read_rows(tmp_path / "out")
+    assert_matches(rows, scores)
+    assert report.n_failed == 2 and report.n_scored == len(data[1]) - 2
+    assert {r["model_sha256"] for r in rows} == {hashlib.sha256(model_file.read_bytes()).hexdigest()}
+    model = PatchCore.load(model_file, device="cpu")
+    assert {r["image_threshold"] for r in rows} == {model.image_threshold_}
+    for name in ("heatmaps", "overlays", "masks"):  # the same pictures, byte for byte
+        ours = sorted(p.name for p in (tmp_path / "out" / name).iterdir())
+        assert ours == sorted(p.name for p in (single / name).iterdir()) and ours
+        for file in ours[:5]:
+            assert (tmp_path / "out" / name / file).read_bytes() == (single / name / file).read_bytes()
+
+
+def _actor_pids() -> set[int]:
+    """Processes of this machine whose title names the scoring actor (Ray sets ray::<class> titles)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ChunkScorer" in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor's process through /proc")
+def test_a_killed_actor_still_scores_every_image_exactly_once(local_ray, model_file, data, reference, tmp_path):
+    out = tmp_path / "out"
+    inputs = data[1]
+    chunks = -(-len(inputs) // 2)  # 19 chunks of 2: the kill lands mid-job
+    result: dict = {}
+
+    def job():
+        try:
+            result["report"] = predict_on_ray(model_file, inputs, out, actors=1, chunk_size=2)
+        except BaseException as err:  # re-raised below, in the test's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + JOB_TIMEOUT
+    killed = None
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        parts = list((out / "scores").glob("part-*.parquet")) if (out / "scores").is_dir() else []
+        pids = _actor_pids()
+        if parts and pids:
+            killed, parts_before = pids, len(parts)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    thread.join(JOB_TIMEOUT)
+    assert not thread.is_alive(), "the job did not finish after its actor was killed"
+    assert killed, "the job ended before an actor could be killed"
+    assert parts_before < chunks, "killed after the last chunk: nothing left to retry"
+    if "error" in result:
+        raise result["error"]
+    assert_matches(read_rows(out), reference[0])
+    assert result["report"].n_parts == chunks
+
+
+def test_a_stopped_job_resumes_where_it_stopped(local_ray, model_file, data, reference, tmp_path):
+    out = tmp_path / "out"
+    seen = []
+
+    def stop_after_two_chunks(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C in the driver
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_on_ray(model_file, data[1], out, chunk_size=4, progress=stop_after_two_chunks)
+    done = len(read_rows(out))
+    assert 8 <= done < len(data[1])
+    (out / "scores" / ".part-0000-0000009.parquet.123.tmp").write_bytes(b"half")  # what a killed writer leaves
+    with pytest.raises(OutputError, match="another job"):  # other options: not the same job
+        predict_on_ray(model_file, data[1], out, chunk_size=4, image_threshold=1.0)
+    report = predict_on_ray(model_file, data[1], out, chunk_size=4)
+    assert report.n_already_done == done
+    assert_matches(read_rows(out), reference[0])
+    assert not list((out / "scores").glob("*.tmp"))
+    again = predict_on_ray(model_file, data[1], out, chunk_size=4)  # nothing left: nothing scored twice
+    assert again.n_already_done == len(data[1])
+    assert_matches(read_rows(out), reference[0])
+
+
+def test_cli_predict_ray_reads_a_manifest(local_ray, model_file, data, reference, tmp_path, capsys):
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in data[1]))
+    code = main(["predict", str(model_file), str(manifest), "-o", str(tmp_path / "out"), "--ray", "--quiet"])
+    assert code == 1  # two unreadable files: rows with an error, exit 1 as without --ray
+    assert_matches(read_rows(tmp_path / "out"), reference[0])
+    assert "2 file(s) could not be read" in capsys.readouterr().err
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tile_size": 32, "tile_overlap": 16}], ids=["plain", "tiles"])
+def test_fit_on_ray_writes_the_same_model_file(local_ray, data, tmp_path, overrides):
+    category, _ = data
+    train = sorted((category / "train" / "good").glob("*.png")) + [data[1][-2]]  # with an unreadable file
+    PatchCore(config(**overrides), device="cpu").fit(train).save(tmp_path / "plain.model")
+    on_ray = RayPatchCore(config(**overrides), device="cpu", chunk_images=4).fit(train)
+    on_ray.save(tmp_path / "ray.model")
+    assert _digest(tmp_path / "ray.model") == _digest(tmp_path / "plain.model")
+    assert on_ray.fit_report_.skipped == [f"{data[1][-2]}: " + on_ray.fit_report_.skipped[0].split(": ", 1)[1]]
+
+
+def test_cli_fit_ray_equals_plain_fit(local_ray, data, tmp_path):
+    train = str(data[0] / "train" / "good")
+    options = ["--backbone", "resnet18_random", "--resize", "64", "--crop", "none", "--batch-size", "4", "--quiet"]
+    assert main(["fit", train, "-o", str(tmp_path / "plain.model"), *options]) == 0
+    assert main(["fit", train, "-o", str(tmp_path / "ray.model"), "--ray", "--chunk-images", "4", *options]) == 0
+    assert _digest(tmp_path / "ray.model") == _digest(tmp_path / "plain.model")
+
+
+def test_fit_many_fits_each_category_and_reports_failures(local_ray, data, tmp_path):
+    root = tmp_path / "root"
+    (root / "broken").mkdir(parents=True)
+    (root / "good_one").symlink_to(data[0])  # MVTec layout: good_one/train/good
+    (root / "broken" / "only.png").write_bytes(b"not an image")
+    rows = fit_many_on_ray(root, tmp_path / "models", config())
+    assert [(r["category"], r["status"]) for r in rows] == [("broken", "failed"), ("good_one", "fitted")]
+    assert "no readable training image" in rows[0]["error"]
+    plain = tmp_path / "plain.model"
+    PatchCore(config(), device="cpu").fit(sorted((data[0] / "train" / "good").glob("*.png"))).save(plain)
+    assert _digest(tmp_path / "models" / "good_one.model") == _digest(plain)
+    summary = (tmp_path / "models" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("category,status") and len(summary) == 3
+    assert "1 of 2 models fitted" in (tmp_path / "models" / "summary.md").read_text()
+
+
+def test_without_the_extra_the_cli_says_how_to_get_it(monkeypatch):
+    import sys
+
+    import patchcore.app
+    from patchcore.app import ray_commands
+    from patchcore.errors import InputError
+
+    for name in [m for m in sys.modules if m == "ray" or m.startswith(("ray.", "patchcore.app.ray_"))]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in ("ray_predict", "ray_fit", "ray_cluster"):
+        monkeypatch.delattr(patchcore.app, name, raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(InputError, match=r"pip install 'patchcore\[ray\]'"):
+        ray_commands._engine("predict")
