@@ -20,9 +20,10 @@ from .errors import (
                      WeightsUnavailableError,
 )
 
-_ESTIMATOR = ("FittedState", "PatchCore", "PatchCoreResult")
+_ESTIMATOR = ("FittedState", "PatchCore", "PatchCoreEnsemble", "PatchCoreResult", "load_model")
 
-__all__ = ["PatchCore", "PatchCoreConfig", "PatchCoreResult", "FittedState", "PatchCoreError", "ConfigError",
+__all__ = ["PatchCore", "PatchCoreConfig", "PatchCoreResult", "PatchCoreEnsemble", "load_model", "FittedState",
+           "PatchCoreError", "ConfigError",
            "DatasetError", "ImageReadError", "InputError", "ModelFileError", "NotFittedError",
            "WeightsUnavailableError", "__version__"]
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from .._version import __version__
 from ..config import PatchCoreConfig
-from ..errors import PatchCoreError
+from ..errors import ConfigError, PatchCoreError
 from ..estimator import PatchCore
+from ..estimator.ensemble import build_model, is_ensemble_config, load_model
 from ..evaluation.bench import format_table, run_bench
 from ..evaluation.evaluate import PIXEL_RESOLUTIONS, evaluate
 from ..evaluation.metrics import auroc
@@ -45,8 +46,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"fitting {config.backbone} on {len(paths)} images (coreset "
           f"{config.coreset_size or config.coreset_ratio}, device {args.device})", file=sys.stderr)
     started = time.perf_counter()
+    if is_ensemble_config(config) and getattr(args, "ray", None) is not None:
+        raise ConfigError("--ray fits one backbone; fit an ensemble (--backbone a,b) without --ray")
     with progress_bars(args.quiet)(len(paths), "fit") as bar, ray_session(args):  # --ray: features in Ray tasks
-        model = estimator(args, config).fit(
+        # --backbone a,b,c: an ensemble (docs/ENSEMBLE.md)
+        model = build_model(config, device=args.device) if is_ensemble_config(config) else estimator(args, config)
+        model = model.fit(
             paths, progress=bar.update, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)))
     model.save(output)  # atomic: a failure or Ctrl-C leaves no partial file and any previous model intact
     report = model.fit_report_
@@ -103,7 +108,7 @@ def load_for_runtime(args: argparse.Namespace) -> PatchCore:
 
         return ExportedPatchCore.load(args.model, weights=args.weights, export_dir=args.export,
                                       backend=args.backend, threads=args.threads, precision=args.precision)
-    return PatchCore.load(args.model, device=args.device, weights=args.weights)
+    return load_model(args.model, device=args.device, weights=args.weights)  # a single model or an ensemble
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..estimator import PatchCore
+from ..estimator.ensemble import load_model
 from ..io.images import expand_inputs
 from ..io.model_file import check_output_file
 from .server.versions import real_model_path, save_keeping_previous
@@ -18,7 +18,7 @@ from .server.versions import real_model_path, save_keeping_previous
 def cmd_update(args: argparse.Namespace) -> int:
     # Before any work: a folder, a symlink loop or a folder that cannot be written is an error now.
     check_output_file(args.output)
-    model = PatchCore.load(args.model, device=args.device, weights=args.weights)
+    model = load_model(args.model, device=args.device, weights=args.weights)  # a single model or an ensemble
     paths = expand_inputs(args.images)
     before = model.memory_bank_.shape[0]
     model.update(paths, max_new=args.max_new, radius=args.radius)

@@ -23,16 +23,18 @@ from ..errors import ModelFileError, OutputError
 
 FORMAT_NAME = "patchcore-model"
 FORMAT_VERSION = 1
+ENSEMBLE_FORMAT_NAME = "patchcore-ensemble"  # several members' banks and headers in one file (estimator/ensemble.py)
 _METADATA_KEY = "patchcore"
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the torch-free runtime reads model files too
     import torch
 
 
-def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *,
+                     format_name: str = FORMAT_NAME) -> None:
     from safetensors.torch import save
 
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **metadata}
+    header = {"format": format_name, "format_version": FORMAT_VERSION, **metadata}
     payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                    metadata={_METADATA_KEY: json.dumps(header, sort_keys=True)})
     atomic_write_bytes(Path(path), payload)
@@ -150,7 +152,8 @@ _ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2
 def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int]] | None = None,
                     optional_tensors: dict[str, tuple[str, int]] | None = None,
                     check_header: Callable[[dict[str, tuple[str, list[int]]], dict[str, Any]], None] | None = None,
-                    as_numpy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    as_numpy: bool = False, format_name: str = FORMAT_NAME
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a model file: its tensors and its patchcore header.
 
     The safetensors header is read and checked first (length, JSON, dtypes, shapes, data offsets inside
@@ -161,6 +164,7 @@ def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int
     {name: (dtype, shape)}, header)` runs after that and before any data is read, so a file whose header
     declares gigabytes the model would refuse is refused without reading them. Every problem is a
     ModelFileError naming the file. `as_numpy`: the tensors as numpy arrays (the torch-free runtime).
+    `format_name`: the kind of file expected (a single model, or an ensemble).
     """
     path = Path(path)
     if not path.is_file():
@@ -173,7 +177,12 @@ def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int
                 header = _patchcore_header(metadata)
             except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
                 raise ModelFileError(f"{path}: not a patchcore model file or damaged ({err})") from None
-            if header.get("format") != FORMAT_NAME:
+            if header.get("format") != format_name:
+                if header.get("format") == ENSEMBLE_FORMAT_NAME:
+                    raise ModelFileError(f"{path}: an ensemble model file (several backbones); this path takes a "
+                                         "single model (load either kind with patchcore.load_model)")
+                if header.get("format") == FORMAT_NAME:
+                    raise ModelFileError(f"{path}: a single model file, not an ensemble")
                 raise ModelFileError(f"{path}: not a patchcore model file (safetensors without patchcore metadata)")
             version = header.get("format_version")
             if version != FORMAT_VERSION or isinstance(version, bool):
@@ -188,6 +197,24 @@ def read_model_file(path: str | Path, *, tensor_schema: dict[str, tuple[str, int
     except OSError as err:
         raise ModelFileError(f"{path}: cannot read the model file ({err})") from None
     return tensors, header
+
+
+def read_model_format(path: str | Path) -> str | None:
+    """The "format" a model file declares (FORMAT_NAME, ENSEMBLE_FORMAT_NAME, ...), from its header alone (no
+    tensor data read): which loader to use. None when the file has no patchcore header; ModelFileError when it
+    cannot be read at all."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        with open(path, "rb") as handle:
+            _, metadata = _read_safetensors_header(handle, os.fstat(handle.fileno()).st_size)
+            kind = _patchcore_header(metadata).get("format")
+    except (ValueError, RecursionError) as err:
+        raise ModelFileError(f"{path}: not a patchcore model file or damaged ({err})") from None
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot read the model file ({err})") from None
+    return kind if isinstance(kind, str) else None
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ...errors import InputError, PatchCoreError
 from ...estimator import PatchCore
+from ...estimator.ensemble import load_model
 
 log = logging.getLogger("patchcore.server")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -50,7 +51,7 @@ class ModelRegistry:
                 self.errors[path.name] = "file name is not a usable model name ([A-Za-z0-9_.-])"
                 continue
             try:
-                model = PatchCore.load(path, device=self.device)
+                model = load_model(path, device=self.device)  # a single model or an ensemble
             except PatchCoreError as err:
                 log.error("not serving %s: %s", path, err)
                 self.errors[path.name] = str(err)
