@@ -92,15 +92,19 @@ def fixed_input_size(model: PatchCore) -> tuple[int, int] | None:
 
 
 def export_model(model: PatchCore, model_path: str | Path, out_dir: str | Path, *, check_images: list | None = None,
-                 verify: bool = True) -> ExportReport:
+                 verify: bool = True, static_size: bool = False) -> ExportReport:
     """Write DIR/embedding.onnx and DIR/export.json for a fitted model saved at `model_path`, then score
-    `check_images` (default: a few seeded synthetic images at the model's geometry) through both paths."""
+    `check_images` (default: a few seeded synthetic images at the model's geometry) through both paths.
+    `static_size`: a graph for the training input size only, even where the geometry allows others (the
+    dynamic-size export of TF-padded EfficientNets takes minutes; the static one seconds)."""
     state = model.state_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     graph = EmbeddingGraph(model).eval()
-    fixed = fixed_input_size(model)
+    if static_size and model.config.tile_size is not None:
+        raise ExportError("a tiled model needs a graph of dynamic height and width (its tiles differ in size)")
+    fixed = fixed_input_size(model) or (tuple(state.input_size) if static_size else None)
     height, width = fixed or tuple(state.input_size)
     example = torch.zeros(2, 3, height, width)
     dynamic = {0: torch.export.Dim.DYNAMIC}
@@ -132,6 +136,8 @@ def export_model(model: PatchCore, model_path: str | Path, out_dir: str | Path, 
     seconds = time.perf_counter() - started
     report = ExportReport(out_dir, len(payload), fixed is None, seconds, 0, 0.0, 0.0, True)
     if verify:
+        if static_size and not check_images:
+            check_images = check_images_for(model)[:1]  # the training input size: the one the graph takes
         try:
             report = dataclasses.replace(report, **verify_export(model, model_path, out_dir, check_images))
         except BaseException:  # a graph that does not score as the library does is never left usable
@@ -156,7 +162,7 @@ def check_images_for(model: PatchCore, count: int = 3) -> list[np.ndarray]:
         sizes = [tuple(config.resize)]
     else:  # none: every size as it is; scale: the model's own input size, and two others
         sizes = [(height, width), (height + 2 * align, width + 3 * align), (max(2 * align, height - align), width)]
-    if fixed_input_size(model) is None and config.crop is None:
+    if fixed_input_size(model) is None and config.crop is None and model.state_.region is None:
         sizes = (sizes * count)[:count]
     else:
         sizes = [sizes[0]] * min(count, 2)
@@ -192,3 +198,45 @@ def verify_export(model: PatchCore, model_path: str | Path, out_dir: str | Path,
                           f"{MAP_RTOL:g}), labels {'equal' if labels_equal else 'DIFFER'}; {out_dir} is not usable")
     return dict(checked_images=len(images), max_score_rel_diff=worst_score, max_map_rel_diff=worst_map,
                 labels_equal=labels_equal)
+
+
+INT8_GRAPH = "embedding.int8.onnx"
+
+
+def quantize_int8(model_path: str | Path, out_dir: str | Path, images: list, *, max_images: int = 32) -> dict:
+    """Static int8 quantisation (QDQ, per-channel weights) of an exported graph, calibrated on `images` (the
+    model's own training images), written beside it and recorded in export.json under "int8". Only ever an
+    explicit choice (`--precision int8`): it changes the features (measured in docs/RUNTIME.md)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from ..io.images import read_image
+    from ..runtime import Runtime
+
+    out_dir = Path(out_dir)
+    runtime = Runtime.load(model_path, out_dir)
+    chosen = list(images)[:max_images]
+    if not chosen:
+        raise ExportError("int8 calibration needs images (the model's training images)")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.pending = iter(chosen)
+
+        def get_next(self):
+            image = next(self.pending, None)
+            if image is None:
+                return None
+            pixels = read_image(image) if isinstance(image, (str, Path)) else image
+            return {"images": runtime.preprocess([pixels])}
+
+    tmp = out_dir / f".{INT8_GRAPH}.tmp"
+    quantize_static(str(out_dir / GRAPH_NAME), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    payload = tmp.read_bytes()
+    tmp.unlink()
+    atomic_write_bytes(out_dir / INT8_GRAPH, payload)
+    manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+    manifest["int8"] = {"graph": INT8_GRAPH, "sha256": hashlib.sha256(payload).hexdigest(),
+                        "calibration_images": len(chosen), "format": "QDQ, per-channel int8 weights, uint8 activations"}
+    atomic_write_bytes(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest["int8"]

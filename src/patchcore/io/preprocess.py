@@ -21,6 +21,7 @@ from PIL import Image
 from ..errors import InputError
 from . import sizing
 from .images import limit
+from .resize import resize_rgb
 
 MAX_RESIZED_PIXELS = 6144 * 6144  # 37.7 Mpx: a 20-megapixel image at its own size fits, with tiles
 
@@ -115,9 +116,11 @@ class Preprocess:
 
 
 def resize_uint8(images: torch.Tensor, size: tuple[int, int], *, in_float: bool) -> torch.Tensor:
-    """Bilinear antialiased resize of a uint8 batch, to uint8. torch's uint8 kernel exists on CPU only;
-    elsewhere (CUDA) resize in float and round, which agrees with it to within 1 grey level."""
+    """Bilinear antialiased resize of a uint8 batch, to uint8. On CPU Pillow's kernel image by image
+    (io/resize.py: the torch-free runtime's, so both paths see the same pixels); elsewhere (CUDA) resize in
+    float and round, which agrees with it to within 1 grey level."""
     if not in_float:
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        arrays = images.permute(0, 2, 3, 1).numpy()
+        return torch.from_numpy(np.stack([resize_rgb(a, size) for a in arrays])).permute(0, 3, 1, 2)
     x = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)

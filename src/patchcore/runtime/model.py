@@ -2,9 +2,8 @@
 
 The steps after the graph are the library's own functions, called with numpy arrays: exact 1-NN
 (core/knn.py), eq. 7 and the maps (core/scoring.py), the size rules (io/sizing.py), decoding and its limits
-(io/images.py), the model file and its schema (io/model_file.py, io/fitted_state.py). Only the resize
-differs in kernel: Pillow's antialiased bilinear here, torch's port of it in the library (they agree to
-within one grey level on ~0.1% of pixels; the parity bounds of issue 17 are measured with it).
+(io/images.py), the resize (io/resize.py, the library's CPU kernel), the model file and its schema
+(io/model_file.py, io/fitted_state.py).
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from ..io import sizing
 from ..io.fitted_state import FittedState, config_from_file
 from ..io.images import iter_image_batches, limit, read_image, to_rgb_uint8
 from ..io.model_file import read_model_file
+from ..io.resize import resize_rgb
 from .backends import Session
 from .bundle import read_manifest
 
@@ -85,9 +85,11 @@ class Runtime:
 
     @classmethod
     def load(cls, model_path: str | Path, export_dir: str | Path, *, backend: str = "onnxruntime",
-             threads: int | None = None, precision: str = "fp32", graph: str | None = None) -> Runtime:
+             threads: int | None = None, precision: str = "fp32") -> Runtime:
         """Model file + export folder -> Runtime. The graph must have been exported for the weights the bank
-        was computed with (ModelFileError otherwise). `graph` picks another graph file of the folder (int8)."""
+        was computed with (ModelFileError otherwise). precision: fp32 (default); bf16 (OpenVINO computes in
+        bf16); int8 (the statically quantised graph of `patchcore export --int8`). Reduced precision changes
+        the scores: an explicit choice only (its measured effect: docs/RUNTIME.md)."""
         tensors, header = read_model_file(model_path, tensor_schema=FittedState.TENSORS,
                                           optional_tensors=FittedState.OPTIONAL_TENSORS, as_numpy=True)
         config = config_from_file(header, model_path)
@@ -100,14 +102,27 @@ class Runtime:
         if manifest["embedding_dim"] != state.memory_bank.shape[1]:
             raise ModelFileError(f"{export_dir}: the graph gives {manifest['embedding_dim']}-d features, the bank "
                                  f"of {model_path} is {state.memory_bank.shape[1]}-d: export this model")
-        graph_path = Path(export_dir) / (graph or manifest["graph"])
+        graph, digest = manifest["graph"], manifest.get("graph_sha256")
+        if precision == "int8":
+            variant = manifest.get("int8")
+            if not isinstance(variant, dict) or not isinstance(variant.get("graph"), str):
+                raise ModelFileError(f"{export_dir}: no int8 graph here (patchcore export --int8 writes one)")
+            graph, digest, precision = variant["graph"], variant.get("sha256"), "fp32"
+        if "/" in graph or "\\" in graph or graph.startswith("."):
+            raise ModelFileError(f"{export_dir}: graph names must name a file in the export folder, got {graph!r}")
+        graph_path = Path(export_dir) / graph
         if not graph_path.is_file():
             raise ModelFileError(f"{graph_path}: no such graph file")
-        if graph is None and manifest.get("graph_sha256"):
-            digest = hashlib.sha256(graph_path.read_bytes()).hexdigest()
-            if digest != manifest["graph_sha256"]:
+        if digest:
+            if hashlib.sha256(graph_path.read_bytes()).hexdigest() != digest:
                 raise ModelFileError(f"{graph_path}: its sha256 is not the one export.json records (changed or "
                                      f"damaged): export again")
+        if threads is not None:
+            # numpy's BLAS too (the search and the maps): its default of one thread per core spins on a loaded
+            # 2-core machine, and small GEMMs (the maps) ran 100x slower with 2 threads than with 1.
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=threads, user_api="blas")
         return cls(config, state, Session(graph_path, backend, threads=threads, precision=precision), manifest)
 
     # ------------------------------------------------------------------ geometry (io/sizing.py rules)
@@ -117,7 +132,7 @@ class Runtime:
 
     def check_size(self, height: int, width: int) -> None:
         """InputError if an H x W image cannot be scored: empty, too large once resized, smaller than the
-        crop, or of another model-input size than a fixed-size graph takes."""
+        crop, of another model-input size than a region model's or a fixed-size graph's."""
         if height < 1 or width < 1:
             raise InputError(f"empty image ({height} x {width} pixels)")
         size = self.resized_size(height, width)
@@ -131,6 +146,11 @@ class Runtime:
             raise InputError(f"crop {ch}x{cw} is larger than the resized image {size[0]}x{size[1]}")
         fixed = self.manifest.get("input_size")
         box = sizing.crop_box(size, self.config.crop)
+        region = self._state[3]
+        if region is not None and (box[2], box[3]) != region.shape:
+            raise InputError(f"a {height} x {width} image becomes {box[2]} x {box[3]} at the model input, the "
+                             f"inspection region is {region.shape[0]} x {region.shape[1]}: a region model takes "
+                             "images of its training size")
         if fixed is not None and [box[2], box[3]] != list(fixed):
             raise InputError(f"a {height} x {width} image gives a {box[2]} x {box[3]} model input; the exported "
                              f"graph takes {fixed[0]} x {fixed[1]} only")
@@ -147,9 +167,7 @@ class Runtime:
             top, left, ch, cw = sizing.crop_box(size, self.config.crop)
         batch = np.empty((len(images), ch, cw, 3), dtype=np.uint8)
         for i, image in enumerate(images):
-            if size != (height, width):  # antialiased bilinear in 8 bit, as the library's resize_uint8
-                image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-            batch[i] = image[top:top + ch, left:left + cw]
+            batch[i] = resize_rgb(image, size)[top:top + ch, left:left + cw]  # the library's kernel (CPU)
         x = batch.transpose(0, 3, 1, 2).astype(np.float32)
         x /= np.float32(255.0)
         x -= self.mean

@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 
 from ..._version import __version__
 from ...errors import PatchCoreError
-from ...estimator import PatchCore
 from ...io.render import colormap, normalise_map, overlay
 from .batcher import Batcher, ScoredImage
 from .decode import UploadError, decode_upload
@@ -65,7 +64,7 @@ class Services:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = ModelRegistry(settings.models_dir, device=settings.device)
+        self.registry = ModelRegistry(settings.models_dir, device=settings.device, runtime=settings.runtime)
         self.review = ReviewStore(settings.review_dir)
         self.batcher = Batcher(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                max_queue=settings.max_queue, on_batch=self.metrics.batch_size.observe)
@@ -341,7 +340,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def reload(entry: Annotated[ModelEntry, Depends(model_entry)]):
         """Load the model file again (after `patchcore update` or a rollback by file) and swap it in."""
         async with entry.lock:
-            model = await run_in_threadpool(PatchCore.load, entry.path, device=settings.device)
+            model = await run_in_threadpool(svc.registry.load_model, entry.path)
             entry.model = model
             entry.version += 1
             entry.file_sha256 = await run_in_threadpool(file_digest, entry.path)

@@ -19,6 +19,7 @@ class ServerSettings:
     token: str | None = None  # bearer token for state-changing endpoints (and predict off loopback)
     open_predict: bool = False  # off loopback, let predict through without the token
     device: str = "auto"
+    runtime: str = "torch"  # "onnx": score through each model's export, MODEL.onnx/ (docs/RUNTIME.md)
     max_batch: int = 8  # B: images per predict_batch call
     max_wait_ms: float = 10.0  # T: how long the first image of a batch waits for company
     max_queue: int = 32  # admitted predict requests (decoding, queued or computing); beyond: 503
