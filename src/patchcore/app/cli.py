@@ -112,20 +112,24 @@ def load_for_runtime(args: argparse.Namespace) -> PatchCore:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..estimator.export import export_model
+    from ..estimator.export import export_model, quantize_int8
     from ..estimator.exported import default_export_dir
 
     output = Path(args.output) if args.output else default_export_dir(args.model)
     model = PatchCore.load(args.model, device="cpu", weights=args.weights)
     checks = expand_inputs(args.check_images) if args.check_images else None
     print(f"exporting {model.config.backbone} to {output} (ONNX opset 18) ...", file=sys.stderr)
-    report = export_model(model, args.model, output, check_images=checks)
+    report = export_model(model, args.model, output, check_images=checks, static_size=args.static_size)
     sizes = "dynamic" if report.dynamic_size else "fixed"
     print(f"wrote {output}/embedding.onnx ({report.graph_bytes / 1e6:.1f} MB, {sizes} height and width) in "
           f"{report.export_seconds:.0f} s; checked on {report.checked_images} images: image "
           f"scores within {report.max_score_rel_diff:.1e} relative of the library's, maps within "
           f"{report.max_map_rel_diff:.1e}, labels {'identical' if report.labels_equal else 'DIFFERENT'}",
           file=sys.stderr)
+    if args.int8:
+        variant = quantize_int8(args.model, output, expand_inputs(args.int8))
+        print(f"wrote {output}/{variant['graph']} (static int8, calibrated on {variant['calibration_images']} "
+              f"images): an explicit accuracy trade, scored only with --precision int8", file=sys.stderr)
     return EXIT_OK
 
 
@@ -138,8 +142,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="threads of one scoring process: the engine's with --runtime onnx (default: all cores), "
                         "torch's per actor with --ray (default: the cluster's CPUs / actors)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32 (default); bf16 only with --backend openvino, an explicit accuracy trade")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="fp32 (default); bf16 (--backend openvino) or int8 (the graph of export --int8): explicit "
+                        "accuracy trades, measured in docs/RUNTIME.md")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -289,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--check-images", nargs="+", default=None,
                         help="images (files or folders) scored through both paths to check the export "
                              "(default: a few synthetic images)")
+    export.add_argument("--static-size", action="store_true",
+                        help="a graph for the training input size only (where the geometry allows other sizes: "
+                             "a faster export; images of other model-input sizes are then refused)")
+    export.add_argument("--int8", nargs="+", default=None, metavar="TRAIN_IMAGES",
+                        help="also write a static int8 graph, calibrated on these training images (files or folders)")
     export.set_defaults(run=cmd_export)
 
     demo = sub.add_parser("demo", help="make a synthetic inspection set, fit, predict, show where results are")

@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models = Path(args.models)
     settings = ServerSettings(
         models_dir=models, review_dir=Path(args.review_dir) if args.review_dir else models / "review",
-        host=args.host, token=token, open_predict=args.open_predict, device=args.device,
+        host=args.host, token=token, open_predict=args.open_predict, device=args.device, runtime=args.runtime,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels)
     print(f"serving {models}/*.model on http://{args.host}:{args.port}/ (page /page/, API docs /docs); "
@@ -110,6 +110,9 @@ def add_parsers(sub, common) -> None:
     serve.add_argument("models", help="folder of *.model files (served by file stem)")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                       help="onnx: score each MODEL through its export MODEL.onnx/ (patchcore export), no torch "
+                            "in the scoring path; updates still use the library")
     serve.add_argument("--token-file", default=None,
                        help="file holding the bearer token for feedback/update/reload (else $PATCHCORE_TOKEN)")
     serve.add_argument("--open-predict", action="store_true",

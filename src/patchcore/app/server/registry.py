@@ -36,9 +36,10 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, folder: str | Path, *, device: str = "auto"):
+    def __init__(self, folder: str | Path, *, device: str = "auto", runtime: str = "torch"):
         self.folder = Path(folder)
         self.device = device
+        self.runtime = runtime
         self.entries: dict[str, ModelEntry] = {}
         self.errors: dict[str, str] = {}  # model files that failed to load, and why
 
@@ -51,12 +52,21 @@ class ModelRegistry:
                 self.errors[path.name] = "file name is not a usable model name ([A-Za-z0-9_.-])"
                 continue
             try:
-                model = load_model(path, device=self.device)  # a single model or an ensemble
+                model = self.load_model(path)
             except PatchCoreError as err:
                 log.error("not serving %s: %s", path, err)
                 self.errors[path.name] = str(err)
                 continue
             self.entries[name] = ModelEntry(name, path, model, file_sha256=file_digest(path))
+
+    def load_model(self, path: Path) -> PatchCore:
+        """One model file (a single model or an ensemble), scored by torch, or (runtime "onnx") through its
+        export beside it, MODEL.onnx/ (`patchcore export`); update, reload and thresholds stay the estimator's."""
+        if self.runtime == "onnx":
+            from ...estimator.exported import ExportedPatchCore
+
+            return ExportedPatchCore.load(path)
+        return load_model(path, device=self.device)  # a single model or an ensemble
 
     def get(self, name: str) -> ModelEntry | None:
         return self.entries.get(name)
