@@ -35,6 +35,9 @@ TYPED = {
     "geometry": ("mvtec", "mvtec"),
     "pixel_budget": ("40000", 40000),
     "region": ("roi.png", "roi.png"),
+    "scale": ("0.5", 0.5),
+    "false_alarm_rate": ("0.05", 0.05),
+    "exclude_outliers": ("true", True),
 }
 
 
@@ -48,6 +51,8 @@ def test_each_option_reaches_its_config_field(name):
     args = build_parser().parse_args(["fit", "t", "-o", "m", "--" + name.replace("_", "-"), text])
     config = config_from_args(args)
     assert getattr(config, name) == value
+    if name == "scale":  # scale replaces the default resize and crop (config.py): they come back with it unset
+        config = dataclasses.replace(config, resize=256, crop=224, scale=None)
     assert dataclasses.replace(config, **{name: getattr(PatchCoreConfig(), name)}) == PatchCoreConfig()
 
 

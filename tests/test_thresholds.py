@@ -95,3 +95,31 @@ def test_the_target_rate_sets_the_threshold(training_set):
     assert strict.calibration_scores_ == loose.calibration_scores_  # the same evidence, another quantile
     assert strict.image_threshold_ > loose.image_threshold_ and strict.pixel_threshold_ > loose.pixel_threshold_
     assert strict.image_threshold_ == pytest.approx(quantile_threshold(strict.calibration_scores_, 0.001))
+
+
+def _stain(image: np.ndarray, y: int, x: int) -> np.ndarray:
+    """A 14 x 14 blue square: one kind of defect, the same on every part it is on."""
+    image = image.copy()
+    image[y:y + 14, x:x + 14] = (40, 90, 200)
+    return image
+
+
+def test_excluding_outliers_keeps_a_bad_training_part_out_of_the_bank(tmp_path):
+    """A stained part among 12 good ones: the plain bank learns the stain as normal and a new stained part
+    scores low; with exclude_outliers the stain's patches stay out and it scores near a clean bank's score."""
+    rng = np.random.default_rng(4)
+    for i in range(12):
+        Image.fromarray(fabric_texture(rng, 64)).save(tmp_path / f"good_{i:02d}.png")
+    Image.fromarray(_stain(fabric_texture(rng, 64), 20, 30)).save(tmp_path / "bad_part.png")
+    paths = sorted(tmp_path.glob("*.png"))
+    new_stain, new_good = _stain(fabric_texture(rng, 64), 36, 10), fabric_texture(rng, 64)
+    plain = PatchCore(_config(), device="cpu").fit(paths)
+    cleaned = PatchCore(_config(exclude_outliers=True), device="cpu").fit(paths)
+    clean_set = PatchCore(_config(), device="cpu").fit([p for p in paths if p.name != "bad_part.png"])
+    assert plain.fit_report_.excluded_patches == 0 and 0 < cleaned.fit_report_.excluded_patches < 64
+    stain_plain, good_plain = plain.predict([new_stain, new_good]).scores.tolist()
+    stain_cleaned, good_cleaned = cleaned.predict([new_stain, new_good]).scores.tolist()
+    stain_clean_set = float(clean_set.predict(new_stain).scores[0])
+    assert stain_cleaned > stain_plain + 0.6 * (stain_clean_set - stain_plain)  # most of the way back
+    assert good_cleaned == pytest.approx(good_plain, rel=0.05)
+    assert cleaned.fit_report_.suspects[0][0].endswith("bad_part.png")  # still named for a look

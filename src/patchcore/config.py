@@ -81,6 +81,11 @@ class PatchCoreConfig:
         "help": "target share of good parts labelled defect: the thresholds are the (1 - rate) quantile of "
                 "out-of-sample nominal scores (robust log-normal estimate; fit prints the expected rate and its "
                 "uncertainty)"})
+    exclude_outliers: bool = field(default=False, metadata={
+        "help": "a good set with a few bad parts: training patches that score like defects against the other "
+                "training images (out-of-fold distance above the image threshold) are kept out of the bank, and "
+                "the coreset and thresholds are made again without them (SoftPatch's idea; costs a second "
+                "coreset)"})
     scale: float | None = field(default=None, metadata={
         "help": "one resize factor for every image, aspect kept, sides rounded to the deepest feature stride: "
                 "crops of different sizes from one camera keep one pixel size in the features. Replaces "
@@ -106,6 +111,8 @@ class PatchCoreConfig:
             _require_int(name, getattr(self, name))
         if self.coreset_size is not None:
             _require_int("coreset_size", self.coreset_size)
+        if not isinstance(self.exclude_outliers, bool):
+            raise ConfigError(f"exclude_outliers must be true or false, got {self.exclude_outliers!r}")
         for name in ("coreset_ratio", "blur_sigma", "calibration_ratio", "false_alarm_rate"):
             _require_finite(name, getattr(self, name))
         strides = self.feature_strides
@@ -175,7 +182,7 @@ class PatchCoreConfig:
 
 
 LATER_FIELDS = {"tile_size": None, "tile_overlap": 128, "geometry": "auto", "pixel_budget": 320 * 320,
-                "region": None, "scale": None, "false_alarm_rate": 0.01}
+                "region": None, "scale": None, "false_alarm_rate": 0.01, "exclude_outliers": False}
 
 
 def _check_tiling(config: PatchCoreConfig) -> None:

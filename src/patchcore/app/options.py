@@ -38,7 +38,17 @@ def _parse_optional(kind):
     return parse
 
 
-_SPECIAL_PARSERS = {"resize": parse_size, "crop": parse_size, "feature_strides": parse_int_tuple}
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_SPECIAL_PARSERS = {"resize": parse_size, "crop": parse_size, "feature_strides": parse_int_tuple,
+                    "exclude_outliers": parse_bool}
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

@@ -103,6 +103,7 @@ class FitReport:
     # Training images that score like defects against banks without their own rows: (name, score), highest
     # first. A line wants to look at them: a "good" set often holds a few parts that are not.
     suspects: list[tuple[str, float]] = field(default_factory=list)
+    excluded_patches: int = 0  # exclude_outliers: training patches kept out of the bank as defect-like
 
 
 @dataclass(frozen=True)
@@ -301,34 +302,51 @@ class PatchCore:
             started = time.perf_counter()
             projected -= projected.mean(0)  # k-center is translation invariant; see greedy_coreset
             report.n_patches = projected.shape[0]
-            n = coreset_count(report.n_patches, cfg.coreset_ratio, cfg.coreset_size)
-            selected = greedy_coreset(projected.to(self.device), n, generator=generator).cpu()
-            del projected
-            # Sorted: bank order follows the training data, so the file is independent of selection order.
-            bank_rows = selected.sort().values
-            bank = store.gather(bank_rows).to(self.device)
-            report.coreset_size = n
+            clean = cfg.exclude_outliers and not calibration_images and len(training.images) >= MIN_CALIBRATION_IMAGES
+            bank_rows = self._build_bank(training, projected, None, generator, region, report)
+            if not clean:
+                del projected
             report.features_spilled_to_disk = store.spilled
             report.coreset_seconds = time.perf_counter() - started
-            self.set_state(FittedState(
-                memory_bank=bank,
-                distance_scale=typical_nn_distance(bank, squared_norms(bank), generator=generator),  # T of eq. 7
-                image_threshold=None, pixel_threshold=None, calibration_scores=(),
-                grid=training.grid, input_size=training.input_size, n_train_images=report.n_images,
-                n_train_patches=report.n_patches, backbone_weights_sha256=self.extractor.weights_sha256,
-                region=region))
 
             started = time.perf_counter()
             if calibration_images:
                 self._calibrate(calibration_images, report)
             elif len(training.images) >= MIN_CALIBRATION_IMAGES:
-                self._calibrate_out_of_fold(training, bank_rows, report)
+                outlying = self._calibrate_out_of_fold(training, bank_rows, report, row_distances=clean)
+                if clean and bool(outlying.any()):
+                    # SoftPatch's idea (PATCHCORE.md section 5): training patches that score like defects against
+                    # the other folds never enter the bank; the coreset and the thresholds are made again.
+                    report.excluded_patches = int(outlying.sum())
+                    kept = (~outlying).nonzero()[:, 0]
+                    bank_rows = self._build_bank(training, projected, kept, generator, region, report)
+                    self._calibrate_out_of_fold(training, bank_rows, report)
             report.calibration_seconds = time.perf_counter() - started
         finally:
             if store is not None:
                 store.close()
         self.fit_report_ = report
         return self
+
+    def _build_bank(self, training: TrainingFeatures, projected: torch.Tensor, candidates: torch.Tensor | None,
+                    generator: torch.Generator, region: torch.Tensor | None, report: FitReport) -> torch.Tensor:
+        """Greedy k-center coreset over the projected rows (or the `candidates` among them) -> the memory bank,
+        installed as the state (thresholds not yet set); returns the bank's store rows, sorted."""
+        cfg = self.config
+        pool = projected if candidates is None else projected[candidates]
+        n = coreset_count(pool.shape[0], cfg.coreset_ratio, cfg.coreset_size)
+        selected = greedy_coreset(pool.to(self.device), n, generator=generator).cpu()
+        # Sorted: bank order follows the training data, so the file is independent of selection order.
+        bank_rows = (selected if candidates is None else candidates[selected]).sort().values
+        bank = training.store.gather(bank_rows).to(self.device)
+        report.coreset_size = n
+        self.set_state(FittedState(
+            memory_bank=bank,
+            distance_scale=typical_nn_distance(bank, squared_norms(bank), generator=generator),  # T of eq. 7
+            image_threshold=None, pixel_threshold=None, calibration_scores=(),
+            grid=training.grid, input_size=training.input_size, n_train_images=report.n_images,
+            n_train_patches=report.n_patches, backbone_weights_sha256=self.extractor.weights_sha256, region=region))
+        return bank_rows
 
     def _extract_training_features(self, images: list, region: torch.Tensor | None, report: FitReport,
                                    generator: torch.Generator, progress, max_feature_memory: int,
@@ -448,10 +466,14 @@ class PatchCore:
             self._set_thresholds(scores, pixel_max, names, report, f"{len(scores)} held-out training images")
 
     @torch.inference_mode()
-    def _calibrate_out_of_fold(self, training: TrainingFeatures, bank_rows: torch.Tensor, report: FitReport) -> None:
+    def _calibrate_out_of_fold(self, training: TrainingFeatures, bank_rows: torch.Tensor, report: FitReport, *,
+                               row_distances: bool = False) -> torch.Tensor | None:
         """Thresholds from every training image, each scored against the bank without the rows of its fold
         (k folds of whole images, seeded), from the features fit already has: out-of-sample nominal scores,
-        as a hold-out gives, while the bank keeps every image. A bank row's image is where its store row sat."""
+        as a hold-out gives, while the bank keeps every image. A bank row's image is where its store row sat.
+
+        row_distances: also return, per training patch (store row), whether its own out-of-fold nearest distance
+        is above the image threshold: a patch that scores like a defect among the other images' patches."""
         state = self.state_
         images = training.images
         folds = min(CALIBRATION_FOLDS, len(images))
@@ -461,10 +483,11 @@ class PatchCore:
         order = np.argsort(starts, kind="stable")
         row_fold = fold[owners[order][np.searchsorted(starts[order], bank_rows.numpy(), side="right") - 1]]
         scores, pixel_max = np.zeros(len(images)), np.zeros(len(images))
+        patch_dist = torch.zeros(training.projected.shape[0]) if row_distances else None
         for f in range(folds):
             keep = torch.from_numpy(row_fold != f).to(state.memory_bank.device)
             if not bool(keep.any()):  # every bank row came from this fold (a tiny set): nothing to score against
-                return
+                return None
             bank = state.memory_bank[keep]
             fitted = _Fitted(state.replace(memory_bank=bank), BankIndex(bank), squared_norms(bank))
             for i in np.nonzero(fold == f)[0]:
@@ -472,9 +495,14 @@ class PatchCore:
                 pieces = [self._stored_piece(training.store, image, piece, state.region) for piece in image.pieces]
                 result = self._score_pieces(pieces, image.grid, image.input_size, 1, fitted)
                 scores[i], pixel_max[i] = float(result.scores[0]), float(result.maps[0].max())
+                if patch_dist is not None:
+                    for start, count, *_ in image.pieces:
+                        rows = training.store.gather(torch.arange(start, start + count)).to(self.device)
+                        patch_dist[start:start + count] = fitted.index.search(rows)[0].cpu()
         self._set_thresholds(scores.tolist(), pixel_max.tolist(), [image.name for image in images], report,
                              f"all {len(images)} training images, each scored against the bank without the rows "
                              f"of its fold ({folds} folds)")
+        return None if patch_dist is None else patch_dist > self.state_.image_threshold
 
     def _stored_piece(self, store, image: _TrainingImage, piece: tuple, region: torch.Tensor | None) -> Piece:
         """One piece of a training image's grid back from the feature store, as the extractor gave it (with a
