@@ -2,8 +2,9 @@
 
 - onnxruntime (default): CPU; "onnxruntime-cuda" asks for its CUDA provider and fails if it is absent.
 - openvino: CPU, precision forced to fp32 (OpenVINO's CPU default on recent Intel CPUs is bf16, silently).
-Reduced precision is only ever an explicit choice: precision="bf16" (OpenVINO), or an int8 graph written
-by `patchcore export --int8` (static QDQ, calibrated on the model's own training images).
+Reduced precision is only ever an explicit choice: precision="bf16" (OpenVINO), or the int8 graph written
+by `patchcore export --int8` (static QDQ, calibrated on the model's own training images; Runtime.load
+picks it with precision="int8" and runs it on either engine).
 """
 from __future__ import annotations
 
