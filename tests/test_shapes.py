@@ -138,3 +138,28 @@ def test_bench_on_varied_shapes(varied):
     result = run_bench(varied, config, device="cpu", throughput_batch=4, latency_images=6)
     assert result["settings"]["config"]["scale"] > 0 and result["latency_ms_batch1_median"] > 0
     assert result["throughput_images_per_s"] > 0 and 0 <= result["image_auroc"] <= 1
+
+
+def test_the_server_refuses_what_predict_refuses(varied, tmp_path):
+    """An exact-size model: an upload 2.6x off its aspect was scored distorted by the server (tensors skipped
+    the check that files get); now it is refused as predict(path) refuses it."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from patchcore import PatchCoreConfig
+    from patchcore.app.server.api import create_app
+    from patchcore.app.server.settings import ServerSettings
+
+    train = sorted((varied / "train" / "good").glob("*.png"))
+    config = PatchCoreConfig(backbone="resnet18_random", resize=(64, 24), crop=None, coreset_ratio=0.2)
+    model = PatchCore(config, device="cpu").fit([p for p in train if Image.open(p).size[1] > 100])
+    models = tmp_path / "models"
+    models.mkdir()
+    model.save(models / "tall.model")
+    wide = varied / "test" / "good" / "002.png"  # 48 x 128: the tall part's aspect turned
+    assert Image.open(wide).size == (128, 48)
+    settings = ServerSettings(models_dir=models, review_dir=tmp_path / "review", token="t" * 24, device="cpu",
+                              max_wait_ms=5.0)
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/v1/models/tall/predict", files={"file": ("w.png", wide.read_bytes(), "image/png")})
+    assert answer.status_code == 422 and "aspect ratio" in answer.text
