@@ -441,7 +441,7 @@ class PatchCoreEnsemble:
         """The members' reports summed (times, patches, bank rows); the normalisation pass counts as calibration."""
         reports = [getattr(m, "fit_report_", None) or FitReport() for m in self.members]
         first = reports[0]
-        return FitReport(
+        report = FitReport(
             n_images=first.n_images, n_calibration_images=first.n_calibration_images,
             n_patches=sum(r.n_patches for r in reports), coreset_size=sum(r.coreset_size for r in reports),
             embed_seconds=sum(r.embed_seconds for r in reports),
@@ -449,6 +449,12 @@ class PatchCoreEnsemble:
             calibration_seconds=sum(r.calibration_seconds for r in reports) + normalisation_seconds,
             features_spilled_to_disk=any(r.features_spilled_to_disk for r in reports), skipped=list(first.skipped),
             geometry=first.geometry)
+        if hasattr(report, "thresholds"):
+            state = self._state
+            report.thresholds = (
+                f"for the ensemble of {len(self.members)}: the normal (1 - false_alarm_rate) quantile of "
+                f"{len(state.calibration_scores)} combined out-of-sample nominal scores (median + z x 1.4826 MAD)")
+        return report
 
     def check_members(self, path: Any = None) -> None:
         """The members must be fitted and share the geometry and the calibration images; else an error naming

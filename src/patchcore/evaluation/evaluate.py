@@ -130,7 +130,11 @@ def false_alarm_rates(model: PatchCore, labels: np.ndarray, scores: np.ndarray) 
     observed = float(np.mean(scores[good] > model.image_threshold_)) if good.any() else None
     values: dict[str, Any] = {"target_false_alarm_rate": model.config.false_alarm_rate,
                               "observed_false_alarm_rate": observed}
-    if len(model.calibration_scores_) >= 2:
+    if hasattr(model, "expected_false_alarms"):  # an ensemble: its combined scores have their own nominal model
+        estimate = model.expected_false_alarms(model.image_threshold_)
+        values.update(expected_false_alarm_rate=estimate.rate,
+                      expected_false_alarm_interval=[estimate.low, estimate.high])
+    elif len(model.calibration_scores_) >= 2:
         estimate = expected_false_alarms(model.calibration_scores_, model.image_threshold_, seed=model.config.seed)
         values.update(expected_false_alarm_rate=estimate.rate,
                       expected_false_alarm_interval=[estimate.low, estimate.high])
