@@ -233,3 +233,31 @@ def test_fixed_geometry_exports_a_static_graph(category, tmp_path):
         ours = runtime.predict(image)
         ref = model.predict(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None])
         assert_parity(ours, ref)
+
+
+def test_cli_export_then_predict_with_the_onnx_runtime(category, tmp_path, capsys):
+    """`patchcore export` then `patchcore predict --runtime onnx`: the same scores.csv rows (scores within the
+    parity bound, identical labels) and the same output files as the torch runtime."""
+    import csv
+
+    from patchcore.app.cli import main
+
+    train = sorted((category / "train" / "good").glob("*.png"))
+    model = PatchCore(_config(), device="cpu").fit(train)
+    path = tmp_path / "fabric.model"
+    model.save(path)
+    assert main(["export", str(path), "--check-images", str(category / "test" / "hole")]) == 0
+    assert "labels identical" in capsys.readouterr().err
+    assert (tmp_path / "fabric.model.onnx" / "export.json").is_file()  # the default folder, MODEL.onnx
+    rows = {}
+    for runtime in ("torch", "onnx"):
+        out = tmp_path / runtime
+        code = main(["predict", str(path), str(category / "test" / "good"), str(category / "test" / "hole"),
+                     "-o", str(out), "--quiet", "--runtime", runtime])
+        assert code == 0
+        rows[runtime] = {row["name"]: row for row in csv.DictReader(open(out / "scores.csv"))}
+        assert len(list((out / "heatmaps").glob("*.png"))) == len(rows[runtime]) == 10
+    for name, row in rows["torch"].items():
+        other = rows["onnx"][name]
+        assert float(other["score"]) == pytest.approx(float(row["score"]), rel=SCORE_RTOL)
+        assert other["label"] == row["label"]

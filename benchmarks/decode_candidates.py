@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Decoders that install from PyPI, on PNG and JPEG of 0.25-20 Mpx, and on the hostile corpus (issue 17.6).
+
+Run it in an environment that has the candidates (none is a patchcore dependency):
+
+    python3 -m venv /tmp/dec && /tmp/dec/bin/pip install numpy pillow pyspng simplejpeg opencv-python-headless
+    OMP_WAIT_POLICY=PASSIVE /tmp/dec/bin/python benchmarks/decode_candidates.py --fuzz 2000 -o decode.json
+
+Speed: median of --repeats decodes per file, one thread (OpenCV's own threads set to 1), the file already
+in memory (the read is the same for all). Candidates: Pillow (what io/images.py uses), pyspng (libspng,
+PNG only), simplejpeg (libjpeg-turbo, JPEG only), OpenCV imdecode (libpng / libjpeg-turbo).
+Safety: every hostile file of tests/hostile.py and --fuzz mutated seeds, each candidate in a child process
+per batch of files: "crash" is a child killed by a signal (a segfault kills a scoring process), "silent"
+a short-data PNG decoded without an error (black rows instead of a refusal).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import hostile  # the project's hostile corpus and mutator
+
+
+def decoders() -> dict:
+    found = {"pillow": lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))}
+    try:
+        import pyspng
+        found["pyspng"] = lambda data: pyspng.load(data)
+    except ImportError:
+        pass
+    try:
+        import simplejpeg
+        found["simplejpeg"] = lambda data: simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ImportError:
+        pass
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+
+        def opencv(data):
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if image is None:
+                raise ValueError("cv2.imdecode returned None")
+            return image[..., ::-1]
+        found["opencv"] = opencv
+    except ImportError:
+        pass
+    return found
+
+
+FORMATS = {"pyspng": ("PNG",), "simplejpeg": ("JPEG",)}  # the others decode both
+
+
+def test_images(source: Path) -> dict[str, bytes]:
+    """PNG and JPEG (quality 95) of a real MVTec photograph scaled to 0.25, 1, 5 and 20 Mpx (and the original)."""
+    base = Image.open(source).convert("RGB")
+    out = {}
+    for mpx in (0.25, 0.81, 5.0, 20.0):
+        side = int((mpx * 1e6) ** 0.5)
+        picture = base.resize((side, side), Image.Resampling.BICUBIC)
+        for fmt, kwargs in (("PNG", {}), ("JPEG", {"quality": 95})):
+            buffer = io.BytesIO()
+            picture.save(buffer, fmt, **kwargs)
+            out[f"{fmt} {side}x{side} ({side * side / 1e6:.2f} Mpx)"] = buffer.getvalue()
+    return out
+
+
+def speed(found: dict, files: dict[str, bytes], repeats: int) -> dict:
+    table = {}
+    for label, data in files.items():
+        fmt = label.split()[0]
+        row = {}
+        for name, decode in found.items():
+            if fmt not in FORMATS.get(name, ("PNG", "JPEG")):
+                continue
+            decode(data)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                decode(data)
+                times.append(1000 * (time.perf_counter() - started))
+            row[name] = round(statistics.median(times), 2)
+        table[label] = row
+    return table
+
+
+CHILD = """
+import sys, json
+sys.path.insert(0, {bench!r})
+from decode_candidates import decoders
+decode = decoders()[sys.argv[1]]
+decoded = refused = 0
+for path in sys.argv[2:]:
+    try:
+        decode(open(path, "rb").read())
+        decoded += 1
+    except Exception:
+        refused += 1
+print(json.dumps({{"decoded": decoded, "refused": refused}}))
+"""
+
+
+def safety(found: dict, cases: int, seed: int) -> dict:
+    corpus = dict(hostile.hostile_files())
+    rng = random.Random(seed)
+    seeds = hostile.fuzz_seeds()
+    for i in range(cases):
+        corpus[f"fuzz{i}"] = hostile.mutate(rng.choice(seeds), rng)
+    short = {name for name in corpus if "short" in name or "cut" in name}
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {}
+        for name, data in corpus.items():
+            path = Path(folder) / f"{len(paths):05d}.bin"
+            path.write_bytes(data)
+            paths[name] = str(path)
+        script = CHILD.format(bench=str(Path(__file__).resolve().parent))
+        for name in found:
+            crashes, counts = [], {"decoded": 0, "refused": 0}
+            names = list(paths)
+            for start in range(0, len(names), 200):  # a crash loses one batch: rerun it file by file
+                batch = names[start:start + 200]
+                done = subprocess.run([sys.executable, "-c", script, name, *(paths[n] for n in batch)],
+                                      capture_output=True, text=True)
+                if done.returncode == 0:
+                    for key, value in json.loads(done.stdout).items():
+                        counts[key] += value
+                    continue
+                for n in batch:
+                    one = subprocess.run([sys.executable, "-c", script, name, paths[n]], capture_output=True, text=True)
+                    if one.returncode < 0:
+                        crashes.append(n)
+                    elif one.returncode == 0:
+                        for key, value in json.loads(one.stdout).items():
+                            counts[key] += value
+            silent = []
+            for n in short:
+                one = subprocess.run([sys.executable, "-c", script, name, paths[n]], capture_output=True, text=True)
+                if one.returncode == 0 and json.loads(one.stdout)["decoded"]:
+                    silent.append(n)
+            results[name] = {**counts, "crashes": len(crashes), "crash_examples": crashes[:5],
+                             "short_data_decoded_silently": silent}
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=str(Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad/bottle/"
+                                                "test/broken_large/000.png"))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--fuzz", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", default=None)
+    args = parser.parse_args()
+    found = decoders()
+    files = test_images(Path(args.source))
+    files[f"PNG original {Path(args.source).name}"] = Path(args.source).read_bytes()
+    result = {"candidates": sorted(found), "ms_per_decode": speed(found, files, args.repeats),
+              "safety": safety(found, args.fuzz, args.seed)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
