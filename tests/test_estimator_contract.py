@@ -78,12 +78,20 @@ class Oracle:
                   "n_bank_images": len(bank_images), "image_threshold": None, "pixel_threshold": None}
         if held_out:
             scores, maps = self.predict(fitted, torch.stack(held_out))
-        elif len(images) >= 10:  # each image against the bank without the rows of its fold (section 5)
-            fold = torch.from_numpy(fold_of_images(len(images), 10, cfg.seed))
-            bank_fold = fold[owner[selected.sort().values]]
-            parts = [self.predict(dict(fitted, bank=bank[bank_fold != fold[i]]), images[i][None])
-                     for i in range(len(images))]
-            scores, maps = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        elif len(images) >= 10:  # each image against a coreset bank of the other folds' images (section 5)
+            fold = torch.from_numpy(fold_of_images(len(images), 5, cfg.seed))
+            scores, maps = torch.zeros(len(images)), None
+            for f in range(5):
+                pool = (fold[owner] != f).nonzero()[:, 0]
+                count = coreset_count(pool.numel(), cfg.coreset_ratio, cfg.coreset_size)
+                chosen = greedy_coreset_reference(projected[pool], count,
+                                                  generator=torch.Generator().manual_seed(cfg.seed + 1 + f))
+                fold_bank = rows[pool[chosen].sort().values]
+                members = (fold == f).nonzero()[:, 0]
+                fold_scores, fold_maps = self.predict(dict(fitted, bank=fold_bank), torch.stack(images)[members])
+                scores[members] = fold_scores
+                maps = fold_maps.new_zeros(len(images), *fold_maps.shape[1:]) if maps is None else maps
+                maps[members] = fold_maps
         else:
             return fitted
         fitted["image_threshold"] = quantile_threshold(scores.tolist(), cfg.false_alarm_rate)
