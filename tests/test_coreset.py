@@ -245,8 +245,10 @@ def test_grouped_update_skips_most_of_the_hot_set(monkeypatch):
 
 @pytest.fixture
 def low_bounds(monkeypatch):
-    """Low-dimensional bounds (per hot element, and in the refresh) from the first hot set on, at any size."""
+    """Low-dimensional bounds (per hot element, and in the refresh) from the first hot set on, at any size; the
+    refresh takes direct distances for every pair its q-dimensional bound leaves (never the d-dimensional bound)."""
     monkeypatch.setattr(coreset, "_LOW_MIN_HOT", 0)
+    monkeypatch.setattr(coreset, "_DENSE_PAIRS", 1 << 40)
 
 
 @pytest.mark.parametrize("name", sorted(LAZY_CASES))
@@ -266,6 +268,21 @@ def test_low_dimensional_bounds_equal_reference(name, hot_size, low_bounds):
             assert stats["low_bounds"] > 0, (seed, backend)  # the path ran
             if hot_size < n:  # rebuilt after the first hot set: the refresh took its bound in q dimensions
                 assert stats["low_pairs"] > 0 and stats["bound_pairs"] == 0, stats
+
+
+@pytest.mark.parametrize("name", sorted(LAZY_CASES))
+def test_refresh_dense_blocks_take_the_full_bound(name, low_bounds, monkeypatch):
+    # Every refresh block goes on from the q-dimensional bound to the d-dimensional one (as where the first
+    # leaves many pairs): the same selection on both backends.
+    monkeypatch.setattr(coreset, "_DENSE_PAIRS", -1)
+    make, n = LAZY_CASES[name]
+    features = make()
+    expected = greedy_coreset_reference(features, n, generator=_gen(2))
+    for backend in ("numpy", "torch"):
+        stats = {}
+        fast = greedy_coreset(features, n, generator=_gen(2), backend=backend, hot_size=16, stats=stats)
+        assert torch.equal(fast, expected), backend
+        assert stats["low_pairs"] > 0 and stats["bound_pairs"] == stats["low_pairs"], stats
 
 
 def test_low_dimensional_bounds_on_all_datasets(low_bounds):

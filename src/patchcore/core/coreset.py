@@ -46,6 +46,7 @@ _MAX_GROWN_HOT = 1 << 18  # the rebuild rule doubles the hot set up to this size
 _GROUP_SHARE = 0.05  # group the hot set once the per-element test leaves fewer candidates than this share
 _GROUP_MIN_HOT = 1 << 16  # ... and it is this large (below, the per-step Python cost of groups does not pay)
 _LOW_MIN_HOT = 1 << 14  # hot sets from this size on keep low-dimensional copies for a per-element distance bound
+_DENSE_PAIRS = 8  # a refresh block whose q-dimensional bound leaves more pairs per row takes the d-dimensional one
 
 
 def coreset_count(n_total: int, ratio: float, size: int | None = None) -> int:
@@ -304,6 +305,7 @@ class _Greedy:
         """New hot set: the `size` largest values (stale ones refreshed first), until its max is >= tau."""
         m = self.m
         self.stats["rebuilds"] += 1
+        previous = (self.hot, self.hot_low) if self.hot_low is not None else None
         if hasattr(self, "hot"):  # write the hot set back: exact over all m centres
             self.value[self.hot] = self.hot_value
             self.owner[self.hot] = self.hot_owner
@@ -339,7 +341,7 @@ class _Greedy:
         # Groups are built once the triangle test prunes well (and not within 64 steps of being dropped).
         self.grouped, self.hot_low = False, None
         if hot.shape[0] >= _LOW_MIN_HOT:
-            self._build_low()
+            self._build_low(previous)
         return pos, vmax
 
     # --- groups of the hot set by nearest centre (numpy backend) ----------------------------------------
@@ -367,11 +369,23 @@ class _Greedy:
             self.views.update(basis=self.basis.numpy(), low_centres=self.low_centres.numpy(),
                               low_sq=self.low_sq.numpy())
 
-    def _build_low(self) -> None:
-        """Low-dimensional copies of the hot elements, and their per-element thresholds (see _low_threshold)."""
+    def _build_low(self, previous: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Low-dimensional copies of the hot elements, and their per-element thresholds (see _low_threshold).
+
+        previous: the last hot set and its copies; rows in both are copied over (most of a rebuilt hot set)."""
         if self.basis is None:
             self._build_basis()
-        self.hot_low = self._low_copies(self.hot)
+        hot = self.hot
+        if previous is None:
+            self.hot_low = self._low_copies(hot)
+        else:
+            old_hot, old_low = previous  # both hot sets ascending
+            at = torch.searchsorted(old_hot, hot).clamp_(max=old_hot.shape[0] - 1)
+            kept = old_hot[at] == hot
+            self.hot_low = torch.empty(hot.shape[0], self.basis.shape[1], device=self.device)
+            self.hot_low[kept] = old_low[at[kept]]
+            fresh = torch.nonzero(~kept).squeeze(1)
+            self.hot_low[fresh] = self._low_copies(hot[fresh])
         self.low_thr = self._low_threshold(self.hot_value)
 
     def _build_groups(self) -> None:
@@ -537,30 +551,38 @@ class _Greedy:
         their direct distances decide, so the result is the one the plain algorithm computes.
         """
         feats = self.x[rows]
-        centred = (feats.double() - self.mean).float()
-        centred_sq = centred.pow(2).sum(1)
+        centred = _centred_rows(feats, self.mean)
         best = _key(self.value[rows], self.owner[rows])
-        best_value = self.value[rows].clone()
         step = max(1, _BOUND_ELEMENTS // rows.numel())
         for c0 in range(start, self.m, step):
-            c1 = min(self.m, c0 + step)
-            norm_sum = centred_sq[:, None] + self.centred_sq[None, c0:c1]
-            approx = torch.addmm(norm_sum, centred, self.centred_centres[c0:c1].T, alpha=-2.0)
-            slack = norm_sum.mul_(self.margin)
-            low = approx - slack
-            limit = torch.minimum(best_value, approx.add_(slack).amin(1))
-            r, c = torch.nonzero((low < best_value[:, None]) & (low <= limit[:, None]), as_tuple=True)
-            self.stats["bound_pairs"] += rows.numel() * (c1 - c0)
-            del norm_sum, approx, slack, low
-            for p in range(0, r.numel(), _BLOCK):
-                rp, cp = r[p:p + _BLOCK], c[p:p + _BLOCK] + c0
-                dist = (feats.index_select(0, rp) - self.centres.index_select(0, cp)).pow_(2).sum(1)
-                best.scatter_reduce_(0, rp, _key(dist, cp), "amin")
-            self.stats["distances"] += r.numel()
-            best_value = _unkey(best)[0]
+            best = self._full_bound_block(feats, centred, best, c0, min(self.m, c0 + step))
         value, owner = _unkey(best)
         self.value[rows] = value
         self.owner[rows] = owner
+
+    def _full_bound_block(self, feats: torch.Tensor, centred: tuple[torch.Tensor, torch.Tensor], best: torch.Tensor,
+                          c0: int, c1: int) -> torch.Tensor:
+        """best (keys of the rows' minima so far) lowered over centres [c0, c1), through the d-dimensional bound."""
+        centred, centred_sq = centred
+        best_value = _unkey(best)[0]
+        norm_sum = centred_sq[:, None] + self.centred_sq[None, c0:c1]
+        approx = torch.addmm(norm_sum, centred, self.centred_centres[c0:c1].T, alpha=-2.0)
+        slack = norm_sum.mul_(self.margin)
+        low = approx - slack
+        limit = torch.minimum(best_value, approx.add_(slack).amin(1))
+        r, c = torch.nonzero((low < best_value[:, None]) & (low <= limit[:, None]), as_tuple=True)
+        self.stats["bound_pairs"] += feats.shape[0] * (c1 - c0)
+        del norm_sum, approx, slack, low
+        return self._direct_pairs(feats, best, r, c + c0)
+
+    def _direct_pairs(self, feats: torch.Tensor, best: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """best lowered by the direct distances of the pairs (feats[r], centre c)."""
+        for p in range(0, r.numel(), _BLOCK):
+            rp, cp = r[p:p + _BLOCK], c[p:p + _BLOCK]
+            dist = (feats.index_select(0, rp) - self.centres.index_select(0, cp)).pow_(2).sum(1)
+            best.scatter_reduce_(0, rp, _key(dist, cp), "amin")
+        self.stats["distances"] += r.numel()
+        return best
 
 
     def _refresh_block_low(self, rows: torch.Tensor, start: int) -> None:
@@ -582,6 +604,7 @@ class _Greedy:
         left = torch.cat([low, low_sq[:, None], torch.ones_like(low_sq)[:, None]], 1)
         best = _key(self.value[rows], self.owner[rows])
         best_value = self.value[rows].clone()
+        centred = None
         step = max(1, _BOUND_ELEMENTS // rows.numel())
         for c0 in range(start, self.m, step):
             c1 = min(self.m, c0 + step)
@@ -599,11 +622,14 @@ class _Greedy:
             r, c = torch.nonzero(approx < limit[:, None], as_tuple=True)
             self.stats["low_pairs"] += rows.numel() * (c1 - c0)
             del approx
-            for p in range(0, r.numel(), _BLOCK):
-                rp, cp = r[p:p + _BLOCK], c[p:p + _BLOCK] + c0
-                dist = (feats.index_select(0, rp) - self.centres.index_select(0, cp)).pow_(2).sum(1)
-                best.scatter_reduce_(0, rp, _key(dist, cp), "amin")
-            self.stats["distances"] += r.numel()
+            if r.numel() > _DENSE_PAIRS * rows.numel():
+                # The q-dimensional bound left many pairs (distances spread over many directions): the
+                # d-dimensional bound, with its upper bounds, excludes most of them at a GEMM's price.
+                if centred is None:
+                    centred = _centred_rows(feats, self.mean)
+                best = self._full_bound_block(feats, centred, best, c0, c1)
+            else:
+                best = self._direct_pairs(feats, best, r, c + c0)
             best_value = _unkey(best)[0]
         value, owner = _unkey(best)
         self.value[rows] = value
@@ -616,6 +642,12 @@ class _Greedy:
             block = self.x.index_select(0, rows[i:i + _BLOCK]).double().sub_(self.mean)
             out[i:i + _BLOCK] = (block @ self.basis).float()
         return out
+
+
+def _centred_rows(feats: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 rows less the float64 mean, and their squared norms (the d-dimensional bound's operands)."""
+    centred = (feats.double() - mean).float()
+    return centred, centred.pow(2).sum(1)
 
 
 def _column_mean(features: torch.Tensor) -> torch.Tensor:
