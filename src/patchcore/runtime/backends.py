@@ -8,6 +8,7 @@ picks it with precision="int8" and runs it on either engine).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,11 @@ def _onnxruntime(graph: Path, threads: int | None, *, cuda: bool):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        # onnxruntime's worker threads spin while waiting, as OpenMP's do by default: on a shared or busy CPU
+        # that costs as much as it did torch (README); the same switch turns it off for both.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if cuda:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
