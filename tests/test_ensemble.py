@@ -204,3 +204,23 @@ def test_cli_fit_and_predict_an_ensemble(data, tmp_path):
     assert main(["predict", str(model), str(data / "test" / "good"), "-o", str(out), "--device", "cpu",
                  "--quiet"]) == 0
     assert (out / "scores.csv").is_file() and len(list((out / "heatmaps").glob("*.png"))) == 3
+
+
+def test_served_like_a_single_model(ensemble, test_images, tmp_path):
+    """`patchcore serve` loads an ensemble file through the same registry and scores it as the library does."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from patchcore.app.server.api import create_app
+    from patchcore.app.server.settings import ServerSettings
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    ensemble.save(folder / "ens.model")
+    settings = ServerSettings(models_dir=folder, review_dir=folder / "review", token="t" * 32, device="cpu",
+                              max_wait_ms=5.0)
+    with TestClient(create_app(settings)) as client:
+        body = client.post("/v1/models/ens/predict", files={"file": ("x.png", test_images[-1].read_bytes())}).json()
+    expected = ensemble.predict([test_images[-1]])
+    assert body["score"] == pytest.approx(float(expected.scores[0]), rel=1e-5, abs=1e-5)
+    assert body["threshold"] == pytest.approx(ensemble.image_threshold_)
