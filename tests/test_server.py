@@ -254,7 +254,7 @@ def test_feedback_then_apply_update_swaps_the_model_without_dropping_requests(mo
         assert c.post("/v1/models/fabric/apply-update", headers=AUTH).status_code == 409  # all applied
         assert 'patchcore_model_version{model="fabric"} 2.0' in c.get("/metrics").text
         info = c.get("/v1/models/fabric").json()
-        assert info["feedback"] == {"good_pending": 0, "good_applied": 3, "defect": 0}
+        assert info["feedback"] == {"good_pending": 0, "good_applied": 3, "defect": 0, "left_out": 0}
         reloaded = c.post("/v1/models/fabric/reload", headers=AUTH).json()  # the saved file is the updated model
         assert reloaded["version"] == 3 and reloaded["bank_rows"] == body["bank_rows_after"]
     db = sqlite3.connect(settings.review_dir / "review.sqlite3")

@@ -55,6 +55,23 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def positive_finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -70,9 +87,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .server.api import create_app
+        from .server.registry import ModelRegistry
         from .server.settings import ServerSettings, is_loopback, read_token
     except ImportError as err:
         raise InputError(f"the server needs the 'serve' extra: pip install 'patchcore[serve]' ({err})") from None
+    ModelRegistry(args.models).check_folder()  # a mistyped folder is an error, not an empty server
     token = read_token(args.token_file)
     if not is_loopback(args.host) and token is None and not args.open_predict:
         raise InputError(f"--host {args.host} is reachable from other machines: give a token (--token-file or "
@@ -82,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models_dir=models, review_dir=Path(args.review_dir) if args.review_dir else models / "review",
         host=args.host, token=token, open_predict=args.open_predict, device=args.device, runtime=args.runtime,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels)
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
+        max_input_pixels=args.max_input_pixels)
     print(f"serving {models}/*.model on http://{args.host}:{args.port}/ (page /page/, API docs /docs); "
           f"state-changing endpoints {'need the token' if token else 'are disabled (no token)'}", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
@@ -118,12 +138,18 @@ def add_parsers(sub, common) -> None:
     serve.add_argument("--open-predict", action="store_true",
                        help="with a non-loopback --host, let predict through without the token")
     serve.add_argument("--review-dir", default=None, help="review store folder (default: MODELS/review)")
-    serve.add_argument("--max-batch", type=int, default=8, help="images per predict_batch call (default 8)")
-    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+    serve.add_argument("--max-batch", type=positive_int, default=8, help="images per predict_batch call (default 8)")
+    serve.add_argument("--max-wait-ms", type=non_negative_float, default=10.0,
                        help="how long a batch waits to fill (default 10 ms)")
-    serve.add_argument("--max-queue", type=int, default=32, help="predict requests in flight before 503 (default 32)")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default 20 MiB)")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (default 40 Mpixel)")
+    serve.add_argument("--max-queue", type=positive_int, default=32,
+                       help="predict requests in flight before 503 (default 32)")
+    serve.add_argument("--max-upload-mb", type=positive_finite_float, default=20.0,
+                       help="largest upload (default 20 MiB)")
+    serve.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                       help="largest image, from its header, before decoding (default 40 Mpixel)")
+    serve.add_argument("--max-input-pixels", type=positive_int, default=4_000_000,
+                       help="largest model input of one upload, after the model's resize and crop: bounds the "
+                            "memory of one request (default 4 Mpixel; ~250 B per pixel with EfficientNet-Lite0)")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     common(serve)
     serve.set_defaults(run=cmd_serve)

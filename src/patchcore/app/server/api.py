@@ -11,6 +11,7 @@ import hmac
 import io
 import logging
 import math
+import sqlite3
 import time
 import uuid
 from collections import OrderedDict
@@ -27,17 +28,23 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..._version import __version__
-from ...errors import PatchCoreError
+from ...errors import InputError, PatchCoreError
 from ...io.render import colormap, normalise_map, overlay
-from .batcher import Batcher, ScoredImage
+from .batcher import Batcher, ScoredImage, ScoringError
 from .decode import UploadError, decode_upload
 from .metrics import Metrics
 from .registry import ModelEntry, ModelRegistry, file_digest
-from .review import ReviewStore
+from .review import AlreadyApplied, ReviewStore
 from .settings import ServerSettings
 from .versions import previous_versions, save_keeping_previous
 
 log = logging.getLogger("patchcore.server")
+
+# Response size bounds: pictures (overlay, heatmap, input) are sent at most this many pixels each (scaled
+# down alike, aspect kept), the map at most this many values (block maxima, so no peak is lost). A
+# response is then at most ~3 x 4 MiB of base64 PNG + ~2.5 MiB of map JSON, whatever the image size.
+MAX_PICTURE_PIXELS = 1 << 20
+MAX_MAP_VALUES = 1 << 18
 
 
 # ---------------------------------------------------------------------------- shared objects
@@ -65,6 +72,7 @@ class Services:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = ModelRegistry(settings.models_dir, device=settings.device, runtime=settings.runtime)
+        self.registry.check_folder()  # before the review store creates anything under it
         self.review = ReviewStore(settings.review_dir)
         self.batcher = Batcher(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                max_queue=settings.max_queue, on_batch=self.metrics.batch_size.observe)
@@ -169,7 +177,12 @@ class Prediction(BaseModel):
     overlay_png: str | None = Field(None, description="base64 PNG: heat over the (resized, cropped) input")
     heatmap_png: str | None = None
     input_png: str | None = None
-    map: list[list[float]] | None = Field(None, description="pixel scores at the model's input geometry")
+    picture_size: tuple[int, int] | None = Field(None, description="(H, W) of the pictures: the model input, "
+                                                 f"scaled down to at most {MAX_PICTURE_PIXELS} pixels")
+    map: list[list[float]] | None = Field(None, description="pixel scores at the model's input geometry (block "
+                                          f"maxima where it has more than {MAX_MAP_VALUES} values)")
+    map_size: tuple[int, int] | None = Field(None, description="(H, W) of `map`")
+    map_full_size: tuple[int, int] | None = Field(None, description="(H, W) of the map at the model input")
 
 
 class FeedbackIn(BaseModel):
@@ -207,12 +220,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")
-        svc.metrics.requests.labels(path, str(response.status_code)).inc()
-        svc.metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
+        status = 500  # an exception that escapes the routes becomes a 500: counted as one
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "other")
+            svc.metrics.requests.labels(path, str(status)).inc()
+            svc.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
     @app.exception_handler(PatchCoreError)
     async def user_error(request: Request, err: PatchCoreError):
@@ -275,15 +292,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 svc.metrics.rejected.labels("too_large").inc()
                 raise HTTPException(413, f"upload over this server's limit of {settings.max_upload_bytes} bytes")
             try:
-                image, suffix = await run_in_threadpool(decode_upload, data, settings.max_pixels)
+                image, suffix = await run_in_threadpool(decode_upload, data, settings.max_pixels,
+                                                        _input_budget(entry, settings.max_input_pixels))
             except UploadError as err:
-                svc.metrics.rejected.labels("bad_image").inc()
+                svc.metrics.rejected.labels("too_large" if err.status == 413 else "bad_image").inc()
                 raise HTTPException(err.status, str(err)) from None
             decoded = time.perf_counter()
             try:
                 scored = await svc.batcher.score(entry, image)
             except PatchCoreError as err:
                 raise HTTPException(422, str(err)) from None
+            except ScoringError as err:  # never answered with a label
+                svc.metrics.rejected.labels("not_scored").inc()
+                raise HTTPException(500, str(err)) from None
         finally:
             svc.batcher.release()
         result_id = uuid.uuid4().hex
@@ -310,13 +331,40 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise HTTPException(404, f"no recent result {body.result_id!r} for model {entry.name!r} (results are "
                                      f"kept in memory for the last {settings.recent_results} uploads); score the "
                                      f"image again")
-        stored = await run_in_threadpool(
-            lambda: svc.review.add(model=entry.name, result_id=body.result_id, image=item["data"],
-                                   suffix=item["suffix"], verdict=body.verdict, score=item["score"],
-                                   model_version=item["version"], note=body.note))
+        try:
+            stored = await run_in_threadpool(
+                lambda: svc.review.add(model=entry.name, result_id=body.result_id, image=item["data"],
+                                       suffix=item["suffix"], verdict=body.verdict, score=item["score"],
+                                       model_version=item["version"], note=body.note))
+        except (OSError, sqlite3.Error, ValueError) as err:  # nothing is kept: the image goes with its row
+            log.error("feedback for %s not stored: %s", entry.name, err)
+            raise HTTPException(503, f"the feedback could not be stored ({err}); nothing was kept, try again") from None
         counts = await run_in_threadpool(svc.review.counts, entry.name)
         return {"feedback_id": stored.id, "verdict": stored.verdict,
                 "stored_as": stored.image_path.relative_to(svc.review.folder).as_posix(), "counts": counts}
+
+    @app.get("/v1/models/{name}/feedback", tags=["review"], dependencies=[Depends(predict_access)])
+    async def list_feedback(entry: Annotated[ModelEntry, Depends(model_entry)],
+                            limit: Annotated[int, Query(ge=1, le=10_000)] = 1000):
+        """The model's feedback, newest first: pending, applied (with the model version) or left out of an
+        update (with the reason)."""
+        items = await run_in_threadpool(lambda: svc.review.list_feedback(entry.name, limit=limit))
+        return {"model": entry.name, "feedback": [f.to_dict(svc.review.folder) for f in items],
+                "counts": await run_in_threadpool(svc.review.counts, entry.name)}
+
+    @app.delete("/v1/models/{name}/feedback/{feedback_id}", tags=["review"], dependencies=[Depends(require_token)])
+    async def withdraw_feedback(feedback_id: int, entry: Annotated[ModelEntry, Depends(model_entry)]):
+        """Withdraw feedback no update has used yet (its stored image is deleted). Feedback already folded into
+        the model is 409: roll the model back by file to undo it."""
+        async with entry.lock:  # not while an update is reading the pending images
+            try:
+                item = await run_in_threadpool(svc.review.withdraw, entry.name, feedback_id)
+            except AlreadyApplied as err:
+                raise HTTPException(409, str(err)) from None
+        if item is None:
+            raise HTTPException(404, f"no feedback {feedback_id} for model {entry.name!r}")
+        return {"withdrawn": item.to_dict(svc.review.folder),
+                "counts": await run_in_threadpool(svc.review.counts, entry.name)}
 
     @app.post("/v1/models/{name}/apply-update", tags=["review"], dependencies=[Depends(require_token)])
     async def apply_update(entry: Annotated[ModelEntry, Depends(model_entry)], body: UpdateIn | None = None):
@@ -328,13 +376,24 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 raise HTTPException(409, "no accepted good feedback waiting for this model")
             max_new = body.max_new if body is not None else None
             outcome = await run_in_threadpool(_update_and_save, entry, pending, max_new)
-            entry.version += 1
-            entry.file_sha256 = outcome.pop("file_sha256")
-            entry.loaded_at = time.time()
-            await run_in_threadpool(svc.review.mark_applied, [f.id for f in pending], entry.version)
-            svc.metrics.updates.labels(entry.name).inc()
+            left_out = outcome.pop("left_out")
+            if left_out:  # named, kept in the store, and never tried again: later updates are not blocked
+                await run_in_threadpool(svc.review.mark_left_out, left_out)
+            used = [f.id for f in pending if f.id not in left_out]
+            if not used:
+                raise HTTPException(422, {"message": "no pending image could join an update; each is left out "
+                                                     "(see GET .../feedback)",
+                                          "left_out": [{"feedback_id": i, "reason": r} for i, r in left_out.items()]})
+            if outcome["file_sha256"] is not None:  # a new version (none when no bank row was added)
+                entry.version += 1
+                entry.file_sha256 = outcome["file_sha256"]
+                entry.loaded_at = time.time()
+                svc.metrics.updates.labels(entry.name).inc()
+            outcome.pop("file_sha256")
+            await run_in_threadpool(svc.review.mark_applied, used, entry.version)
             svc.publish(entry)
-        return {"model": entry.name, "model_version": entry.version, **outcome}
+        return {"model": entry.name, "model_version": entry.version, **outcome,
+                "left_out": [{"feedback_id": i, "reason": r} for i, r in left_out.items()]}
 
     @app.post("/v1/models/{name}/reload", tags=["models"], dependencies=[Depends(require_token)])
     async def reload(entry: Annotated[ModelEntry, Depends(model_entry)]):
@@ -367,29 +426,75 @@ def _summary(entry: ModelEntry) -> dict:
             "n_train_images": m.n_train_images_, "loaded_at": entry.loaded_at}
 
 
-def _png_base64(array: np.ndarray) -> str:
+def _png_base64(array: np.ndarray, size: tuple[int, int] | None = None) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    picture = Image.fromarray(array)
+    if size is not None and (picture.height, picture.width) != tuple(size):
+        picture = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    picture.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _pictures(entry: ModelEntry, image, scored: ScoredImage, want_overlay: bool, want_heatmap: bool,
               want_map: bool, want_input: bool) -> dict:
-    """The heatmap and overlay as predict_folder draws them (same colour scale), base64 PNG."""
+    """The heatmap and overlay as predict_folder draws them (same colour scale), base64 PNG, and the map:
+    each bounded in size (MAX_PICTURE_PIXELS, MAX_MAP_VALUES), so one response is bounded too."""
     anomaly_map = scored.anomaly_map.numpy()
     out = {}
+    if want_map:
+        reduced = _block_max(scored.anomaly_map, MAX_MAP_VALUES)
+        out.update(map=np.round(reduced.numpy(), 4).tolist(), map_size=tuple(reduced.shape),
+                   map_full_size=tuple(anomaly_map.shape))
+    if not (want_heatmap or want_input or want_overlay):
+        return out
     heat = colormap(normalise_map(anomaly_map, entry.model.pixel_threshold_))
-    if want_heatmap:
-        out["heatmap_png"] = _png_base64(heat)
     picture = entry.model.preprocess.geometry(image).permute(1, 2, 0).numpy()
+    size = _bounded_size(picture.shape[:2], MAX_PICTURE_PIXELS)
+    out["picture_size"] = size
+    if want_heatmap:
+        out["heatmap_png"] = _png_base64(heat, size)
     if want_input:
-        out["input_png"] = _png_base64(picture)
+        out["input_png"] = _png_base64(picture, size)
     if want_overlay:
         mask = None if scored.mask is None else scored.mask.numpy()
-        out["overlay_png"] = _png_base64(overlay(picture, heat, mask))
-    if want_map:
-        out["map"] = np.round(anomaly_map, 4).tolist()
+        out["overlay_png"] = _png_base64(overlay(picture, heat, mask), size)
     return out
+
+
+def _bounded_size(shape: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """(H, W) scaled down (aspect kept) to at most `max_pixels`; unchanged when already within."""
+    height, width = int(shape[0]), int(shape[1])
+    if height * width <= max_pixels:
+        return height, width
+    factor = math.sqrt(max_pixels / (height * width))
+    return max(1, int(height * factor)), max(1, int(width * factor))
+
+
+def _block_max(anomaly_map, max_values: int):
+    """(H, W) map -> at most `max_values` values: maxima over blocks (a defect's peak is never averaged
+    away); the map itself when it is small enough."""
+    import torch.nn.functional as F
+
+    height, width = anomaly_map.shape
+    if height * width <= max_values:
+        return anomaly_map
+    size = _bounded_size((height, width), max_values)
+    return F.adaptive_max_pool2d(anomaly_map[None, None].float(), size)[0, 0]
+
+
+def _input_budget(entry: ModelEntry, max_input_pixels: int):
+    """The per-request memory bound, checked on the upload's header before decoding: the model input the
+    image would become (after the model's resize and crop) may have at most `max_input_pixels` pixels."""
+    def check(height: int, width: int) -> None:
+        try:
+            rows, cols = entry.model.preprocess.output_size(height, width)
+        except (PatchCoreError, ValueError, ZeroDivisionError) as err:
+            raise UploadError(422, f"the model cannot take a {width} x {height} image ({err})") from None
+        if rows * cols > max_input_pixels:
+            raise UploadError(413, f"a {width} x {height} image is scored by model {entry.name!r} at {cols} x {rows} "
+                                   f"= {rows * cols} pixels, over this server's per-request limit of "
+                                   f"{max_input_pixels} model-input pixels (patchcore serve --max-input-pixels)")
+    return check
 
 
 def _update_and_save(entry: ModelEntry, pending, max_new: int | None) -> dict:
@@ -400,16 +505,33 @@ def _update_and_save(entry: ModelEntry, pending, max_new: int | None) -> dict:
     previous = model.state_
     before = {f.id: f.score for f in pending}
     paths = [f.image_path for f in pending]
-    model.update(paths, max_new=max_new)
     try:
-        kept = save_keeping_previous(model, entry.path)
-    except BaseException:
-        model.set_state(previous)
-        raise
+        model.update(paths, max_new=max_new)
+    except InputError as err:  # no image could join: each is left out, named
+        return {"left_out": {f.id: f"{f.image_path.name}: {err}" for f in pending}, "file_sha256": None}
     report = model.update_report_
-    rescored = model.predict(paths)
+    left_out = {}
+    for f in pending:  # images the update skipped (unreadable, a size the model refuses): named and left out
+        reason = next((text for text in report.skipped if str(f.image_path) in text), None)
+        if reason is not None:
+            left_out[f.id] = reason.replace(str(f.image_path), f.image_path.name)
+    joined = [f for f in pending if f.id not in left_out]
+    if not joined:
+        model.set_state(previous)
+        return {"left_out": left_out, "file_sha256": None}
+    kept, digest = None, None
+    if report.bank_after == report.bank_before:  # nothing new to learn: the file and the version stay
+        model.set_state(previous)
+    else:
+        try:
+            kept = save_keeping_previous(model, entry.path)
+        except BaseException:
+            model.set_state(previous)
+            raise
+        digest = file_digest(entry.path)
+    rescored = model.predict([f.image_path for f in joined])
     return {
-        "file_sha256": file_digest(entry.path),
+        "left_out": left_out, "file_sha256": digest,
         "previous_file": None if kept is None else kept.name,
         "images": report.n_images, "bank_rows_before": report.bank_before, "bank_rows_after": report.bank_after,
         "stopped_by": report.stopped_by, "radius": report.radius, "seconds": round(report.seconds, 3),
@@ -417,6 +539,6 @@ def _update_and_save(entry: ModelEntry, pending, max_new: int | None) -> dict:
         "rescored": [{"feedback_id": f.id, "result_id": f.result_id, "score_before": before[f.id],
                       "score_after": float(rescored.scores[i]),
                       "label_after": None if rescored.labels is None else
-                      ("defect" if bool(rescored.labels[i]) else "good")} for i, f in enumerate(pending)],
+                      ("defect" if bool(rescored.labels[i]) else "good")} for i, f in enumerate(joined)],
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -18,6 +19,10 @@ import torch
 from .registry import ModelEntry
 
 log = logging.getLogger("patchcore.server")
+
+
+class ScoringError(Exception):
+    """The model could not score this image (a non-finite score): the request fails, nothing is labelled."""
 
 
 @dataclass
@@ -124,8 +129,14 @@ class Batcher:
             self._on_batch(len(jobs))
         threshold = model.image_threshold_
         for i, job in enumerate(jobs):
+            score = float(result.scores[i])
+            if not math.isfinite(score):  # never labelled: NaN > threshold is False, which read as "good"
+                err = ScoringError(f"the model gave a non-finite anomaly score ({score}) for this image, so it was "
+                                   f"not scored: is the model file damaged?")
+                job.loop.call_soon_threadsafe(_fail, job.future, err)
+                continue
             scored = ScoredImage(
-                score=float(result.scores[i]), label=None if result.labels is None else bool(result.labels[i]),
+                score=score, label=None if result.labels is None else bool(result.labels[i]),
                 threshold=threshold, anomaly_map=result.maps[i].cpu(),
                 mask=None if result.masks is None else result.masks[i].cpu(), version=version,
                 batch_size=len(jobs), queue_ms=(started - job.enqueued) * 1000.0, compute_ms=compute_ms)

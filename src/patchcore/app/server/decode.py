@@ -17,7 +17,8 @@ from ...errors import ImageReadError
 from ...io.images import as_uint8_tensor, read_image
 
 # Formats read_image decodes, by PIL's name -> the suffix a stored copy gets.
-SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp", "PPM": ".ppm"}
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp",
+            "PPM": ".ppm"}  # MPO: the multi-picture JPEG many cameras write (read as its first picture, as the CLI)
 
 
 class UploadError(Exception):
@@ -49,10 +50,13 @@ def probe(data: bytes, max_pixels: int) -> tuple[str, tuple[int, int]]:
     return fmt, size
 
 
-def decode_upload(data: bytes, max_pixels: int) -> tuple[torch.Tensor, str]:
+def decode_upload(data: bytes, max_pixels: int, check=None) -> tuple[torch.Tensor, str]:
     """-> ((3, H, W) uint8, suffix). Decoded by read_image from a private temporary file, so uploads get
-    exactly the CLI's conversion (to_rgb_uint8, EXIF orientation, the libpng fast path)."""
-    fmt, _ = probe(data, max_pixels)
+    exactly the CLI's conversion (to_rgb_uint8, EXIF orientation). `check(height, width)` runs on the
+    header's size before anything is decoded (it raises UploadError: the per-request memory bound)."""
+    fmt, (width, height) = probe(data, max_pixels)
+    if check is not None:
+        check(height, width)
     suffix = SUFFIXES[fmt]
     fd, name = tempfile.mkstemp(prefix="patchcore-upload-", suffix=suffix)
     try:

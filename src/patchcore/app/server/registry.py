@@ -43,9 +43,16 @@ class ModelRegistry:
         self.entries: dict[str, ModelEntry] = {}
         self.errors: dict[str, str] = {}  # model files that failed to load, and why
 
-    def load_all(self) -> None:
+    def check_folder(self) -> None:
+        """Before the server starts: a folder holding at least one *.model file (a mistyped folder used to be
+        created, and served nothing with /healthz 200)."""
         if not self.folder.is_dir():
-            raise InputError(f"{self.folder}: not a folder of *.model files")
+            raise InputError(f"{self.folder}: not a folder of *.model files (no such folder)")
+        if not any(self.folder.glob("*.model")):
+            raise InputError(f"{self.folder}: no *.model files in this folder")
+
+    def load_all(self) -> None:
+        self.check_folder()
         for path in sorted(self.folder.glob("*.model")):
             name = path.stem
             if not NAME.match(name):
@@ -60,8 +67,8 @@ class ModelRegistry:
             self.entries[name] = ModelEntry(name, path, model, file_sha256=file_digest(path))
 
     def load_model(self, path: Path) -> PatchCore:
-        """One model file (a single model or an ensemble), scored by torch, or (runtime "onnx") through its
-        export beside it, MODEL.onnx/ (`patchcore export`); update, reload and thresholds stay the estimator's."""
+        """One model file, scored by torch, or (runtime "onnx") through its export beside it, MODEL.onnx/
+        (`patchcore export`); everything else (update, reload, thresholds) is the estimator's either way."""
         if self.runtime == "onnx":
             from ...estimator.exported import ExportedPatchCore
 

@@ -5,6 +5,7 @@ the server chooses (a random hex id and the decoded format's suffix), never the 
 """
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
@@ -23,7 +24,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     model_version INTEGER NOT NULL,    -- the served version that gave that score
     note TEXT,
     created REAL NOT NULL,
-    applied_version INTEGER            -- the model version an update folded it into (NULL: pending)
+    applied_version INTEGER,           -- the model version an update folded it into (NULL: pending)
+    left_out TEXT                      -- why an update could not take this image (NULL: it could, or not tried)
 );
 CREATE INDEX IF NOT EXISTS feedback_pending ON feedback (model, verdict, applied_version);
 """
@@ -39,6 +41,21 @@ class Feedback:
     score: float
     model_version: int
     applied_version: int | None
+    left_out: str | None = None
+    note: str | None = None
+    created: float = 0.0
+
+    def to_dict(self, folder: Path) -> dict:
+        return {"feedback_id": self.id, "result_id": self.result_id, "verdict": self.verdict, "score": self.score,
+                "model_version": self.model_version, "note": self.note, "created": self.created,
+                "status": ("left_out" if self.left_out is not None else "pending" if self.applied_version is None
+                           else "applied"),
+                "applied_version": self.applied_version, "left_out": self.left_out,
+                "image": self.image_path.relative_to(folder).as_posix()}
+
+
+class AlreadyApplied(Exception):
+    """Feedback an update has folded into the model cannot be withdrawn (roll the model back by file)."""
 
 
 class ReviewStore:
@@ -50,6 +67,9 @@ class ReviewStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(feedback)")}
+            if "left_out" not in columns:  # a store made before feedback could be left out of an update
+                db.execute("ALTER TABLE feedback ADD COLUMN left_out TEXT")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=10.0)
@@ -60,22 +80,56 @@ class ReviewStore:
             model_version: int, note: str | None = None) -> Feedback:
         name = f"images/{uuid.uuid4().hex}{suffix}"
         path = self.folder / name
+        if not math.isfinite(score):
+            raise ValueError(f"feedback on a result without a finite score ({score})")
         tmp = path.with_name("." + path.name + ".tmp")
-        tmp.write_bytes(image)
-        tmp.replace(path)
-        with self._lock, self._connect() as db:
-            cursor = db.execute(
-                "INSERT INTO feedback (model, result_id, image_file, verdict, score, model_version, note, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (model, result_id, name, verdict, score, model_version, note, time.time()))
-            row_id = cursor.lastrowid
-        return Feedback(row_id, model, result_id, path, verdict, score, model_version, None)
+        created = time.time()
+        try:
+            tmp.write_bytes(image)
+            tmp.replace(path)
+            with self._lock, self._connect() as db:
+                cursor = db.execute(
+                    "INSERT INTO feedback (model, result_id, image_file, verdict, score, model_version, note, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (model, result_id, name, verdict, score, model_version, note, created))
+                row_id = cursor.lastrowid
+        except BaseException:  # no image without its row
+            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise
+        return Feedback(row_id, model, result_id, path, verdict, score, model_version, None, None, note, created)
 
     def pending_good(self, model: str) -> list[Feedback]:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM feedback WHERE model = ? AND verdict = 'good' AND applied_version "
-                              "IS NULL ORDER BY id", (model,)).fetchall()
+                              "IS NULL AND left_out IS NULL ORDER BY id", (model,)).fetchall()
         return [self._row(r) for r in rows]
+
+    def list_feedback(self, model: str, *, limit: int = 1000) -> list[Feedback]:
+        """The model's feedback, newest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM feedback WHERE model = ? ORDER BY id DESC LIMIT ?",
+                              (model, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def withdraw(self, model: str, feedback_id: int) -> Feedback | None:
+        """Remove feedback that no update has used, with its image; None if there is none by that id.
+        AlreadyApplied if an update folded it into the model."""
+        with self._lock, self._connect() as db:
+            row = db.execute("SELECT * FROM feedback WHERE model = ? AND id = ?", (model, feedback_id)).fetchone()
+            if row is None:
+                return None
+            item = self._row(row)
+            if item.applied_version is not None:
+                raise AlreadyApplied(f"feedback {feedback_id} is part of model version {item.applied_version}; "
+                                     f"roll the model back by file to undo it")
+            db.execute("DELETE FROM feedback WHERE id = ?", (feedback_id,))
+        item.image_path.unlink(missing_ok=True)
+        return item
+
+    def mark_left_out(self, reasons: dict[int, str]) -> None:
+        with self._lock, self._connect() as db:
+            db.executemany("UPDATE feedback SET left_out = ? WHERE id = ?", [(r, i) for i, r in reasons.items()])
 
     def mark_applied(self, ids: list[int], version: int) -> None:
         with self._lock, self._connect() as db:
@@ -85,12 +139,18 @@ class ReviewStore:
         with self._connect() as db:
             rows = db.execute("SELECT verdict, applied_version IS NULL AS pending, COUNT(*) FROM feedback "
                               "WHERE model = ? GROUP BY 1, 2", (model,)).fetchall()
-        out = {"good_pending": 0, "good_applied": 0, "defect": 0}
+        out = {"good_pending": 0, "good_applied": 0, "defect": 0, "left_out": 0}
         for verdict, pending, count in rows:
             key = "defect" if verdict == "defect" else ("good_pending" if pending else "good_applied")
             out[key] += count
+        with self._connect() as db:
+            left = db.execute("SELECT COUNT(*) FROM feedback WHERE model = ? AND left_out IS NOT NULL",
+                              (model,)).fetchone()[0]
+        out["left_out"] = left
+        out["good_pending"] -= left  # left-out images are good feedback no update took
         return out
 
     def _row(self, row: sqlite3.Row) -> Feedback:
         return Feedback(row["id"], row["model"], row["result_id"], self.folder / row["image_file"], row["verdict"],
-                        row["score"], row["model_version"], row["applied_version"])
+                        row["score"], row["model_version"], row["applied_version"], row["left_out"], row["note"],
+                        row["created"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,22 @@ class ServerSettings:
     max_queue: int = 32  # admitted predict requests (decoding, queued or computing); beyond: 503
     max_upload_bytes: int = 20 << 20
     max_pixels: int = 40_000_000
+    # Model-input pixels of one upload (after the model's resize and crop): what the backbone, the features
+    # and the maps of one request cost (measured on CPU: ~250 B per pixel for EfficientNet-Lite0, ~330 for
+    # WideResNet-50), so one request takes at most ~1.3 GB beyond its decoded image (3 B per pixel).
+    max_input_pixels: int = 4_000_000
     recent_results: int = 256  # uploads kept in memory so feedback can refer to them by result_id
     recent_bytes: int = 256 << 20
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_upload_bytes", "max_pixels", "max_input_pixels",
+                     "recent_results", "recent_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"server setting {name} must be a whole number >= 1, got {value!r}")
+        if not (isinstance(self.max_wait_ms, (int, float)) and math.isfinite(self.max_wait_ms)
+                and self.max_wait_ms >= 0):
+            raise InputError(f"server setting max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
 
     @property
     def predict_needs_token(self) -> bool:

@@ -40,6 +40,7 @@ async function selectModel(name) {
     `threshold ${info.threshold === null ? "none" : info.threshold.toFixed(2)}`;
   if (info.threshold !== null) setThreshold(info.threshold, true);
   $("pending").textContent = info.feedback ? info.feedback.good_pending : 0;
+  loadFeedback();
 }
 
 function setThreshold(value, rescale) {
@@ -120,9 +121,62 @@ async function mark(resultId, verdict) {
     entry.card.querySelector(".verdict").textContent = `marked ${verdict}`;
     $("pending").textContent = body.counts.good_pending;
     setStatus(`feedback saved (${body.stored_as})`);
+    await loadFeedback();
   } catch (err) {
     setStatus(`feedback refused: ${err.message}`);
   }
+}
+
+async function loadFeedback() {
+  const name = $("model").value;
+  if (!name) return;
+  let body;
+  try {
+    body = await api(`/v1/models/${encodeURIComponent(name)}/feedback`, { headers: authHeaders() });
+  } catch (err) {
+    setStatus(`cannot list feedback: ${err.message}`);
+    return;
+  }
+  const rows = $("review-rows");
+  rows.innerHTML = "";
+  for (const f of body.feedback) {
+    const tr = document.createElement("tr");
+    tr.dataset.feedbackId = f.feedback_id;
+    const status = f.status === "applied" ? `applied in v${f.applied_version}`
+      : f.status === "left_out" ? `left out: ${f.left_out}` : "pending";
+    for (const text of [f.feedback_id, f.verdict, f.score.toFixed(2), status, f.note || ""]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    }
+    const td = document.createElement("td");
+    if (f.status !== "applied") {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "withdraw";
+      button.textContent = "withdraw";
+      button.addEventListener("click", () => withdraw(f.feedback_id));
+      td.appendChild(button);
+    }
+    tr.appendChild(td);
+    rows.appendChild(tr);
+  }
+  $("review-count").textContent = body.feedback.length;
+  $("pending").textContent = body.counts.good_pending;
+}
+
+async function withdraw(feedbackId) {
+  try {
+    const body = await api(`/v1/models/${encodeURIComponent($("model").value)}/feedback/${feedbackId}`, {
+      method: "DELETE", headers: authHeaders(),
+    });
+    const entry = state.results.find((r) => r.id === body.withdrawn.result_id);
+    if (entry) entry.card.querySelector(".verdict").textContent = "withdrawn";
+    setStatus(`feedback ${feedbackId} withdrawn`);
+  } catch (err) {
+    setStatus(`withdraw refused: ${err.message}`);
+  }
+  await loadFeedback();
 }
 
 async function applyUpdate() {
@@ -142,12 +196,15 @@ async function applyUpdate() {
     await selectModel($("model").value);
     setThreshold(state.threshold, false);
     render();
+    const left = body.left_out.length ? `; left out: ${body.left_out.map((l) => l.reason).join("; ")}` : "";
     setStatus(`model v${body.model_version}: bank ${body.bank_rows_before} -> ${body.bank_rows_after} rows ` +
-              `(stopped by ${body.stopped_by}); previous file kept as ${body.previous_file}`);
+              `(stopped by ${body.stopped_by}); previous file kept as ${body.previous_file}${left}`);
+    await loadFeedback();
   } catch (err) {
     setStatus(`update refused: ${err.message}`);
   } finally {
     button.disabled = false;
+    loadFeedback();
   }
 }
 
