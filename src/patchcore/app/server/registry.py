@@ -67,8 +67,8 @@ class ModelRegistry:
             self.entries[name] = ModelEntry(name, path, model, file_sha256=file_digest(path))
 
     def load_model(self, path: Path) -> PatchCore:
-        """One model file, scored by torch, or (runtime "onnx") through its export beside it, MODEL.onnx/
-        (`patchcore export`); everything else (update, reload, thresholds) is the estimator's either way."""
+        """One model file (a single model or an ensemble), scored by torch, or (runtime "onnx") through its
+        export beside it, MODEL.onnx/ (`patchcore export`); update, reload and thresholds stay the estimator's."""
         if self.runtime == "onnx":
             from ...estimator.exported import ExportedPatchCore
 
