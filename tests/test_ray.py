@@ -83,9 +83,11 @@ def assert_matches(rows: list[dict], reference: dict) -> None:
             assert (row["score"], row["label"]) == expected  # bit for bit, as single-process predict
 
 
-def test_predict_on_ray_equals_single_process(local_ray, model_file, data, reference, tmp_path):
+@pytest.mark.parametrize("decode", ["actor", "tasks"])
+def test_predict_on_ray_equals_single_process(local_ray, model_file, data, reference, tmp_path, decode):
     scores, single = reference
-    report = predict_on_ray(model_file, data[1], tmp_path / "out", actors=2, chunk_size=3, pictures=True)
+    report = predict_on_ray(model_file, data[1], tmp_path / "out", actors=2, chunk_size=3, pictures=True,
+                            decode=decode)
     rows = read_rows(tmp_path / "out")
     assert_matches(rows, scores)
     assert report.n_failed == 2 and report.n_scored == len(data[1]) - 2
@@ -234,3 +236,21 @@ def test_without_the_extra_the_cli_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(InputError, match=r"pip install 'patchcore\[ray\]'"):
         ray_commands._engine("predict")
+
+
+def test_the_lean_runtime_scores_in_the_actors(local_ray, model_file, data, tmp_path):
+    """backend 'onnx': every actor scores with the exported graph, as `predict --runtime onnx` does."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from patchcore.estimator.export import export_model
+    from patchcore.estimator.exported import ExportedPatchCore
+
+    export = tmp_path / "cat.onnx"
+    export_model(PatchCore.load(model_file, device="cpu"), model_file, export, static_size=True)
+    readable = data[1][:-2]
+    single = ExportedPatchCore.load(model_file, export_dir=export, threads=1).predict(readable).scores.tolist()
+    predict_on_ray(model_file, data[1], tmp_path / "out", threads=1, chunk_size=8, backend="onnx",
+                   backend_options={"export_dir": str(export)})
+    rows = {r["path"]: r for r in read_rows(tmp_path / "out")}
+    assert [rows[display_path(p)]["score"] for p in readable] == single
+    assert all(rows[display_path(p)]["error"] for p in data[1][-2:])

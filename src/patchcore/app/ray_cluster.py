@@ -50,6 +50,10 @@ class RaySession:
     def cluster_cpus() -> int:
         return int(ray.cluster_resources().get("CPU", 1))
 
+    @staticmethod
+    def largest_node_cpus() -> int:
+        return max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
+
 
 def file_sha256(path: str | Path) -> str:
     """The model's version as written in every result row: the hash of the model file's bytes."""

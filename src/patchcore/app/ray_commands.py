@@ -40,6 +40,9 @@ def add_ray_options(parser: argparse.ArgumentParser, command: str) -> None:
         # with --runtime onnx: one option, one meaning (threads of one scoring process).
         group.add_argument("--chunk-size", type=int, default=64,
                            help="images per chunk: the unit of work, retry and output file (default 64)")
+        group.add_argument("--decode", choices=["actor", "tasks"], default="actor",
+                           help="where images are decoded: in each actor's threads while it scores (default; no "
+                                "pixels cross processes), or in Ray tasks feeding the actors (GPU actors)")
         group.add_argument("--pictures", action="store_true",
                            help="also write heatmaps, overlays and masks (as without --ray); default: Parquet only")
     else:
@@ -71,9 +74,13 @@ def cmd_predict_on_ray(args: argparse.Namespace, inputs: list[Path]) -> int:
             paths += module.read_manifest(item)
         else:
             paths.append(item)
+    backend, options = "torch", {}
+    if getattr(args, "runtime", "torch") == "onnx":  # the lean runtime's graph in every actor
+        backend, options = "onnx", {"export_dir": args.export, "engine": args.backend, "precision": args.precision}
     report = module.predict_on_ray(
         args.model, paths, args.output, address=args.ray, num_cpus=args.ray_cpus, actors=args.actors,
         threads=args.threads, chunk_size=args.chunk_size, device="cuda" if args.device == "cuda" else "cpu",
+        backend=backend, backend_options=options, decode=args.decode,
         image_threshold=args.threshold, pixel_threshold=args.pixel_threshold, pictures=args.pictures,
         save_maps=args.save_maps, full_resolution=args.full_resolution, overwrite=args.overwrite)
     print(f"scored {report.n_scored} of {report.n_inputs} images on Ray ({report.actors} actor(s), "

@@ -115,14 +115,17 @@ class RayPatchCore(PatchCore):
     a RaySession; the fitted model saves, loads and predicts as any PatchCore."""
 
     def __init__(self, config: PatchCoreConfig | None = None, *, device: str | torch.device = "auto",
-                 chunk_images: int | None = None, task_threads: int | None = 1):
+                 chunk_images: int | None = None, task_threads: int | None = None):
         super().__init__(config, device=device)
-        self.chunk_images, self.task_threads = chunk_images, task_threads
+        # CPU kernels' results depend on their thread count (EfficientNet-Lite0 features differ in the last
+        # bits between 1 and 2 threads): tasks use the driver's, so the file equals this machine's plain fit.
+        self.chunk_images, self.task_threads = chunk_images, task_threads or torch.get_num_threads()
 
     def _chunks(self, images: list) -> list[list]:
-        """Whole batches of config.batch_size per chunk, about two chunks per CPU of the cluster."""
+        """Whole batches of config.batch_size per chunk, about two chunks per task the cluster runs at once."""
         batch = self.config.batch_size
-        per = self.chunk_images or -(-len(images) // (2 * RaySession.cluster_cpus()))
+        tasks_at_once = max(1, RaySession.cluster_cpus() // self.task_threads)
+        per = self.chunk_images or -(-len(images) // (2 * tasks_at_once))
         per = max(batch, -(-per // batch) * batch)
         return [images[i:i + per] for i in range(0, len(images), per)]
 
@@ -130,7 +133,9 @@ class RayPatchCore(PatchCore):
                                    progress, max_feature_memory: int, spill_dir):
         cfg = self.config
         device = "cuda" if self.device.type == "cuda" else "cpu"
-        calls = [_extract_chunk.remote(cfg, device, self.task_threads, chunk, region, max_feature_memory)
+        # Booked as used (no oversubscription), but never more than the largest node has (it would never run).
+        extract = _extract_chunk.options(num_cpus=min(self.task_threads, RaySession.largest_node_cpus()))
+        calls = [extract.remote(cfg, device, self.task_threads, chunk, region, max_feature_memory)
                  for chunk in self._chunks(images)]
         metas = [call[0] for call in calls]
         projections = [call[1] for call in calls]

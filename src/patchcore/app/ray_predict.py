@@ -1,5 +1,6 @@
-"""Score an archive on Ray Data: list the images -> decode in tasks -> score in an actor pool (each actor
-loads the model once) -> one Parquet file per chunk of images. Fault tolerant and resumable.
+"""Score an archive on Ray Data: list the images in chunks -> decode (in the actors' threads, or in Ray
+tasks) -> score in an actor pool (each actor loads the model once) -> one Parquet file per chunk of images.
+Fault tolerant and resumable.
 
 The output folder:
 
@@ -15,9 +16,10 @@ through a temporary name and renames it, so a part is there whole or not at all;
 actor (or one lost with its node) and retries its chunk, which writes the same file again. A restart of a
 stopped job reads the paths already in its parts and scores only the others, in new chunks of a new run.
 
-Scores equal `patchcore predict` on the same files: the actor scores through PatchCore.iter_predict, the
-same path as the single-process writer, and applies the same per-file check to the decoded images.
-The scoring backend is pluggable (BACKENDS): the torch estimator now; the lean runtime where it exists.
+Scores equal `patchcore predict` on the same files: the actor scores the decoded images through the public
+`predict` of the same estimator the single-process command loads, and writes pictures with its writer.
+The scoring backend is pluggable (BACKENDS): "torch" (the estimator, a single model or an ensemble) and
+"onnx" (the lean runtime's exported graph on onnxruntime or OpenVINO, as `predict --runtime onnx`).
 """
 from __future__ import annotations
 
@@ -39,11 +41,12 @@ import torch
 
 from .._version import __version__
 from ..errors import ImageReadError, InputError, OutputError
-from ..estimator import PatchCore
+from ..estimator.ensemble import load_model
 from ..io.images import read_image
 from ..io.model_file import atomic_write_bytes
 from .predict_folder import (
     OUTPUT_FOLDERS,
+    _scored_batches,
     _write_outputs,
     clear_outputs,
     display_path,
@@ -75,18 +78,14 @@ class RayPredictReport:
 
 
 # ---------------------------------------------------------------------------- scoring backends
-class TorchBackend:
-    """The estimator as a scoring backend: PatchCore.load once, scores through PatchCore.predict.
+class EstimatorBackend:
+    """What an actor scores with: a model loaded once, `score(images)` mapping uint8 (3, H, W) tensors to one
+    (score, map, label, mask) or an error text each (an image the model cannot take), and `model`, which
+    draws the pictures. Only the public estimator API is used, so the scores are those of `patchcore
+    predict` with the same backend."""
 
-    A backend is what an actor holds: `score(images)` maps uint8 (3, H, W) tensors to one
-    (score, map, label, mask) or an error text each (an image the model cannot take); `model` draws the
-    pictures. Only the public estimator API is used, so scores are those of `patchcore predict`."""
-
-    def __init__(self, model_path: str, *, device: str, threads: int | None, image_threshold: float | None,
-                 pixel_threshold: float | None):
-        if threads:
-            torch.set_num_threads(threads)
-        self.model = PatchCore.load(model_path, device=device)
+    def __init__(self, model, *, image_threshold: float | None, pixel_threshold: float | None):
+        self.model = model
         self.model.with_thresholds(image=image_threshold, pixel=pixel_threshold)
 
     def score(self, images: list[torch.Tensor]) -> list[tuple | str]:
@@ -97,8 +96,37 @@ class TorchBackend:
                 return [f"cannot be scored: {err}"]
             return [result for image in images for result in self.score([image])]
 
+    def score_files(self, paths: list[str]) -> list[tuple]:
+        """Decode and score files -> one (image, result or error text) per path, in order: the single-process
+        writer's own loop (iter_predict, background decoding threads, its per-file checks and retries)."""
+        found: dict[str, tuple] = {}
+        for batch_paths, images, results, failures in _scored_batches(self.model, [Path(p) for p in paths]):
+            found.update({str(p): (image, result) for p, image, result in zip(batch_paths, images, results)})
+            found.update({str(Path(f.path)): (None, f.reason) for f in failures})
+        return [found.get(str(Path(p)), (None, "not scored")) for p in paths]
 
-BACKENDS: dict[str, Callable[..., TorchBackend]] = {"torch": TorchBackend}
+
+def torch_backend(model_path: str, *, device: str, threads: int | None, **options) -> EstimatorBackend:
+    """The torch estimator (a single model or an ensemble), as `patchcore predict`."""
+    if threads:
+        torch.set_num_threads(threads)
+    return EstimatorBackend(load_model(model_path, device=device), **options)
+
+
+def onnx_backend(model_path: str, *, device: str, threads: int | None, export_dir: str | None = None,
+                 engine: str = "onnxruntime", precision: str = "fp32", **options) -> EstimatorBackend:
+    """The lean runtime's exported graph (onnxruntime or OpenVINO; `patchcore export`), as `patchcore predict
+    --runtime onnx`: the embedding runs in the graph, the rest is the library's."""
+    from ..estimator.exported import ExportedPatchCore
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = ExportedPatchCore.load(model_path, export_dir=export_dir, backend=engine, threads=threads,
+                                   precision=precision)
+    return EstimatorBackend(model, **options)
+
+
+BACKENDS: dict[str, Callable[..., EstimatorBackend]] = {"torch": torch_backend, "onnx": onnx_backend}
 
 
 def _per_image(result) -> list[tuple]:
@@ -126,21 +154,24 @@ def decode_chunk(row: dict) -> dict:
 class ChunkScorer:
     """Ray Data actor: holds one backend (the model, loaded once) and writes one Parquet part per chunk."""
 
-    def __init__(self, *, model_path: str, model_sha256: str, output: str, backend: str, device: str,
-                 threads: int | None, image_threshold: float | None, pixel_threshold: float | None,
+    def __init__(self, *, model_path: str, model_sha256: str, output: str, backend: str, backend_options: dict,
+                 device: str, threads: int | None, image_threshold: float | None, pixel_threshold: float | None,
                  pictures: bool, save_maps: bool, full_resolution: bool):
         if file_sha256(model_path) != model_sha256:  # the file changed since the job started: not this job
             raise OutputError(f"{model_path}: the model file changed since this job started")
-        self.backend = BACKENDS[backend](model_path, device=device, threads=threads,
-                                         image_threshold=image_threshold, pixel_threshold=pixel_threshold)
+        self.backend = BACKENDS[backend](model_path, device=device, threads=threads, image_threshold=image_threshold,
+                                         pixel_threshold=pixel_threshold, **backend_options)
         self.model_sha256, self.output = model_sha256, Path(output)
         self.pictures, self.save_maps, self.full_resolution = pictures, save_maps, full_resolution
 
     def __call__(self, batch: dict) -> dict:
         out = {"part": [], "n": [], "n_failed": []}
         for i in range(len(batch["chunk"])):
-            rows = self.score_chunk(list(batch["paths"][i]), list(batch["names"][i]), list(batch["images"][i]),
-                                    list(batch["errors"][i]))
+            paths, names = list(batch["paths"][i]), list(batch["names"][i])
+            if "images" in batch:  # decoded by the pipeline's tasks
+                rows = self.score_chunk(paths, names, list(batch["images"][i]), list(batch["errors"][i]))
+            else:  # decoded here, in the actor's threads
+                rows = self.score_decoded(paths, names, self.backend.score_files(paths))
             name = f"part-{int(batch['run'][i]):04d}-{int(batch['chunk'][i]):07d}.parquet"
             write_part(self.output / "scores" / name, rows)
             out["part"].append(name)
@@ -149,7 +180,6 @@ class ChunkScorer:
         return {k: np.array(v) for k, v in out.items()}
 
     def score_chunk(self, paths: list[str], names: list[str], images: list, errors: list[str]) -> list[dict]:
-        model = self.backend.model
         rows: list[dict | None] = [None] * len(paths)
         kept, tensors = [], []
         for i, (image, error) in enumerate(zip(images, errors)):
@@ -159,7 +189,16 @@ class ChunkScorer:
                 kept.append(i)
                 tensors.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         results = self.backend.score(tensors) if tensors else []
-        for i, tensor, result in zip(kept, tensors, results):
+        scored = self.score_decoded([paths[i] for i in kept], [names[i] for i in kept], list(zip(tensors, results)))
+        for i, row in zip(kept, scored):
+            rows[i] = row
+        return rows
+
+    def score_decoded(self, paths: list[str], names: list[str], scored: list[tuple]) -> list[dict]:
+        """(image, result or error text) per path -> the rows (and the pictures, when asked)."""
+        model = self.backend.model
+        rows: list[dict | None] = [None] * len(paths)
+        for i, (tensor, result) in enumerate(scored):
             if isinstance(result, str):
                 rows[i] = self._row(paths[i], names[i], error=result)
                 continue
@@ -259,20 +298,28 @@ def written_parts(output: Path) -> list[Path]:
 def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path, *, address: str | None = "local",
                    num_cpus: int | None = None, actors: int = 1, threads: int | None = None,
                    chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", backend: str = "torch",
+                   backend_options: dict | None = None,
                    image_threshold: float | None = None, pixel_threshold: float | None = None,
                    pictures: bool = False, save_maps: bool = False, full_resolution: bool = False,
-                   overwrite: bool = False, progress: Callable[[int], None] | None = None) -> RayPredictReport:
-    """Score `paths` with the model at `model_path` on Ray (module doc). Returns the job's report."""
+                   overwrite: bool = False, decode: str = "actor",
+                   progress: Callable[[int], None] | None = None) -> RayPredictReport:
+    """Score `paths` with the model at `model_path` on Ray (module doc). Returns the job's report.
+
+    decode="actor": each actor decodes its chunks in background threads while it scores (the single-process
+    path; no pixels cross processes); decode="tasks": Ray Data tasks decode and hand the pixels to the
+    actors through the object store (for GPU actors that the CPU decoding would starve)."""
     started = time.perf_counter()
     model_path, output = Path(model_path), Path(output)
     if backend not in BACKENDS:
         raise InputError(f"unknown scoring backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if decode not in ("actor", "tasks"):
+        raise InputError(f"decode must be 'actor' or 'tasks', got {decode!r}")
     if actors < 1 or chunk_size < 1:
         raise InputError("--actors and --chunk-size must be at least 1")
     if not model_path.is_file():
         raise InputError(f"{model_path}: no such model file")
     sha = file_sha256(model_path)
-    PatchCore.load(model_path, device="cpu")  # a damaged or foreign model file fails here, once, not per actor
+    load_model(model_path, device="cpu")  # a damaged or foreign model file fails here, once, not per actor
     unique, _ = unique_inputs(paths)
     if not unique:
         raise InputError("no images to score")
@@ -280,6 +327,7 @@ def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path
     names = dict(zip(shown, output_names(unique).values())) if pictures else dict.fromkeys(shown, "")
     job = job_description(model_path, sha, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                           pictures=pictures, save_maps=save_maps, full_resolution=full_resolution)
+    job["backend"] = {"name": backend, **(backend_options or {})}  # other scores: another job
     prepare_output(output, job, overwrite=overwrite)
     if pictures:
         for sub in OUTPUT_FOLDERS:
@@ -298,7 +346,8 @@ def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path
             cpus = RaySession.cluster_cpus()
             per_actor = threads or max(1, cpus // actors)
             scorer = {"model_path": str(model_path.resolve()), "model_sha256": sha, "output": str(output.resolve()),
-                      "backend": backend, "device": device, "threads": per_actor,
+                      "backend": backend, "backend_options": backend_options or {}, "device": device,
+                      "threads": per_actor,
                       "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
                       "pictures": pictures, "save_maps": save_maps, "full_resolution": full_resolution}
             # Ray's CPU counts are bookkeeping, not limits: each actor books what its threads use, less a
@@ -306,7 +355,8 @@ def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path
             # for a free CPU forever if the actors booked every one).
             booked = max(DECODE_CPUS, min(per_actor, cpus / actors - DECODE_CPUS))
             ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-            ds = ds.map(decode_chunk, num_cpus=DECODE_CPUS)
+            if decode == "tasks":
+                ds = ds.map(decode_chunk, num_cpus=DECODE_CPUS)
             ds = ds.map_batches(ChunkScorer, fn_constructor_kwargs=scorer, batch_size=1,
                                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=booked,
                                 num_gpus=1 if device == "cuda" else 0)

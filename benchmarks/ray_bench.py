@@ -1,0 +1,171 @@
+"""Ray against the single process on the same files, in the same run (docs/CLUSTER.md).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/ray_bench.py --data ../shared/data/mvtec_ad/bottle \
+        --workdir /tmp/ray-bench --repeats 3 -o ray_bench.json
+
+1. fit: the plain fit and `fit --ray` (RayPatchCore) on DATA/train/good; same model file bytes?
+2. predict: images/s, scores only, over DATA/train/good + DATA/test: the single process (PatchCore.load +
+   iter_predict over the files, the path `patchcore predict` takes) against `predict --ray` with 1 and 2
+   actors; end to end (model load and actor start included, Ray's own start-up not), and steady state
+   (from the first chunk written to the last). Runs alternate; medians of --repeats.
+3. recovery: one actor killed (SIGKILL) after its first chunk; the job's extra time against an unkilled
+   run, and the time from the kill to the next chunk written.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from patchcore import PatchCore, PatchCoreConfig
+from patchcore.app.ray_cluster import RaySession
+from patchcore.app.ray_fit import RayPatchCore
+from patchcore.app.ray_predict import predict_on_ray
+from patchcore.io.images import list_images
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def single_process(model_file: Path, paths: list[Path]) -> dict:
+    started = time.perf_counter()
+    model = PatchCore.load(model_file, device="cpu")
+    scores = []
+    for batch in model.iter_predict(paths):
+        if batch.result is not None:
+            scores += batch.result.scores.tolist()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images_per_s": len(paths) / seconds, "n": len(scores)}
+
+
+def part_times(out: Path) -> list[float]:
+    return sorted(p.stat().st_mtime for p in (out / "scores").glob("part-*.parquet"))
+
+
+def on_ray(model_file: Path, paths: list[Path], out: Path, actors: int, chunk: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    report = predict_on_ray(model_file, paths, out, actors=actors, chunk_size=chunk)
+    seconds = time.perf_counter() - started
+    times = part_times(out)
+    steady = (len(paths) - chunk) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+    return {"seconds": seconds, "images_per_s": len(paths) / seconds, "steady_images_per_s": steady,
+            "n": report.n_scored}
+
+
+def actor_pids() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ChunkScorer" in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def killed_run(model_file: Path, paths: list[Path], out: Path, chunk: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    result = {}
+
+    def job():
+        started = time.perf_counter()
+        result["report"] = predict_on_ray(model_file, paths, out, actors=1, chunk_size=chunk)
+        result["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    kill_time = None
+    while thread.is_alive() and kill_time is None:
+        if (out / "scores").is_dir() and list((out / "scores").glob("part-*.parquet")) and actor_pids():
+            for pid in actor_pids():
+                os.kill(pid, signal.SIGKILL)
+            kill_time = time.time()
+            parts_at_kill = len(list((out / "scores").glob("part-*.parquet")))
+        time.sleep(0.01)
+    thread.join()
+    after = [t for t in part_times(out) if t > kill_time]
+    return {"seconds": result["seconds"], "n": result["report"].n_scored, "parts_at_kill": parts_at_kill,
+            "kill_to_next_chunk_s": (after[0] - kill_time) if after else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="an MVTec category folder (train/good, test/)")
+    parser.add_argument("--workdir", default="/tmp/ray-bench")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--coreset-ratio", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("-o", "--output", default="ray_bench.json")
+    args = parser.parse_args()
+    data, work = Path(args.data), Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    train = list_images(data / "train" / "good")
+    tests = list_images(data / "test", recursive=True)
+    config = PatchCoreConfig(backbone=args.backbone, coreset_ratio=args.coreset_ratio)
+    result: dict = {"cpus": os.cpu_count(), "images": len(train) + len(tests), "config": config.to_dict()}
+
+    started = time.perf_counter()
+    with RaySession("local"):
+        result["ray_start_s"] = time.perf_counter() - started
+        print(f"ray start {result['ray_start_s']:.1f} s", flush=True)
+
+        fits: dict = {"plain": [], "ray": []}
+        for _ in range(max(1, args.repeats - 1)):
+            for kind in ("plain", "ray"):
+                started = time.perf_counter()
+                cls = PatchCore if kind == "plain" else RayPatchCore
+                model = cls(config, device="cpu").fit(train)
+                model.save(work / f"{kind}.model")
+                fits[kind].append(time.perf_counter() - started)
+                report = model.fit_report_
+                fits[f"{kind}_split"] = {"features_s": report.embed_seconds, "coreset_s": report.coreset_seconds,
+                                         "thresholds_s": report.calibration_seconds}
+                print(f"fit {kind}: {fits[kind][-1]:.1f} s", flush=True)
+        result["fit"] = {"plain_s": statistics.median(fits["plain"]), "ray_s": statistics.median(fits["ray"]),
+                         "runs": fits, "same_bytes": sha(work / "plain.model") == sha(work / "ray.model")}
+        model_file = work / "plain.model"
+
+        paths = train + tests
+        runs = {"single": [], "ray_1": [], "ray_2": []}
+        for _ in range(args.repeats):
+            runs["single"].append(single_process(model_file, paths))
+            runs["ray_1"].append(on_ray(model_file, paths, work / "out1", 1, args.chunk))
+            runs["ray_2"].append(on_ray(model_file, paths, work / "out2", 2, args.chunk))
+            print({k: round(v[-1]["images_per_s"], 2) for k, v in runs.items()}, flush=True)
+
+        def median(kind, key):
+            values = [r[key] for r in runs[kind] if r.get(key) is not None]
+            return statistics.median(values) if values else None
+
+        single = median("single", "images_per_s")
+        result["predict"] = {kind: {"images_per_s": median(kind, "images_per_s"),
+                                    "steady_images_per_s": median(kind, "steady_images_per_s"),
+                                    "ratio_to_single": median(kind, "images_per_s") / single}
+                             for kind in runs}
+        result["predict"]["runs"] = runs
+        killed = [killed_run(model_file, paths, work / "killed", args.chunk) for _ in range(max(1, args.repeats - 1))]
+        unkilled = median("ray_1", "seconds")
+        result["recovery"] = {"runs": killed, "unkilled_s": unkilled,
+                              "extra_s": statistics.median(k["seconds"] for k in killed) - unkilled,
+                              "kill_to_next_chunk_s": statistics.median(
+                                  k["kill_to_next_chunk_s"] for k in killed if k["kill_to_next_chunk_s"])}
+        ray.shutdown()
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()
