@@ -183,14 +183,16 @@ def test_images_of_several_sizes(ensemble, data):
 def test_build_and_update(ensemble, train, test_images):
     assert isinstance(build_model(CONFIG, device="cpu"), PatchCoreEnsemble)
     assert type(build_model(dataclasses.replace(CONFIG, backbone="resnet18_random"), device="cpu")) is PatchCore
-    twin = PatchCoreEnsemble.from_members([
-        PatchCore(m.config, device="cpu").set_state(m.state_) for m in ensemble.members])
-    twin._state = ensemble.ensemble_state_
+    twin = PatchCoreEnsemble.from_members([PatchCore(m.config, device="cpu") for m in ensemble.members])
+    twin.set_state(ensemble.state_)
+    served = twin.predict(test_images[2:])
     before = twin.memory_bank_.shape[0]
     twin.update(test_images[:2])
     assert twin.memory_bank_.shape[0] > before
     assert twin.update_report_.bank_after == twin.memory_bank_.shape[0]
     assert twin.image_threshold_ == ensemble.image_threshold_  # kept, as a single model keeps its thresholds
+    assert not torch.equal(twin.predict(test_images[:2]).scores, ensemble.predict(test_images[:2]).scores)
+    assert ensemble.predict(test_images[2:]).scores.equal(served.scores)  # the original is untouched
 
 
 def test_cli_fit_and_predict_an_ensemble(data, tmp_path):
@@ -224,3 +226,17 @@ def test_served_like_a_single_model(ensemble, test_images, tmp_path):
     expected = ensemble.predict([test_images[-1]])
     assert body["score"] == pytest.approx(float(expected.scores[0]), rel=1e-5, abs=1e-5)
     assert body["threshold"] == pytest.approx(ensemble.image_threshold_)
+
+
+def test_fit_on_images_of_several_sizes(tmp_path):
+    """Geometry auto on a varied training set: every member chooses the same scale, maps per image align."""
+    data = make_category(tmp_path / "varied", n_train=12, n_test_good=2, n_test_per_defect=1, seed=0,
+                         sizes=[(64, 64), (64, 112), (96, 64)])
+    config = dataclasses.replace(CONFIG, resize=256, crop=224, pixel_budget=64 * 64)  # the defaults: auto applies
+    model = PatchCoreEnsemble(config, device="cpu").fit(sorted((data / "train" / "good").glob("*.png")))
+    assert len({m.config.scale for m in model.members}) == 1 and model.members[0].config.scale is not None
+    tests = sorted((data / "test").glob("*/*.png"))
+    result = model.predict(tests)
+    assert isinstance(result.maps, list) and len({tuple(m.shape) for m in result.maps}) > 1
+    for member in model.members:
+        assert [m.shape for m in member.predict(tests).maps] == [m.shape for m in result.maps]

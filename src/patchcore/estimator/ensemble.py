@@ -239,6 +239,7 @@ class NominalPass:
     """Per member: out-of-sample image scores of every training image, a seeded sample of its nominal
     pixel scores, and each image's nominal map (max-pooled to at most POOLED_SIDE)."""
 
+    names: list[str]  # the training images, in the order of the scores and maps
     scores: list[list[float]]
     pixels: list[list[np.ndarray]]
     maps: list[list[torch.Tensor]]
@@ -252,9 +253,11 @@ def nominal_pass(members: Sequence[PatchCore], images: list, *, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     region = fitted[0].state.region  # shared (checked); outside it maps are 0 by construction, not nominal evidence
     inside = None if region is None else torch.nonzero(region.cpu().flatten()).squeeze(1)
-    out = NominalPass([[] for _ in members], [[] for _ in members], [[] for _ in members], [0] * len(members))
-    for _, groups in members[0]._iter_groups(images, _region_size(fitted[0].state)):
+    out = NominalPass([], [[] for _ in members], [[] for _ in members], [[] for _ in members], [0] * len(members))
+    done = 0
+    for batch, groups in members[0]._iter_groups(images, _region_size(fitted[0].state)):
         for group in groups:
+            out.names += [str(batch.paths[p]) if batch.paths else f"#{done + p}" for p in group.positions]
             count = group.stack.shape[0]
             picks = None
             for k, (member, f) in enumerate(zip(members, fitted)):
@@ -277,6 +280,7 @@ def nominal_pass(members: Sequence[PatchCore], images: list, *, seed: int = 0) -
                 pooled = torch.nn.functional.adaptive_max_pool2d(
                     maps[:, None], (min(height, POOLED_SIDE), min(width, POOLED_SIDE)))[:, 0]
                 out.maps[k] += list(pooled)
+        done += len(batch.images)
     return out
 
 
@@ -314,6 +318,7 @@ class PatchCoreEnsemble:
         self.members = [PatchCore(dataclasses.replace(config, backbone=name), device=self.device)
                         for name in backbones]
         self._state: EnsembleState | None = None
+        self._scoring: tuple | None = None  # (members' _Fitted, EnsembleState): what predicts read, swapped whole
 
     @classmethod
     def from_members(cls, members: Sequence[PatchCore]) -> PatchCoreEnsemble:
@@ -321,7 +326,8 @@ class PatchCoreEnsemble:
         if not 2 <= len(members) <= MAX_MEMBERS:
             raise ConfigError(f"an ensemble takes 2 to {MAX_MEMBERS} members, got {len(members)}")
         ensemble = cls.__new__(cls)
-        ensemble.device, ensemble.members, ensemble._state = members[0].device, list(members), None
+        ensemble.device, ensemble.members = members[0].device, list(members)
+        ensemble._state = ensemble._scoring = None
         return ensemble
 
     # ---- what a single model offers, on the ensemble
@@ -337,6 +343,12 @@ class PatchCoreEnsemble:
 
     def maps_at_original_size(self, maps: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         return self.members[0].maps_at_original_size(maps, original_size)
+
+    def _install(self, state: EnsembleState) -> None:
+        """The ensemble state and the members' current fitted states, as one snapshot for predicts: a
+        concurrent predict sees the old ensemble or the new one (an update of every member), never a mix."""
+        self._state = state
+        self._scoring = ([m._checked_fitted() for m in self.members], state)
 
     def _checked_state(self) -> EnsembleState:
         if self._state is None:
@@ -385,7 +397,7 @@ class PatchCoreEnsemble:
         members, ensemble = state
         for member, member_state in zip(self.members, members):
             member.set_state(member_state)
-        self._state = ensemble
+        self._install(ensemble)
         return self
 
     def with_thresholds(self, *, image: float | None = None, pixel: float | None = None) -> PatchCoreEnsemble:
@@ -395,7 +407,7 @@ class PatchCoreEnsemble:
             if value is not None and not math.isfinite(float(value)):
                 raise InputError(f"the {name} threshold must be a finite number, got {value}")
         changes = {k: float(v) for k, v in (("image_threshold", image), ("pixel_threshold", pixel)) if v is not None}
-        self._state = dataclasses.replace(state, **changes)
+        self._install(dataclasses.replace(state, **changes))
         return self
 
     # ---- fit
@@ -428,13 +440,20 @@ class PatchCoreEnsemble:
                      for i in range(len(nominal.maps[0]))]
         rate = getattr(members[0].config, "false_alarm_rate", DEFAULT_FALSE_ALARM_RATE)
         calibrated = all(m.image_threshold_ is not None for m in members)
-        self._state = EnsembleState(
+        self._install(EnsembleState(
             image, pixel,
             normal_quantile_threshold(combined, rate) if calibrated else None,
             normal_quantile_threshold(pixel_max, rate) if calibrated else None,
-            tuple(combined), tuple(pixel_max))
+            tuple(combined), tuple(pixel_max)))
         self.excluded_rows_ = nominal.excluded_rows
-        self.fit_report_ = self._fit_report(time.perf_counter() - started)
+        report = self._fit_report(time.perf_counter() - started)
+        threshold = self._state.image_threshold
+        if threshold is not None and len(combined) == len(nominal.names) and hasattr(report, "suspects"):
+            # training images that score like defects for the ensemble (fit's nominal scores are of every
+            # training image in the pass's order when their counts agree)
+            report.suspects = sorted(((name, s) for name, s in zip(nominal.names, combined) if s > threshold),
+                                     key=lambda item: -item[1])
+        self.fit_report_ = report
         return self
 
     def _fit_report(self, normalisation_seconds: float) -> FitReport:
@@ -501,8 +520,8 @@ class PatchCoreEnsemble:
         return per_image
 
     def _snapshot(self) -> tuple[list, EnsembleState]:
-        state = self._checked_state()  # one state per call, as a single model reads its _Fitted once
-        return [m._checked_fitted() for m in self.members], state
+        self._checked_state()
+        return self._scoring  # one snapshot per call, as a single model reads its _Fitted once
 
     def predict_batch(self, images: torch.Tensor) -> PatchCoreResult:
         """Score one uint8 (B, 3, H, W) batch in a single pass per member (the serving path)."""
@@ -549,6 +568,7 @@ class PatchCoreEnsemble:
         except BaseException:
             self.set_state(previous)
             raise
+        self._install(self._state)  # every member's new bank at once
         first = reports[0]
         self.update_reports_ = reports
         self.update_report_ = UpdateReport(
@@ -607,7 +627,7 @@ class PatchCoreEnsemble:
                                        if name.startswith(prefix)}, member_header, f"{path} (member {k})")
         ensemble = cls.from_members(built)
         ensemble.check_members(path)
-        ensemble._state = EnsembleState.from_header(header.get("ensemble"), len(built), path)
+        ensemble._install(EnsembleState.from_header(header.get("ensemble"), len(built), path))
         return ensemble
 
 
