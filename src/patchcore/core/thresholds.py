@@ -4,12 +4,15 @@ PatchCore gives scores, not decisions (PATCHCORE.md section 5). With no defects 
 only come from out-of-sample nominal scores, and it should mean something a line can plan with: "about 1% of
 good parts will be flagged". The estimator below gives the (1 - rate) quantile of nominal scores:
 
-- Robust log-normal: mu = median(log s), sigma = 1.4826 MAD(log s), threshold = exp(mu + z_(1-rate) sigma).
-  Why not the empirical k-th largest score: at 1% and ~200 images it is the 2nd largest score, decided by the
-  very images most likely to be "good" parts that are not quite good (real good sets hold a few); the median
-  and the MAD ignore up to half of the images being off. Why log: image scores are positive maxima of
-  distances, right-skewed; their logarithm is close to symmetric. The price is a parametric tail: the
-  observed rate on new parts is measured in `evaluate` and reported beside the target.
+- A log-normal through two robust points of the upper half: mu = median(log s), sigma = (q95(log s) - mu) /
+  z_0.95, threshold = exp(mu + z_(1-rate) sigma). Why not the empirical k-th largest score: at 1% and ~200
+  images it is the 2nd largest score, decided by the very images most likely to be "good" parts that are not
+  quite good (real good sets hold a few). Why not the MAD for sigma: it describes the middle half, and nominal
+  scores have a heavier upper tail than a log-normal through their middle (measured on bottle, 209
+  out-of-sample scores, Lite0: a MAD-based 1% threshold was exceeded by 6.7% of them, the q95-based one by
+  1.9%; on varied crops of bottle 7.7% vs 1.0%). The 95th percentile moves little when a few percent of the
+  set are bad parts. Why log: image scores are positive maxima of distances, right-skewed. The price is a
+  parametric tail beyond q95: `evaluate` reports the observed rate on new parts beside the target.
 - Its uncertainty with n images: a seeded bootstrap of the estimator, read as the false-alarm rate each
   resampled threshold would give under the fitted distribution (a 90% interval).
 
@@ -25,6 +28,7 @@ from statistics import NormalDist
 import numpy as np
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+UPPER_QUANTILE = 0.95  # the second point the log-normal goes through (the median is the first)
 BOOTSTRAP_ROUNDS = 400
 
 
@@ -48,16 +52,18 @@ def percent(share: float) -> str:
 
 
 def _log_location_scale(scores) -> tuple[float, float]:
+    """(mu, sigma) of the log-normal through the median and the 95th percentile of the scores."""
     logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-12))
-    mu = float(np.median(logs))
-    sigma = MAD_TO_SIGMA * float(np.median(np.abs(logs - mu)))
-    if sigma <= 0:  # half the scores or more are equal: fall back to the plain standard deviation
-        sigma = float(np.std(logs))
+    mu, upper = (float(v) for v in np.quantile(logs, [0.5, UPPER_QUANTILE]))
+    sigma = (upper - mu) / NormalDist().inv_cdf(UPPER_QUANTILE)
+    if sigma <= 0:  # the upper half is one value: fall back to the MAD, then the plain standard deviation
+        sigma = MAD_TO_SIGMA * float(np.median(np.abs(logs - mu))) or float(np.std(logs))
     return mu, max(sigma, 1e-9)
 
 
 def quantile_threshold(scores, false_alarm_rate: float) -> float:
-    """The (1 - false_alarm_rate) quantile of nominal scores (> 0), robust log-normal estimate."""
+    """The (1 - false_alarm_rate) quantile of nominal scores (> 0): the log-normal through their median and
+    95th percentile."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0 or not 0.0 < false_alarm_rate < 1.0:
         raise ValueError(f"need nominal scores and a rate in (0, 1), got {scores.size} scores, {false_alarm_rate}")
