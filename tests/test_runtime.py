@@ -127,7 +127,10 @@ def test_runtime_imports_no_torch(exported, category, tmp_path):
             failures += [str(f) for f in batch.failures]
             if batch.result is not None:
                 scores += batch.result.scores.tolist()
-        print(json.dumps({{"scores": scores, "failures": failures,
+        from patchcore.app.score_cli import main
+        code = main([{str(path)!r}, *{[str(f) for f in files[:2]] + [str(broken)]!r}, "--export", {str(export)!r},
+                     "-o", {str(tmp_path / "scores.csv")!r}])
+        print(json.dumps({{"scores": scores, "failures": failures, "cli_exit": code,
                            "torch": [m for m in sys.modules if m.split(".")[0] == "torch"]}}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -137,6 +140,11 @@ def test_runtime_imports_no_torch(exported, category, tmp_path):
     assert out["torch"] == []
     np.testing.assert_allclose(out["scores"], model.predict(files).scores.numpy(), rtol=SCORE_RTOL)
     assert len(out["failures"]) == 1 and "broken.png" in out["failures"][0]
+    # patchcore-score, the runtime-only command: two rows, the broken file named, exit 1
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    assert out["cli_exit"] == 1 and len(rows) == 3 and rows[0].startswith("file,score,label")
+    assert float(rows[1].split(",")[1]) == pytest.approx(out["scores"][0], rel=1e-5)
+    assert "broken.png" in done.stderr
 
 
 def test_bad_inputs_are_per_file_failures(exported, category, tmp_path, monkeypatch):
