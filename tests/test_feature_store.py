@@ -58,8 +58,8 @@ def test_spill_file_lives_in_spill_dir_and_is_deleted_on_close(tmp_path):
     store.append(_rows(2)[:8])
     assert os.listdir(tmp_path) == []  # still under budget: nothing on disk
     store.append(_rows(2)[8:20])
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith("patchcore-features-")
+    assert store.spilled and os.listdir(tmp_path) == []  # an unnamed file: nothing a SIGKILL could leave
+    assert os.readlink(f"/proc/self/fd/{store._file.fileno()}").startswith(str(tmp_path))  # in spill_dir
     store.close()
     assert os.listdir(tmp_path) == []
     store.close()  # closing twice is harmless
@@ -69,7 +69,7 @@ def test_context_manager_deletes_the_file_on_error(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with FeatureStore(DIM, max_memory_bytes=0, spill_dir=tmp_path) as store:
             store.append(_rows(3))
-            assert len(os.listdir(tmp_path)) == 1
+            assert store.spilled
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
 
@@ -109,3 +109,44 @@ def test_bad_shapes_and_indices(tmp_path):
         for bad in ([4], [-1], [0, 10]):
             with pytest.raises(IndexError):
                 store.gather(torch.tensor(bad))
+
+
+def test_sigkill_during_a_spilled_fit_leaves_no_file(tmp_path):
+    """Issue 16: SIGTERM or SIGKILL during a fit that spills features left a 128 MB file in TMPDIR each time."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, time, torch
+        from patchcore.io.feature_store import FeatureStore
+        store = FeatureStore(16, max_memory_bytes=0, spill_dir={str(tmp_path)!r})
+        store.append(torch.ones(100, 16))
+        print("spilled", flush=True)
+        time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "spilled"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    assert os.listdir(tmp_path) == []
+
+
+def test_named_spill_files_left_by_earlier_versions_are_removed_unless_in_use(tmp_path):
+    from patchcore.io.feature_store import remove_stale_spill_files
+
+    stale = tmp_path / "patchcore-features-abc123.f32"
+    stale.write_bytes(b"0" * 1024)
+    busy = tmp_path / "patchcore-features-busy.f32"
+    busy.write_bytes(b"0" * 1024)
+    other = tmp_path / "notes.f32"
+    other.write_bytes(b"keep")
+    with open(busy, "rb"):  # a running fit of an earlier version still holds this one
+        with FeatureStore(DIM, max_memory_bytes=0, spill_dir=tmp_path) as store:
+            store.append(_rows(5))
+        assert not stale.exists() and busy.exists() and other.exists()
+    assert remove_stale_spill_files(tmp_path) == [busy]

@@ -350,3 +350,71 @@ def test_limit_messages_say_how_far_over_the_limit_an_image_is():
     with pytest.raises(InputError) as info:
         check_limits(10, 325)
     assert "32.5:1, above the limit 32:1" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- SIGTERM is Ctrl-C
+_SLOW_CLI = ("import sys, time\n"
+             "from patchcore import PatchCore\n"
+             "import patchcore.io.feature_store as fs\n"
+             "real_score, real_append = PatchCore._score_stack, fs.FeatureStore.append\n"
+             "def slow_score(self, *args, **kwargs):\n"
+             "    time.sleep(0.4)\n"
+             "    return real_score(self, *args, **kwargs)\n"
+             "def slow_append(self, rows):\n"
+             "    real_append(self, rows)\n"
+             "    print('spilled' if self.spilled else 'held', file=sys.stderr, flush=True)\n"
+             "    time.sleep(0.4)\n"
+             "PatchCore._score_stack, fs.FeatureStore.append = slow_score, slow_append\n"
+             "from patchcore.app.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+
+
+def _start(args: list[str], **env) -> subprocess.Popen:
+    import signal  # noqa: F401  (used by the callers)
+
+    return subprocess.Popen([sys.executable, "-c", _SLOW_CLI, *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **env})
+
+
+def test_sigterm_during_predict_leaves_results_that_say_so(small_models, category, tmp_path):
+    """Case: SIGTERM during predict left scores.json at "running" with 0 scored while the CSV held rows."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    process = _start(["predict", str(small_models[0]), str(category / "test"), "-o", str(out), "--quiet",
+                      "--device", "cpu"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "scores.csv").is_file() and len((out / "scores.csv").read_text().splitlines()) > 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "terminated (SIGTERM)" in err, err
+    summary = json.loads((out / "scores.json").read_text())
+    rows = (out / "scores.csv").read_text().splitlines()[1:]
+    assert summary["status"] == "interrupted" and summary["error"] == "terminated by SIGTERM"
+    assert 0 < len(rows) == summary["n_scored"] < 18
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_sigterm_during_a_spilling_fit_removes_the_spill_file_and_writes_nothing(category, tmp_path):
+    """Case: SIGTERM during a fit that spills features left its file in TMPDIR each time."""
+    import signal
+
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    output = tmp_path / "models" / "m.model"
+    process = _start(["fit", str(category / "train" / "good"), "-o", str(output), "--backbone", "resnet18_random",
+                      "--resize", "64", "--crop", "none", "--batch-size", "2", "--max-feature-memory-gb", "0",
+                      "--quiet", "--device", "cpu"], TMPDIR=str(spill))
+    for line in process.stderr:
+        if line.strip() == "spilled":
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert list(spill.iterdir()) == []
+    assert not output.exists() and not (output.parent.exists() and list(output.parent.iterdir()))

@@ -3,7 +3,8 @@
 Model options are generated from PatchCoreConfig's fields (app/options.py), so the CLI cannot drift from
 the model. Exit status: 0 done; 1 done, but some input files could not be read (listed at the end);
 2 a user error (bad input, model file, weights or option), printed as one line; 3 an internal error
-(a bug, out of memory, ...), printed with its traceback; 130 interrupted.
+(a bug, out of memory, ...), printed with its traceback; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM,
+handled like Ctrl-C).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,6 +38,7 @@ from .ray_commands import add_ray_options, cmd_predict_on_ray, estimator, ray_se
 from .server_commands import add_parsers as add_server_parsers
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 # ---------------------------------------------------------------------------- commands
@@ -346,14 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `kill`, a container stop), handled exactly like Ctrl-C: temporary files
+    removed, scores.json says "interrupted" (error: "terminated by SIGTERM"); exit status 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # `serve`: uvicorn installs its own while it runs
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.run(args)
     except PatchCoreError as err:  # the user's input: one clean line
         print(f"patchcore {args.command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated:
+        print(f"patchcore {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"patchcore {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -362,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"patchcore {args.command}: internal error (exit {EXIT_INTERNAL}); the traceback above says where",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -261,8 +261,8 @@ def predict_to_folder(model: PatchCore, paths: list[Path], output: Path, *, prog
                 failures += [ImageReadError(row["file"], row["error"]) for row in rows if "error" in row]
                 table.add([row for row in rows if "error" not in row], failures)
                 bar.update(len(batch_paths) + len(failures) - sum("error" in row for row in rows))
-    except KeyboardInterrupt:
-        table.close("interrupted")
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (the CLI raises it as one): "terminated by SIGTERM"
+        table.close("interrupted", str(err) or None)
         raise
     except OSError as err:
         table.close("failed", f"could not write results: {err}")

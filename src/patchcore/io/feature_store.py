@@ -4,9 +4,15 @@ The coreset is chosen on the d*-dimensional projection, which stays in memory (N
 The full D-dimensional features are only needed afterwards, for the selected rows, so they go to a
 temporary file once they exceed a memory budget, and the selected rows are read back in index
 order. Both paths return identical bytes for the same rows.
+
+The spill file has no name (O_TMPFILE where the system has it, else created and unlinked at once): it
+disappears with the process however that ends, SIGKILL included, so no run leaves a 128 MB file behind
+for the next one. Files named by earlier versions (`patchcore-features-*.f32`) that no running process
+holds open are removed at the next spill.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,7 +29,7 @@ class FeatureStore:
         self.spill_dir = spill_dir
         self.rows = 0
         self._chunks: list[np.ndarray] = []
-        self._file = None  # a NamedTemporaryFile once spilled
+        self._file = None  # an unnamed TemporaryFile once spilled
 
     @property
     def spilled(self) -> bool:
@@ -42,7 +48,8 @@ class FeatureStore:
         self.rows += array.shape[0]
 
     def _spill(self) -> None:
-        self._file = tempfile.NamedTemporaryFile(prefix="patchcore-features-", suffix=".f32", dir=self.spill_dir)
+        remove_stale_spill_files(self.spill_dir)
+        self._file = tempfile.TemporaryFile(prefix="patchcore-features-", suffix=".f32", dir=self.spill_dir)
         for chunk in self._chunks:
             self._file.write(memoryview(chunk).cast("B"))
         self._chunks = []
@@ -67,7 +74,7 @@ class FeatureStore:
             for position in np.argsort(index, kind="stable"):  # front to back through the file
                 self._file.seek(int(index[position]) * row_bytes)
                 if self._file.readinto(memoryview(out[position]).cast("B")) != row_bytes:
-                    raise OSError(f"feature file {self._file.name} is shorter than expected")
+                    raise OSError("the temporary feature file is shorter than expected")
             self._file.seek(0, 2)  # back to the end, for further appends
         return torch.from_numpy(out)
 
@@ -82,3 +89,36 @@ class FeatureStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def remove_stale_spill_files(folder: str | Path | None = None) -> list[Path]:
+    """Remove this user's `patchcore-features-*.f32` files (named spill files of earlier versions, left by a
+    killed fit) in `folder` (default: the temporary folder) that no running process has open (Linux /proc;
+    elsewhere nothing is removed). Returns what was removed."""
+    folder = Path(folder or tempfile.gettempdir())
+    candidates = list(folder.glob("patchcore-features-*.f32"))
+    if not candidates or not Path("/proc/self/fd").is_dir():
+        return []
+    held = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for link in fd_dir.iterdir():
+                try:
+                    held.add(os.readlink(link))
+                except OSError:
+                    pass
+        except OSError:  # another user's process, or one that just ended
+            pass
+    removed = []
+    for path in candidates:
+        try:
+            mine = path.stat().st_uid == os.getuid()  # only this user's: their processes' fds are readable
+        except OSError:
+            continue
+        if mine and str(path.resolve()) not in held:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
