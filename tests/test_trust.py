@@ -418,3 +418,16 @@ def test_sigterm_during_a_spilling_fit_removes_the_spill_file_and_writes_nothing
     assert process.returncode == 143, err
     assert list(spill.iterdir()) == []
     assert not output.exists() and not (output.parent.exists() and list(output.parent.iterdir()))
+
+
+@pytest.mark.parametrize("option", [["--resize", "1"], ["--resize", "1", "--crop", "none"],
+                                    ["--resize", "8,64", "--crop", "none"]])
+def test_sizes_that_cannot_give_a_model_are_usage_errors_before_any_work(category, tmp_path, option, capsys):
+    """Case: `--resize 1` was a traceback (before this fix, after the shape work: a 1 x 1 pixel model)."""
+    from patchcore.app.cli import main
+
+    code = main(["fit", str(category / "train" / "good"), "-o", str(tmp_path / "m.model"), "--backbone",
+                 "resnet18_random", "--device", "cpu", "--quiet", *option])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "smaller than the coarsest feature stride" in err, err
+    assert not (tmp_path / "m.model").exists()

@@ -139,6 +139,9 @@ class PatchCoreConfig:
             if len(sizes) not in (1, 2) or any(not _is_int(v) or not 1 <= v <= MAX_SIDE for v in sizes):
                 raise ConfigError(f"{name} must be a positive int or (H, W) or None, each side at most "
                                   f"{MAX_SIDE}, got {value!r}")
+            if name == "resize" and min(sizes) < max(strides):  # not one cell of the coarsest feature map
+                raise ConfigError(f"resize {value!r} is smaller than the coarsest feature stride {max(strides)}: "
+                                  f"each side must be at least {max(strides)} pixels")
         _require_range("projection_dim", self.projection_dim, 1, MAX_EMBEDDING_DIM)
         _require_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         if self.patch_size < 1 or self.patch_size % 2 == 0 or self.patch_size > MAX_PATCH_SIZE:
