@@ -431,3 +431,38 @@ def test_sizes_that_cannot_give_a_model_are_usage_errors_before_any_work(categor
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "smaller than the coarsest feature stride" in err, err
     assert not (tmp_path / "m.model").exists()
+
+
+def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(tmp_path):
+    """Case: `.tmp` files left after a killed save."""
+    import signal
+    import time
+
+    path = tmp_path / "m.model"
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        import patchcore.io.model_file as mf
+        real_fsync = os.fsync
+        def hang(fd):
+            print("writing", flush=True)
+            time.sleep(60)
+        mf.os.fsync = hang
+        mf.atomic_write_bytes(mf.Path({str(path)!r}), b"x" * 1000)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and f".{child.pid}." in left[0].name  # named by the killed process
+    busy = tmp_path / f".m.model.{os.getpid()}.abcd.tmp"  # a write in progress in a running process
+    busy.write_bytes(b"")
+    time.sleep(0.01)
+    from patchcore.io.model_file import atomic_write_bytes
+
+    atomic_write_bytes(path, b"model")
+    assert path.read_bytes() == b"model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.model", busy.name])

@@ -92,7 +92,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temporary_files(path)
+        # Named by our pid: a write killed with SIGKILL leaves this file, and the next write removes it.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         try:
             os.fchmod(fd, 0o666 & ~current_umask())
         except BaseException:
@@ -111,6 +113,35 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def remove_stale_temporary_files(path: Path) -> list[Path]:
+    """Remove the temporary files `.<name>.<pid>.<random>.tmp` of earlier writes of `path` whose process no
+    longer runs (a killed save); those of running processes (a concurrent write) stay."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _process_running(int(pid)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
 
 
 def current_umask() -> int:
