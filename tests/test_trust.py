@@ -466,3 +466,15 @@ def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(tmp_pa
     atomic_write_bytes(path, b"model")
     assert path.read_bytes() == b"model"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.model", busy.name])
+
+
+def test_the_resized_size_limit_message_gives_exact_pixel_counts(monkeypatch):
+    """Case: messages such as "37.7 above 37.7" (MAX_RESIZED_PIXELS)."""
+    from patchcore.errors import InputError
+    from patchcore.io.preprocess import Preprocess
+
+    monkeypatch.setenv("PATCHCORE_MAX_RESIZED_PIXELS", str(6144 * 6144))
+    pre = Preprocess(resize=None, crop=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    with pytest.raises(InputError) as info:
+        pre.check_size(6144, 6145)
+    assert "37754880 pixels, above the limit of 37748736 pixels" in str(info.value)

@@ -56,7 +56,7 @@ class Preprocess:
         cap = limit("MAX_RESIZED_PIXELS", MAX_RESIZED_PIXELS)
         if size[0] * size[1] > cap:
             raise InputError(f"a {height} x {width} image resizes to {size[0]} x {size[1]} = "
-                             f"{size[0] * size[1] / 1e6:.1f} Mpx, above the limit {cap / 1e6:.1f} Mpx "
+                             f"{size[0] * size[1]} pixels, above the limit of {cap:.0f} pixels "
                              f"(MAX_RESIZED_PIXELS; raise it with PATCHCORE_MAX_RESIZED_PIXELS=<pixels>, or set a "
                              f"fixed --resize H,W)")
         self.crop_box(height, width)
