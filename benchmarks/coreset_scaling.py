@@ -232,18 +232,21 @@ def load_old(spec: str):
 
 
 def timed_pair(fns, features, n, seed, repeats):
-    """Runs of each fn interleaved (a, b, a, b, ...), so that load changes hit both alike."""
-    times = [[] for _ in fns]
+    """Runs of each fn interleaved (a, b, a, b, ...), so that load changes hit both alike. Wall seconds and the
+    process's CPU seconds (all threads; on a shared machine the CPU time is the steadier measure of the work)."""
+    times, cpu = [[] for _ in fns], [[] for _ in fns]
     results, stats = [None] * len(fns), [{} for _ in fns]
     for r in range(max(repeats)):
         for i, fn in enumerate(fns):
             if r >= repeats[i]:
                 continue
             stats[i] = {}
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             results[i] = fn(features, n, generator=torch.Generator().manual_seed(seed), stats=stats[i])
             times[i].append(time.perf_counter() - start)
-    return [(statistics.median(t), t, res, st) for t, res, st in zip(times, results, stats)]
+            cpu[i].append(time.process_time() - start_cpu)
+    return [(statistics.median(t), t, statistics.median(c), c, res, st)
+            for t, c, res, st in zip(times, cpu, results, stats)]
 
 
 def profile(stats: dict) -> str:
@@ -284,7 +287,7 @@ def main() -> int:
     old = None if args.no_baseline else load_old(args.old)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}, old = {args.old}")
     header = (f"{'case':<14} {'N':>9} {'n':>6} {'old s':>8} {'new s':>8} {'old/new':>8} {'old s/Mpatch':>12} "
-              f"{'new s/Mpatch':>12} {'same':>5}")
+              f"{'new s/Mpatch':>12} {'old cpu s':>9} {'new cpu s':>9} {'cpu old/new':>11} {'same':>5}")
     print(header)
     rows = []
     for name in args.cases:
@@ -296,18 +299,22 @@ def main() -> int:
         if old is not None:
             fns, repeats = [old, greedy_coreset], [args.baseline_repeat or args.repeat, args.repeat]
         results = timed_pair(fns, features, n, args.seed, repeats)
-        new_t, new_all, new_sel, new_stats = results[-1]
-        old_t, old_all, same, old_stats = float("nan"), [], "-", {}
+        new_t, new_all, new_c, new_call, new_sel, new_stats = results[-1]
+        old_t, old_all, old_c, old_call, same, old_stats = float("nan"), [], float("nan"), [], "-", {}
         if old is not None:
-            old_t, old_all, old_sel, old_stats = results[0]
+            old_t, old_all, old_c, old_call, old_sel, old_stats = results[0]
             same = "yes" if torch.equal(old_sel, new_sel) else "NO"
         row = dict(case=name, n_patches=total, n=n, old_s=old_t, new_s=new_t, old_runs=old_all, new_runs=new_all,
-                   old_s_per_mpatch=old_t / total * 1e6, new_s_per_mpatch=new_t / total * 1e6, same=same,
+                   old_cpu_s=old_c, new_cpu_s=new_c, old_cpu_runs=old_call, new_cpu_runs=new_call,
+                   old_s_per_mpatch=old_t / total * 1e6, new_s_per_mpatch=new_t / total * 1e6,
+                   old_cpu_per_mpatch=old_c / total * 1e6, new_cpu_per_mpatch=new_c / total * 1e6, same=same,
                    old_stats=old_stats, new_stats=new_stats)
         line = (f"{name:<14} {total:>9} {n:>6} {old_t:>8.2f} {new_t:>8.2f} {old_t / new_t:>8.2f} "
-                f"{row['old_s_per_mpatch']:>12.2f} {row['new_s_per_mpatch']:>12.2f} {same:>5}")
+                f"{row['old_s_per_mpatch']:>12.2f} {row['new_s_per_mpatch']:>12.2f} {old_c:>9.2f} {new_c:>9.2f} "
+                f"{old_c / new_c:>11.2f} {same:>5}")
         print(line, flush=True)
-        print(f"    new runs {[round(t, 2) for t in new_all]}  old runs {[round(t, 2) for t in old_all]}")
+        print(f"    new runs {[round(t, 2) for t in new_all]} (cpu {[round(t, 2) for t in new_call]})  "
+              f"old runs {[round(t, 2) for t in old_all]} (cpu {[round(t, 2) for t in old_call]})")
         print(f"    new: {profile(new_stats)}")
         if old_stats:
             print(f"    old: {profile(old_stats)}", flush=True)
@@ -317,7 +324,10 @@ def main() -> int:
         for r in rows:
             old_x = r["old_s_per_mpatch"] / reference["old_s_per_mpatch"]
             new_x = r["new_s_per_mpatch"] / reference["new_s_per_mpatch"]
-            print(f"{r['case']:<14} per-patch cost / bottle's in this run: old {old_x:.2f}  new {new_x:.2f}")
+            old_xc = r["old_cpu_per_mpatch"] / reference["old_cpu_per_mpatch"]
+            new_xc = r["new_cpu_per_mpatch"] / reference["new_cpu_per_mpatch"]
+            print(f"{r['case']:<14} per-patch cost / bottle's in this run: wall old {old_x:.2f} new {new_x:.2f};"
+                  f" cpu old {old_xc:.2f} new {new_xc:.2f}")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1))
     return 0 if all(r["same"] != "NO" for r in rows) else 1

@@ -46,6 +46,7 @@ _MAX_GROWN_HOT = 1 << 18  # the rebuild rule doubles the hot set up to this size
 _GROUP_SHARE = 0.05  # group the hot set once the per-element test leaves fewer candidates than this share
 _GROUP_MIN_HOT = 1 << 16  # ... and it is this large (below, the per-step Python cost of groups does not pay)
 _LOW_MIN_HOT = 1 << 14  # hot sets from this size on keep low-dimensional copies for a per-element distance bound
+_LOW_MIN_STEPS = 1024  # ... where this many steps are left to repay the copies (mixture-50k x 500: they did not)
 _DENSE_PAIRS = 8  # a refresh block whose q-dimensional bound leaves more pairs per row takes the d-dimensional one
 
 
@@ -113,6 +114,8 @@ class _Greedy:
         self.margin = _refresh_margin(self.dim, self.device)
         self.basis = None  # principal directions of the low-dimensional bounds, made when first needed
         self.hot_low = None  # (hot, q) float32 low-dimensional copies of the hot rows, or None
+        self.low_share, self.low_probe = 0.0, 0  # share of the elements the per-element q-d bound kept, last step
+        self.refresh_dense, self.refresh_probe = False, 0  # whether the refresh's q-d bound left many pairs
         self.value = torch.empty(self.total, device=self.device)
         self.owner = torch.zeros(self.total, dtype=torch.long, device=self.device)
         self.applied = torch.ones(self.total, dtype=torch.long, device=self.device)
@@ -234,10 +237,13 @@ class _Greedy:
             rows = rows.to(self.device)
         else:
             rows = None
-        if self.hot_low is not None:
+        if self.hot_low is not None and (self.low_share < 0.5 or k - self.low_probe >= 64):
             # Texture-like data (a compact bulk, scattered outliers): the triangle test leaves ~100x more
-            # candidates than elements that move; the 32-d bound leaves ~1.4x (see _low_threshold).
+            # candidates than elements that move; the 32-d bound leaves ~1.4x (see _low_threshold). Where it
+            # keeps most of them (distances spread over many directions) it pauses for 64 steps.
+            tested = size if rows is None else rows.numel()
             rows = self._low_candidates(rows, k)
+            self.low_share, self.low_probe = rows.numel() / max(1, tested), k
             if rows.numel() == 0:
                 return probed
         self.stats["candidates"] += size if rows is None else rows.numel()
@@ -340,7 +346,7 @@ class _Greedy:
         self.share, self.last_probe = 0.0, -(1 << 30)
         # Groups are built once the triangle test prunes well (and not within 64 steps of being dropped).
         self.grouped, self.hot_low = False, None
-        if hot.shape[0] >= _LOW_MIN_HOT:
+        if hot.shape[0] >= _LOW_MIN_HOT and self.selected.shape[0] - m >= _LOW_MIN_STEPS:
             self._build_low(previous)
         return pos, vmax
 
@@ -538,8 +544,12 @@ class _Greedy:
             block = rows[i:i + _REFRESH_ROWS]
             if self.basis is None:
                 self._refresh_block(block, int(applied[i]))
+            elif self.refresh_dense and self.refresh_probe % 8:
+                # The q-d bound left many pairs on the last probe: the d-dimensional one alone, probing every 8th.
+                self.refresh_probe += 1
+                self._refresh_block(block, int(applied[i]))
             else:
-                self._refresh_block_low(block, int(applied[i]))
+                self.refresh_dense, self.refresh_probe = self._refresh_block_low(block, int(applied[i])), 1
         self.applied[rows] = self.m
 
     def _refresh_block(self, rows: torch.Tensor, start: int) -> None:
@@ -585,7 +595,7 @@ class _Greedy:
         return best
 
 
-    def _refresh_block_low(self, rows: torch.Tensor, start: int) -> None:
+    def _refresh_block_low(self, rows: torch.Tensor, start: int) -> bool:
         """_refresh_block with the lower bound taken in the principal directions (once they exist).
 
         On texture-like data the refresh dominated (bottle-sized texture at 10%: 6.6e9 bound pairs, 2/3 of the
@@ -596,7 +606,7 @@ class _Greedy:
         excluded when even approx less that margin reaches the row's low threshold (see _low_threshold). That
         threshold follows the row's best value so far, and a stale value is a loose upper bound: so each block
         first takes the direct distance to each row's nearest centre by approx (almost always the nearest), which
-        tightens it before the comparison.
+        tightens it before the comparison. Returns whether a block left many pairs (see _DENSE_PAIRS).
         """
         feats = self.x[rows]
         low = self._low_copies(rows)
@@ -604,7 +614,7 @@ class _Greedy:
         left = torch.cat([low, low_sq[:, None], torch.ones_like(low_sq)[:, None]], 1)
         best = _key(self.value[rows], self.owner[rows])
         best_value = self.value[rows].clone()
-        centred = None
+        centred, dense = None, False
         step = max(1, _BOUND_ELEMENTS // rows.numel())
         for c0 in range(start, self.m, step):
             c1 = min(self.m, c0 + step)
@@ -625,6 +635,7 @@ class _Greedy:
             if r.numel() > _DENSE_PAIRS * rows.numel():
                 # The q-dimensional bound left many pairs (distances spread over many directions): the
                 # d-dimensional bound, with its upper bounds, excludes most of them at a GEMM's price.
+                dense = True
                 if centred is None:
                     centred = _centred_rows(feats, self.mean)
                 best = self._full_bound_block(feats, centred, best, c0, c1)
@@ -634,6 +645,7 @@ class _Greedy:
         value, owner = _unkey(best)
         self.value[rows] = value
         self.owner[rows] = owner
+        return dense
 
     def _low_copies(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows), q) float32 copies of the rows in the principal directions: float64 centring and product."""
