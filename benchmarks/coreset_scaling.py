@@ -175,8 +175,9 @@ def extract_bottle(out: str) -> None:
     captured = {}
     original = model_module.greedy_coreset
 
-    def capture(projected, n, *, generator):
-        captured["x"] = projected.cpu().numpy().copy()
+    def capture(projected, n, *, generator):  # the largest call: fit also makes a coreset per calibration fold
+        if projected.shape[0] > captured.get("x", np.empty((0, 0))).shape[0]:
+            captured["x"] = projected.cpu().numpy().copy()
         return original(projected, n, generator=generator)
 
     model_module.greedy_coreset = capture
@@ -193,8 +194,6 @@ def extract_bottle(out: str) -> None:
 
 def extract_texture(out: str, count: int = 530) -> None:
     """Projected features of `count` woven-fabric images (256 x 256), all patches, as fit feeds them to the coreset."""
-    import numpy as np
-
     from patchcore.config import PatchCoreConfig
     from patchcore.estimator import model as model_module
     from patchcore.evaluation.synthetic import fabric_texture
@@ -203,8 +202,9 @@ def extract_texture(out: str, count: int = 530) -> None:
     images = [fabric_texture(rng, 256) for _ in range(count)]
     captured = {}
 
-    def capture(projected, n, *, generator):
-        captured["x"] = projected.cpu().numpy().copy()
+    def capture(projected, n, *, generator):  # the largest call: fit also makes a coreset per calibration fold
+        if projected.shape[0] > captured.get("x", np.empty((0, 0))).shape[0]:
+            captured["x"] = projected.cpu().numpy().copy()
         return torch.arange(n)  # the selection is not needed here
 
     original = model_module.greedy_coreset
