@@ -254,3 +254,64 @@ def test_an_image_that_cannot_join_an_update_is_named_and_left_out_and_never_blo
         fresh = feedback(c, predict(c, png_bytes(fabric(1, 10, variant=True)[0])).json()["result_id"])
         assert fresh.status_code == 201
         assert c.post("/v1/models/fabric/apply-update", headers=AUTH).status_code == 200
+
+
+# ---------------------------------------------------------------------------- the served file on disk
+def test_a_served_model_file_replaced_in_place_changes_nothing_until_a_reload(models_dir, tmp_path):
+    """Case: `cp other.model served.model` while served: SIGBUS or silently changed scores (mmap)."""
+    config = PatchCoreConfig(backbone="resnet18_random", resize=64, crop=None, coreset_ratio=0.6, batch_size=4)
+    other = tmp_path / "other.model"
+    PatchCore(config, device="cpu").fit(fabric(12, 11, variant=True)).save(other)
+    image = png_bytes(fabric(1, 12)[0])
+    with TestClient(create_app(settings_for(models_dir))) as c:
+        before = predict(c, image).json()["score"]
+        served = models_dir / "fabric.model"
+        with open(served, "r+b") as handle:  # what cp does to an existing file: same inode, new bytes
+            handle.write(other.read_bytes())
+            handle.truncate()
+        assert predict(c, image).json()["score"] == before
+        with open(served, "r+b") as handle:
+            handle.truncate(100)  # cut short under the served model: no SIGBUS, same answers
+        assert predict(c, image).json()["score"] == before
+        assert c.post("/v1/models/fabric/reload", headers=AUTH).status_code == 422  # a damaged file: refused
+        assert predict(c, image).json()["score"] == before  # still the loaded model
+        served.write_bytes(other.read_bytes())
+        assert c.post("/v1/models/fabric/reload", headers=AUTH).status_code == 200
+        assert predict(c, image).json()["score"] != before
+
+
+def test_serve_stops_cleanly_on_sigterm(models_dir, tmp_path):
+    """Must hold 3 for serve: SIGTERM is a graceful shutdown (uvicorn's), not a kill mid-request."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "token.txt").write_text(TOKEN)
+    server = subprocess.Popen([sys.executable, "-m", "patchcore.app.cli", "serve", str(models_dir), "--port",
+                               str(port), "--token-file", str(tmp_path / "token.txt"), "--device", "cpu",
+                               "--log-level", "info"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/models/fabric/predict",
+                       files={"file": ("x.png", png_bytes(fabric(1, 13)[0]), "image/png")}, timeout=60)
+        assert r.status_code == 200
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert "Application shutdown complete" in err, err[-2000:]
+    assert "Traceback" not in err
+    assert server.returncode in (0, -signal.SIGTERM)
