@@ -199,3 +199,26 @@ def test_gemm_rounding_margin_takes_the_coarsest_mode():
     assert _roundoff("highest", tf32=True) == _roundoff("high", tf32=False) == 2.0 ** -11
     assert _roundoff("highest", tf32=False) == 2.0 ** -24
     assert _gemm_input_roundoff(torch.device("cpu")) == _roundoff(torch.get_float32_matmul_precision(), False)
+
+
+@pytest.mark.parametrize("prefix_dims, chunk_elements", [(8, None), (16, None), (8, 4 * 1504 * 64)])
+def test_numpy_bank_index_gives_the_torch_answers(prefix_dims, chunk_elements):
+    """One implementation for the library (torch) and the torch-free runtime (numpy): the same rows, the same
+    distances, the same pruning decisions, on near, far and isotropic queries (the plain-search fallback)."""
+    gen = _gen(7)
+    bank = _low_rank(2000, 64, 8, gen)
+    near = bank[torch.randint(0, 2000, (300,), generator=gen)] + 0.05 * torch.randn(300, 64, generator=gen)
+    far = 5.0 * _low_rank(100, 64, 8, gen) + torch.randn(100, 64, generator=gen)
+    isotropic = 3.0 * torch.randn(200, 64, generator=gen)
+    queries = torch.cat([near, far, isotropic])
+    kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+    on_torch = BankIndex(bank, prefix_dims=prefix_dims, **kwargs)
+    on_numpy = BankIndex(bank.numpy(), prefix_dims=prefix_dims, **kwargs)
+    assert on_torch.pruning_ == on_numpy.pruning_
+    dist, idx = on_numpy.search(queries.numpy())
+    assert dist.dtype.name == "float32" and idx.dtype.name == "int64"
+    _assert_exact_nearest(queries, bank, torch.from_numpy(dist), torch.from_numpy(idx))
+    ref_dist, ref_idx = on_torch.search(queries)
+    assert (idx == ref_idx.numpy()).mean() > 0.999
+    torch.testing.assert_close(torch.from_numpy(dist), ref_dist, rtol=1e-5, atol=1e-6)
+    assert on_numpy.stats_["candidates"] + on_numpy.stats_["plain"] < on_numpy.stats_["pairs"]  # it pruned

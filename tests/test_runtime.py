@@ -91,14 +91,14 @@ def test_images_of_other_sizes_get_their_own_maps(exported, category):
 
 
 def test_exact_search_matches_a_brute_force_oracle(exported, category):
-    """The runtime's 1-NN is exact: its s* (threshold-free, b = 0 gives s = s*) equals a float64 oracle."""
+    """The runtime's 1-NN (the library's pruned BankIndex, on numpy) is exact: against a float64 oracle."""
     model, path, export = exported
     runtime = Runtime.load(path, export)
     x = runtime.preprocess([np.asarray(Image.open(f).convert("RGB")) for f in _test_images(category)[:3]])
     features = runtime.embed(x).reshape(-1, runtime.state_.memory_bank.shape[1]).astype(np.float64)
     bank = np.asarray(runtime.state_.memory_bank, dtype=np.float64)
-    from patchcore.core.knn import nearest
-    dist, idx = nearest(features.astype(np.float32), bank.astype(np.float32), 1)
+    dist, idx = runtime.search(features.astype(np.float32))  # the library's BankIndex, on numpy
+    dist, idx = dist[:, None], idx[:, None]
     oracle = np.sqrt(((features[:, None, :] - bank[None]) ** 2).sum(-1))
     # float32 GEMM ranking: the true nearest up to near-ties (the chosen row within 1e-4 of the true minimum)
     np.testing.assert_allclose(dist[:, 0], oracle.min(1), rtol=1e-4)

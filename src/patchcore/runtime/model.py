@@ -1,7 +1,7 @@
 """Score images without torch: an exported embedding graph + the model file's bank, thresholds and geometry.
 
 The steps after the graph are the library's own functions, called with numpy arrays: exact 1-NN
-(core/knn.py), eq. 7 and the maps (core/scoring.py), the size rules (io/sizing.py), decoding and its limits
+(core/bank_index.py), eq. 7 and the maps (core/scoring.py), the size rules (io/sizing.py), decoding and its limits
 (io/images.py), the resize (io/resize.py, the library's CPU kernel), the model file and its schema
 (io/model_file.py, io/fitted_state.py).
 """
@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from ..config import PatchCoreConfig
-from ..core.knn import nearest, squared_norms
+from ..core.bank_index import BankIndex
+from ..core.knn import squared_norms
 from ..core.scoring import anomaly_maps, region_patches, reweighted_image_scores
 from ..core.tiling import tile_spans
 from ..errors import ImageReadError, InputError, ModelFileError
@@ -59,7 +60,7 @@ class Runtime:
 
     def __init__(self, config: PatchCoreConfig, state: FittedState, session: Session, manifest: dict):
         self.config, self.session, self.manifest = config, session, manifest
-        self._state: tuple[FittedState, np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        self._state: tuple[FittedState, np.ndarray, np.ndarray, np.ndarray | None, BankIndex] | None = None
         self.set_state(state)
         self.mean = np.asarray(manifest["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(manifest["std"], dtype=np.float32).reshape(1, 3, 1, 1)
@@ -70,8 +71,13 @@ class Runtime:
         a concurrent predict sees the old state or the new one."""
         bank = np.ascontiguousarray(np.asarray(state.memory_bank), dtype=np.float32)
         region = None if state.region is None else np.asarray(state.region, dtype=bool)
-        self._state = (state, bank, squared_norms(bank), region)
+        self._state = (state, bank, squared_norms(bank), region, BankIndex(bank))
         return self
+
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> distances (Q,), indices (Q,) of the nearest bank rows: the library's exact pruned search
+        (core/bank_index.py), on numpy."""
+        return self._state[4].search(queries)
 
     @property
     def state_(self) -> FittedState:
@@ -211,14 +217,14 @@ class Runtime:
         library's functions). `state`: score against this learned state (installed first if it is new)."""
         if state is not None and state is not self._state[0]:
             self.set_state(state)
-        state, bank, bank_sq_norms, region = self._state  # read once: one state for the whole batch
+        state, bank, bank_sq_norms, region, index = self._state  # read once: one state for the whole batch
         x = self.preprocess(images, at_input=at_input)
         features = self.embed(x)
         batch, h, w, dim = features.shape
         queries = features.reshape(batch, h * w, dim)
         if dim != bank.shape[1]:
             raise ModelFileError(f"feature size {dim} does not match the memory bank's {bank.shape[1]}")
-        dist, idx = nearest(queries.reshape(-1, dim), bank, 1, bank_sq_norms=bank_sq_norms)  # exact 1-NN
+        dist, idx = index.search(queries.reshape(-1, dim))  # exact 1-NN, pruned as in the library
         dist, idx = dist.reshape(batch, h * w), idx.reshape(batch, h * w)
         if region is not None:  # outside the inspection region every patch scores zero
             dist = dist * region_patches(region, (h, w)).reshape(-1).astype(np.float32)

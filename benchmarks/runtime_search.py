@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""The runtime's exact 1-NN (knn.nearest on numpy, plain GEMM) against the library's (BankIndex on torch,
+PCA-bound pruning) on one real bank and real patch features, one thread each, interleaved (issue 17.7).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_search.py MODEL IMAGES... [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from patchcore import PatchCore
+from patchcore.core.knn import nearest, squared_norms
+from patchcore.io.images import read_image
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")
+    model = PatchCore.load(args.model, device="cpu")
+    feats = torch.cat([model.embed(torch.from_numpy(read_image(p)).permute(2, 0, 1)[None].contiguous()).features[0]
+                       for p in args.images])
+    bank = model.memory_bank_.contiguous()
+    index = model.bank_index
+    queries_np, bank_np = feats.numpy(), bank.numpy()
+    sq = squared_norms(bank_np)
+    runs = {"library BankIndex (torch)": lambda: index.search(feats),
+            "library plain GEMM (torch)": lambda: nearest(feats, bank, 1),
+            "runtime plain GEMM (numpy)": lambda: nearest(queries_np, bank_np, 1, bank_sq_norms=sq)}
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(1000 * (time.perf_counter() - started) / len(args.images))
+    index.reset_stats()
+    d1, i1 = index.search(feats)
+    stats = index.stats_
+    d2, i2 = nearest(queries_np, bank_np, 1, bank_sq_norms=sq)
+    out = {"bank": list(bank.shape), "queries": int(feats.shape[0]),
+           "ms_per_image": {k: round(statistics.median(v), 2) for k, v in times.items()},
+           "bank_index_pruned_share": 1 - (stats["candidates"] + stats["plain"]) / stats["pairs"],
+           "same_neighbour_share": float((i1.numpy() == i2[:, 0]).mean()),
+           "max_distance_difference": float(np.abs(d1.numpy() - d2[:, 0]).max())}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
