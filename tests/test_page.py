@@ -104,6 +104,16 @@ def test_page_scores_relabels_takes_feedback_and_applies_the_update(browser, fit
         cards(browser)["new_0.png"]["card"].find_element(By.CLASS_NAME, "mark-good").click()
         wait.until(lambda d: "marked good" in cards(d)["new_0.png"]["card"].text)
         assert browser.find_element(By.ID, "pending").text == "1"
+        # a mark given by mistake is withdrawn from the feedback list (issue 16)
+        cards(browser)["new_1.png"]["card"].find_element(By.CLASS_NAME, "mark-good").click()
+        wait.until(lambda d: d.find_element(By.ID, "pending").text == "2")
+        browser.find_element(By.CSS_SELECTOR, "#review summary").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#review-rows tr")) == 2)
+        browser.find_elements(By.CSS_SELECTOR, "#review-rows tr")[0].find_element(By.CLASS_NAME, "withdraw").click()
+        wait.until(lambda d: "withdrawn" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#review-rows tr")) == 1)
+        assert browser.find_element(By.ID, "pending").text == "1"
+        assert "withdrawn" in cards(browser)["new_1.png"]["card"].text
         browser.find_element(By.ID, "apply-update").click()
         wait.until(lambda d: "model v2" in d.find_element(By.ID, "status").text)
         after = cards(browser)
@@ -111,6 +121,8 @@ def test_page_scores_relabels_takes_feedback_and_applies_the_update(browser, fit
         assert "was" in after["new_0.png"]["card"].find_element(By.CLASS_NAME, "was").text
         assert after["hole.png"]["label"] == "defect"
         assert "v2" in browser.find_element(By.ID, "model-info").text
+        wait.until(lambda d: "applied in v2" in d.find_element(By.ID, "review-rows").text)
+        assert not browser.find_elements(By.CSS_SELECTOR, "#review-rows .withdraw")  # applied: no withdrawing
         time.sleep(0.2)  # let the last paint settle
         target = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "page.png"
         target.parent.mkdir(parents=True, exist_ok=True)
