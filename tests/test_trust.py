@@ -478,3 +478,22 @@ def test_the_resized_size_limit_message_gives_exact_pixel_counts(monkeypatch):
     with pytest.raises(InputError) as info:
         pre.check_size(6144, 6145)
     assert "37754880 pixels, above the limit of 37748736 pixels" in str(info.value)
+
+
+def test_update_names_an_image_it_cannot_take_and_goes_on_with_the_rest(small_models, tmp_path, capsys):
+    """Case: `patchcore update` was aborted by one rotated image, which was not named. A rotated image now
+    joins (each image its own grid); an unreadable one is named and left out, and the update proceeds."""
+    from PIL import Image
+
+    path = tmp_path / "m.model"
+    path.write_bytes(small_models[0].read_bytes())
+    new = _new_good(tmp_path, n=3)
+    rotated = np.asarray(Image.open(new / "0.png")).transpose(1, 0, 2)[:, :40]  # 40 x 64: another grid
+    Image.fromarray(np.ascontiguousarray(rotated)).save(new / "rotated.png")
+    (new / "broken.png").write_bytes((new / "1.png").read_bytes()[:150])
+    before = PatchCore.load(path, device="cpu").memory_bank_.shape[0]
+    assert _update(path, new, path) == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "rotated.png" not in err, err
+    updated = PatchCore.load(path, device="cpu")
+    assert updated.memory_bank_.shape[0] > before

@@ -676,6 +676,7 @@ class PatchCore:
             raise InputError("update needs at least one image")
         report = UpdateReport(bank_before=state.memory_bank.shape[0])
         rows = []
+        grid, input_size = state.grid, state.input_size  # the largest over all images, as fit keeps them
         for batch, groups in self._iter_groups(images, _region_size(state)):
             report.skipped += [str(err) for err in batch.failures]
             for err in batch.failures:
@@ -688,6 +689,10 @@ class PatchCore:
                     features = features[:, inside.flatten().to(features.device)]
                 rows.append(features.flatten(0, 1).to(state.memory_bank.device))
                 report.n_images += group.stack.shape[0]
+                if state.region is None:  # (with a region every image has the region's size)
+                    grid = (max(grid[0], embedding.grid[0]), max(grid[1], embedding.grid[1]))
+                    input_size = (max(input_size[0], embedding.input_size[0]),
+                                  max(input_size[1], embedding.input_size[1]))
         if not rows:
             raise InputError("no readable update image: " + "; ".join(report.skipped[:5]))
         features = torch.cat(rows)
@@ -700,8 +705,11 @@ class PatchCore:
             radius = state.distance_scale
         extension = extend_coreset(bank, features, float(radius), max_new=max_new, bank_sq_norms=bank_sq_norms)
         new_bank = torch.cat([bank, features[extension.selected.to(features.device)]])
+        # a larger image than any before raises grid and input size: n_train_patches stays within
+        # n_train_images x grid, so the saved file loads (an update with one rotated image wrote one that did not)
         self.set_state(state.replace(memory_bank=new_bank, n_train_images=state.n_train_images + report.n_images,
-                                     n_train_patches=state.n_train_patches + report.n_patches))
+                                     n_train_patches=state.n_train_patches + report.n_patches, grid=grid,
+                                     input_size=input_size))
         report.bank_after = new_bank.shape[0]
         report.radius, report.stopped_by = float(radius), extension.stopped_by
         report.initial_radius, report.covering_radius = extension.initial_radius, extension.covering_radius
