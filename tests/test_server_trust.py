@@ -315,3 +315,15 @@ def test_serve_stops_cleanly_on_sigterm(models_dir, tmp_path):
     assert "Application shutdown complete" in err, err[-2000:]
     assert "Traceback" not in err
     assert server.returncode in (0, -signal.SIGTERM)
+
+
+def test_a_named_pipe_as_token_file_is_refused_not_waited_on(tmp_path):
+    """Other case tried (point 7): `--token-file` a named pipe hung `serve` at start-up."""
+    import os
+
+    from patchcore.app.server.settings import read_token
+
+    pipe = tmp_path / "token"
+    os.mkfifo(pipe)
+    with pytest.raises(InputError, match="not a regular file"):
+        read_token(pipe)

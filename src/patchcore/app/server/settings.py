@@ -61,6 +61,8 @@ def read_token(token_file: str | Path | None) -> str | None:
     """The token from --token-file (first line, stripped) or else $PATCHCORE_TOKEN; None if neither."""
     if token_file is not None:
         path = Path(token_file)
+        if path.exists() and not path.is_file():  # a named pipe would hang the start-up
+            raise InputError(f"{path}: the token file is not a regular file")
         try:
             lines = path.read_text().strip().splitlines()
         except OSError as err:
