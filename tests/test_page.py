@@ -127,3 +127,52 @@ def test_page_scores_relabels_takes_feedback_and_applies_the_update(browser, fit
         target = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "page.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(target))
+
+
+def test_page_shows_the_roc_of_marked_results_and_applies_the_proposed_threshold(browser, fitted, category, tmp_path):
+    """Issue 19 (point 4): the panel draws the ROC the API computes, proposes, and applies with the token."""
+    import httpx
+
+    models = tmp_path / "models"
+    models.mkdir()
+    fitted.save(models / "fabric.model")
+    rng = np.random.default_rng(7)
+    novel = [np.ascontiguousarray(fabric_texture(rng, 128)[..., [2, 0, 1]]) for _ in range(2)]
+    goods = [Image.open(p) for p in sorted((category / "test" / "good").glob("*.png"))[:3]] + \
+        [Image.fromarray(a) for a in novel]
+    defects = [Image.open(sorted((category / "test" / k).glob("*.png"))[0]) for k in ("hole", "stain")]
+    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with live_server(make_settings(models)) as url, httpx.Client(base_url=url, timeout=60) as api:
+        for picture, verdict in [(g, "good") for g in goods] + [(d, "defect") for d in defects]:
+            path = tmp_path / "upload.png"
+            picture.save(path)
+            scored = api.post("/v1/models/fabric/predict", files={"file": ("a.png", path.read_bytes(), "image/png")})
+            assert api.post("/v1/models/fabric/feedback", headers=auth,
+                            json={"result_id": scored.json()["result_id"], "verdict": verdict}).status_code == 201
+        expected = api.get("/v1/models/fabric/roc", params={"false_alarm_rate": 0}).json()
+        browser.get(url + "/page/")
+        wait.until(lambda d: "bank" in d.find_element(By.ID, "model-info").text)
+        token = browser.find_element(By.ID, "token")
+        token.send_keys(TOKEN)
+        token.send_keys(Keys.TAB)
+        browser.find_element(By.CSS_SELECTOR, "#threshold-panel summary").click()
+        wait.until(lambda d: "5 marked good, 2 marked defect" in d.find_element(By.ID, "roc-current").text)
+        curve = browser.find_element(By.CSS_SELECTOR, "#roc polyline")
+        assert len(curve.get_attribute("points").split()) == len(expected["roc"])
+        assert f"{expected['current']['false_alarms']} of 5 good flagged" in \
+            browser.find_element(By.ID, "roc-current").text
+        target = browser.find_element(By.ID, "roc-target")
+        target.clear()
+        target.send_keys("0")
+        browser.find_element(By.ID, "roc-propose").click()
+        proposed = f"proposed threshold {expected['proposal']['threshold']:.2f}: 0 of 5 good flagged"
+        wait.until(lambda d: d.find_element(By.ID, "roc-proposal").text.startswith(proposed))
+        assert browser.find_elements(By.CSS_SELECTOR, "#roc circle.proposal")
+        browser.find_element(By.ID, "roc-apply").click()
+        wait.until(lambda d: "model v2" in d.find_element(By.ID, "status").text)
+        assert "previous file kept" in browser.find_element(By.ID, "status").text
+        info = api.get("/v1/models/fabric").json()
+        assert info["threshold"] == pytest.approx(expected["proposal"]["threshold"])
+        assert f"threshold {info['threshold']:.2f}" in browser.find_element(By.ID, "model-info").text
+        assert info["threshold_history"][0]["rule"] == "false_alarm_rate"

@@ -77,3 +77,151 @@ def test_roc_points_match_sklearn_and_proposals_are_optimal(seed):
         ok = [q for q in brute if q.misses <= rate * defect.size]
         assert best.misses <= rate * defect.size
         assert best.false_alarms == min(q.false_alarms for q in ok)
+
+
+# ---------------------------------------------------------------------------- the server
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from test_server import AUTH, make_settings, predict, variant_images  # noqa: E402
+
+from patchcore import PatchCore  # noqa: E402
+from patchcore.app.server.api import create_app  # noqa: E402
+
+
+@pytest.fixture()
+def served(fitted, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    fitted.save(folder / "fabric.model")
+    return folder
+
+
+def mark(client, data: bytes, verdict: str) -> dict:
+    scored = predict(client, data).json()
+    r = client.post("/v1/models/fabric/feedback", json={"result_id": scored["result_id"], "verdict": verdict},
+                    headers=AUTH)
+    assert r.status_code == 201, r.text
+    return scored
+
+
+def test_roc_of_marks_proposal_apply_and_history_across_a_restart(served, fitted, category):
+    goods = [p.read_bytes() for p in sorted((category / "test" / "good").glob("*.png"))[:4]]
+    defects = [sorted((category / "test" / kind).glob("*.png"))[0].read_bytes() for kind in ("hole", "stain")]
+    novel = variant_images(2)  # good parts of a new colour: false alarms at the fitted threshold
+    with TestClient(create_app(make_settings(served))) as c:
+        empty = c.get("/v1/models/fabric/roc").json()
+        assert empty["roc"] is None and "marked good and marked defect" in empty["reason"]
+        good_scores = [mark(c, d, "good")["score"] for d in goods + novel]
+        defect_scores = [mark(c, d, "defect")["score"] for d in defects]
+        assert max(good_scores) > fitted.image_threshold_  # the new colour is flagged
+
+        body = c.get("/v1/models/fabric/roc", params={"false_alarm_rate": 0.0}).json()
+        assert body["marked"] == {"good": 6, "defect": 2} and body["not_used"]["unscorable"] == []
+        for m in body["marks"]:  # scored again by the same model file: the scores the inspector saw
+            assert m["score"] == pytest.approx(m["score_when_marked"], rel=1e-5)
+        points = roc_points(good_scores, defect_scores)
+        assert [p["false_alarms"] for p in body["roc"]] == [p.false_alarms for p in points]
+        assert body["auc"] == pytest.approx(area_under(points))
+        expected = propose(points, false_alarm_rate=0.0)
+        assert body["proposal"]["rule"] == "false_alarm_rate" and body["proposal"]["false_alarms"] == 0
+        assert body["proposal"]["threshold"] == pytest.approx(expected.threshold, rel=1e-5)
+        current = operating_point(good_scores, defect_scores, fitted.image_threshold_)
+        assert body["current"]["false_alarms"] == current.false_alarms >= 1
+        miss = c.get("/v1/models/fabric/roc", params={"miss_rate": 0.0}).json()["proposal"]
+        assert miss["rule"] == "miss_rate" and miss["misses"] == 0
+        assert c.get("/v1/models/fabric/roc", params={"miss_rate": 0.1, "false_alarm_rate": 0.1}).status_code == 422
+        assert c.get("/v1/models/fabric/roc", params={"miss_rate": 2}).status_code == 422
+
+        url = "/v1/models/fabric/threshold"
+        missing = c.post(url, json={"false_alarm_rate": 0.0})
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert c.post(url, json={"false_alarm_rate": 0.0},
+                      headers={"Authorization": "Bearer wrong-token-000000000"}).status_code == 403
+        assert c.post(url, json={}, headers=AUTH).status_code == 422
+        assert c.post(url, json={"threshold": 1.0, "miss_rate": 0.1}, headers=AUTH).status_code == 422
+        assert c.post(url, json={"false_alarm_rate": 1.5}, headers=AUTH).status_code == 422
+        for raw in (b'{"threshold": NaN}', b'{"threshold": Infinity}', b'{"miss_rate": NaN, "threshold": 1}'):
+            r = c.post(url, content=raw, headers={**AUTH, "Content-Type": "application/json"})
+            assert r.status_code == 422, raw  # not a 500 from writing the NaN back
+        assert c.get("/v1/models/fabric").json()["version"] == 1  # nothing refused changed anything
+
+        applied = c.post(url, json={"false_alarm_rate": 0.0}, headers=AUTH)
+        assert applied.status_code == 200, applied.text
+        applied = applied.json()
+        new = applied["new"]
+        assert applied["changed"] and applied["model_version"] == 2 and applied["rule"] == "false_alarm_rate"
+        assert applied["old"] == pytest.approx(fitted.image_threshold_) and applied["false_alarms"] == 0
+        assert (served / applied["previous_file"]).is_file()
+        assert PatchCore.load(served / applied["previous_file"]).image_threshold_ == pytest.approx(applied["old"])
+        assert PatchCore.load(served / "fabric.model").image_threshold_ == pytest.approx(new)
+        again = predict(c, novel[0]).json()  # the next predict is labelled by the new threshold
+        assert again["model_version"] == 2 and again["threshold"] == pytest.approx(new) and again["label"] == "good"
+
+        same = c.post(url, json={"threshold": new}, headers=AUTH).json()  # no change: same file, same version
+        assert same["changed"] is False and same["model_version"] == 2
+        back = c.post(url, json={"threshold": applied["old"]}, headers=AUTH).json()
+        assert back["changed"] and back["model_version"] == 3 and back["rule"] == "threshold"
+        assert predict(c, novel[0]).json()["label"] == "defect"
+        c.post(url, json={"threshold": new}, headers=AUTH)
+
+    with TestClient(create_app(make_settings(served))) as c:  # a restart on the same folders
+        info = c.get("/v1/models/fabric").json()
+        assert info["threshold"] == pytest.approx(new)  # the file holds it
+        history = info["threshold_history"]
+        assert [h["rule"] for h in history] == ["threshold", "threshold", "false_alarm_rate"]  # newest first
+        first = history[-1]
+        assert first["old"] == pytest.approx(fitted.image_threshold_) and first["new"] == pytest.approx(new)
+        assert (first["target"], first["n_good"], first["n_defect"], first["false_alarms"]) == (0.0, 6, 2, 0)
+        assert first["model_version"] == 2 and first["previous_file"] == applied["previous_file"]
+        assert len(info["previous_versions"]) == 3
+        assert predict(c, novel[0]).json()["label"] == "good"
+
+
+def test_a_failed_save_or_record_leaves_the_model_and_its_file_as_they_were(served, fitted, category, monkeypatch):
+    import sqlite3
+
+    from patchcore.app.server import threshold_review
+
+    before = (served / "fabric.model").read_bytes()
+    with TestClient(create_app(make_settings(served))) as c:
+        mark(c, sorted((category / "test" / "good").glob("*.png"))[0].read_bytes(), "good")
+        # a proposal needs both kinds of marks
+        assert c.post("/v1/models/fabric/threshold", json={"miss_rate": 0.1}, headers=AUTH).status_code == 409
+
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(threshold_review, "save_keeping_previous", full_disk)
+        r = c.post("/v1/models/fabric/threshold", json={"threshold": 1.0}, headers=AUTH)
+        assert r.status_code == 503 and "No space left" in r.json()["detail"]
+        monkeypatch.undo()
+        store = c.app.state.services.review
+
+        def locked(**kwargs):
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(store, "add_threshold_change", locked)
+        r = c.post("/v1/models/fabric/threshold", json={"threshold": 1.0}, headers=AUTH)
+        assert r.status_code == 503 and "locked" in r.json()["detail"]
+        info = c.get("/v1/models/fabric").json()
+        assert info["version"] == 1 and info["threshold"] == pytest.approx(fitted.image_threshold_)
+        assert info["threshold_history"] == [] and info["previous_versions"] == []
+    assert (served / "fabric.model").read_bytes() == before  # the previous file went back
+
+
+def test_after_an_update_the_marks_are_scored_by_the_new_bank(served, category):
+    defect = sorted((category / "test" / "hole").glob("*.png"))[0].read_bytes()
+    novel = variant_images(3, seed=5)
+    with TestClient(create_app(make_settings(served))) as c:
+        mark(c, novel[0], "good")
+        was = mark(c, defect, "defect")["score"]
+        assert c.post("/v1/models/fabric/apply-update", headers=AUTH).status_code == 200
+        body = c.get("/v1/models/fabric/roc").json()
+        # the applied good mark is a training image now: not on the curve
+        assert body["marked"] == {"good": 0, "defect": 1} and body["model_version"] == 2
+        now = predict(c, defect).json()["score"]
+        assert body["marks"][0]["score"] == pytest.approx(now, rel=1e-5)
+        assert body["marks"][0]["score_when_marked"] == pytest.approx(was) and body["marks"][0][
+            "model_version_when_marked"] == 1
+        mark(c, novel[1], "good")
+        assert c.get("/v1/models/fabric/roc").json()["marked"] == {"good": 1, "defect": 1}

@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .registry import ModelEntry, ModelRegistry, file_digest
 from .review import AlreadyApplied, ReviewStore
 from .settings import ServerSettings
+from .threshold_review import NotEnoughMarks, ScoreCache, apply_threshold, marked_scores, review_report
 from .versions import previous_versions, save_keeping_previous
 
 log = logging.getLogger("patchcore.server")
@@ -77,6 +78,7 @@ class Services:
         self.batcher = Batcher(max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                max_queue=settings.max_queue, on_batch=self.metrics.batch_size.observe)
         self.recent = Recent(settings.recent_results, settings.recent_bytes)
+        self.marked_scores = ScoreCache()  # marks rescored by each served model file, for its ROC
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.metrics.in_flight.set_function(lambda: self.batcher.in_flight)
         self.ready = False
@@ -195,6 +197,28 @@ class UpdateIn(BaseModel):
     max_new: int | None = Field(None, ge=0, description="budget: most bank rows one update may add")
 
 
+class ThresholdIn(BaseModel):
+    """Exactly one: a threshold value, or a target rate on the marked results whose proposal is applied.
+    Checked by `checked()`, not by field constraints: a validation error echoes its input, and FastAPI cannot
+    write a NaN from the body into JSON (a 500 instead of a 422)."""
+
+    threshold: float | None = Field(None, description="the image threshold itself (finite)")
+    false_alarm_rate: float | None = Field(None, description="in [0, 1]: the most detections with at most this "
+                                           "share of the marked good flagged")
+    miss_rate: float | None = Field(None, description="in [0, 1]: the fewest false alarms with at most this share "
+                                    "of the marked defects missed")
+
+    def checked(self) -> ThresholdIn:
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        if len(given) != 1:
+            raise HTTPException(422, "give exactly one of threshold, false_alarm_rate, miss_rate")
+        (name, value), = given.items()
+        if not math.isfinite(value) or (name != "threshold" and not 0.0 <= value <= 1.0):
+            raise HTTPException(422, f"{name} must be a finite number{'' if name == 'threshold' else ' in [0, 1]'}, "
+                                     f"got {value}")
+        return self
+
+
 # ---------------------------------------------------------------------------- app
 def create_app(settings: ServerSettings) -> FastAPI:
     svc = Services(settings)
@@ -261,7 +285,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         info.update(config=m.config.to_dict(), distance_scale=m.distance_scale_, grid=list(m.grid_),
                     n_train_patches=m.n_train_patches_, file_sha256=entry.file_sha256,
                     previous_versions=[p.name for p in previous_versions(entry.path)],
-                    feedback=await run_in_threadpool(svc.review.counts, entry.name))
+                    feedback=await run_in_threadpool(svc.review.counts, entry.name),
+                    threshold_history=await run_in_threadpool(svc.review.threshold_history, entry.name))
         return info
 
     # -------------------------------------------------------------- scoring
@@ -394,6 +419,46 @@ def create_app(settings: ServerSettings) -> FastAPI:
             svc.publish(entry)
         return {"model": entry.name, "model_version": entry.version, **outcome,
                 "left_out": [{"feedback_id": i, "reason": r} for i, r in left_out.items()]}
+
+    @app.get("/v1/models/{name}/roc", tags=["review"], dependencies=[Depends(predict_access)])
+    async def marked_roc(entry: Annotated[ModelEntry, Depends(model_entry)],
+                         false_alarm_rate: Annotated[float | None, Query(ge=0, le=1)] = None,
+                         miss_rate: Annotated[float | None, Query(ge=0, le=1)] = None):
+        """The ROC of the results inspectors marked good and defect, scored again by the served model; what
+        the current threshold does to them; with a target (one of false_alarm_rate, miss_rate), the proposed
+        threshold."""
+        if false_alarm_rate is not None and miss_rate is not None:
+            raise HTTPException(422, "give one target: false_alarm_rate or miss_rate")
+        async with entry.lock:  # the model cannot change while its marks are scored
+            marked = await run_in_threadpool(marked_scores, entry, svc.review, svc.marked_scores)
+        return review_report(entry, marked, false_alarm_rate=false_alarm_rate, miss_rate=miss_rate)
+
+    @app.post("/v1/models/{name}/threshold", tags=["review"], dependencies=[Depends(require_token)])
+    async def set_threshold(body: ThresholdIn, entry: Annotated[ModelEntry, Depends(model_entry)]):
+        """Set the image threshold (a value, or the proposal for a target rate on the marked results): the model
+        file is written (previous kept as .prev), swapped in as a new version, and the change is recorded in the
+        review store (GET /v1/models/{name} lists the history)."""
+        body = body.checked()
+        async with entry.lock:
+            marked = await run_in_threadpool(marked_scores, entry, svc.review, svc.marked_scores)
+            try:
+                outcome = await run_in_threadpool(
+                    lambda: apply_threshold(entry, svc.review, marked, threshold=body.threshold,
+                                            false_alarm_rate=body.false_alarm_rate, miss_rate=body.miss_rate))
+            except NotEnoughMarks as err:
+                raise HTTPException(409, str(err)) from None
+            except (OSError, sqlite3.Error) as err:
+                log.error("threshold of %s not changed: %s", entry.name, err)
+                raise HTTPException(503, f"the threshold could not be saved ({err}); the model is unchanged") from None
+            changed = outcome.pop("changed")
+            if changed:  # else the file and the version stay
+                svc.marked_scores.carry(entry.name, entry.file_sha256, outcome["file_sha256"])
+                entry.version += 1
+                entry.file_sha256 = outcome.pop("file_sha256")
+                entry.loaded_at = time.time()
+                svc.publish(entry)
+        return {"model": entry.name, "model_version": entry.version, "threshold": entry.model.image_threshold_,
+                "changed": changed, **outcome}
 
     @app.post("/v1/models/{name}/reload", tags=["models"], dependencies=[Depends(require_token)])
     async def reload(entry: Annotated[ModelEntry, Depends(model_entry)]):

@@ -28,6 +28,23 @@ CREATE TABLE IF NOT EXISTS feedback (
     left_out TEXT                      -- why an update could not take this image (NULL: it could, or not tried)
 );
 CREATE INDEX IF NOT EXISTS feedback_pending ON feedback (model, verdict, applied_version);
+CREATE TABLE IF NOT EXISTS threshold_changes (  -- image thresholds set from feedback (POST .../threshold)
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    created REAL NOT NULL,
+    old REAL,                          -- the image threshold before (NULL: the model had none)
+    new REAL NOT NULL,
+    rule TEXT NOT NULL,                -- 'threshold' (a value given), 'false_alarm_rate' or 'miss_rate'
+    target REAL,                       -- the target rate of the rule (NULL for a value given)
+    n_good INTEGER NOT NULL,           -- marked results the decision saw
+    n_defect INTEGER NOT NULL,
+    false_alarms INTEGER,              -- what the new threshold gives on them (NULL without marks)
+    misses INTEGER,
+    model_version INTEGER NOT NULL,    -- the version served with the new threshold (counted in that process)
+    file_sha256 TEXT NOT NULL,         -- the model file written with it
+    previous_file TEXT                 -- the file it replaced, kept as MODEL.<UTC>.prev
+);
+CREATE INDEX IF NOT EXISTS threshold_changes_model ON threshold_changes (model, id);
 """
 
 
@@ -111,6 +128,37 @@ class ReviewStore:
             rows = db.execute("SELECT * FROM feedback WHERE model = ? ORDER BY id DESC LIMIT ?",
                               (model, limit)).fetchall()
         return [self._row(r) for r in rows]
+
+    def marked(self, model: str, *, limit: int) -> tuple[list[Feedback], int]:
+        """Marks an ROC may use, newest first, at most `limit`: every defect mark and the good marks no update
+        folded into the bank (those are training images now, their scores in-sample); and how many more there are."""
+        where = "model = ? AND (verdict = 'defect' OR applied_version IS NULL)"
+        with self._connect() as db:
+            rows = db.execute(f"SELECT * FROM feedback WHERE {where} ORDER BY id DESC LIMIT ?",
+                              (model, limit)).fetchall()
+            total = db.execute(f"SELECT COUNT(*) FROM feedback WHERE {where}", (model,)).fetchone()[0]
+        return [self._row(r) for r in rows], total - len(rows)
+
+    def add_threshold_change(self, *, model: str, old: float | None, new: float, rule: str, target: float | None,
+                             n_good: int, n_defect: int, false_alarms: int | None, misses: int | None,
+                             model_version: int, file_sha256: str, previous_file: str | None) -> dict:
+        created = time.time()
+        with self._lock, self._connect() as db:
+            cursor = db.execute(
+                "INSERT INTO threshold_changes (model, created, old, new, rule, target, n_good, n_defect, "
+                "false_alarms, misses, model_version, file_sha256, previous_file) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, created, old, new, rule, target, n_good, n_defect, false_alarms, misses, model_version,
+                 file_sha256, previous_file))
+            row = db.execute("SELECT * FROM threshold_changes WHERE id = ?", (cursor.lastrowid,)).fetchone()
+        return dict(row)
+
+    def threshold_history(self, model: str, *, limit: int = 50) -> list[dict]:
+        """The model's threshold changes, newest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM threshold_changes WHERE model = ? ORDER BY id DESC LIMIT ?",
+                              (model, limit)).fetchall()
+        return [dict(r) for r in rows]
 
     def withdraw(self, model: str, feedback_id: int) -> Feedback | None:
         """Remove feedback that no update has used, with its image; None if there is none by that id.

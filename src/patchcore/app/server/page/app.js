@@ -41,6 +41,7 @@ async function selectModel(name) {
   if (info.threshold !== null) setThreshold(info.threshold, true);
   $("pending").textContent = info.feedback ? info.feedback.good_pending : 0;
   loadFeedback();
+  loadRoc();
 }
 
 function setThreshold(value, rescale) {
@@ -122,6 +123,7 @@ async function mark(resultId, verdict) {
     $("pending").textContent = body.counts.good_pending;
     setStatus(`feedback saved (${body.stored_as})`);
     await loadFeedback();
+    loadRoc();
   } catch (err) {
     setStatus(`feedback refused: ${err.message}`);
   }
@@ -208,6 +210,86 @@ async function applyUpdate() {
   }
 }
 
+// ---- threshold from feedback: the ROC of the marked results (scored again by the served model), a proposal
+const SVG = "http://www.w3.org/2000/svg";
+const percent = (x) => (x === null || x === undefined ? "-" : (100 * x).toFixed(1) + "%");
+
+function svgElement(tag, attributes, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attributes)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function drawRoc(body) {
+  const svg = $("roc");
+  svg.replaceChildren();
+  const x = (rate) => 30 + 200 * rate, y = (rate) => 210 - 200 * rate;  // false alarms across, detections up
+  svg.appendChild(svgElement("rect", { x: 30, y: 10, width: 200, height: 200, fill: "none", stroke: "#ccc" }));
+  svg.appendChild(svgElement("line", { class: "chance", x1: x(0), y1: y(0), x2: x(1), y2: y(1) }));
+  svg.appendChild(svgElement("text", { x: 30, y: 232 }, "false alarms among marked good"));
+  svg.appendChild(svgElement("text", { x: 12, y: 210, transform: "rotate(-90 12 210)" }, "defects caught"));
+  if (!body.roc) return;
+  const points = body.roc.map((p) => `${x(p.false_alarm_rate).toFixed(1)},${y(p.detection_rate).toFixed(1)}`);
+  svg.appendChild(svgElement("polyline", { class: "curve", points: points.join(" ") }));
+  for (const [cls, p] of [["current", body.current], ["proposal", body.proposal]]) {
+    if (p && p.false_alarm_rate !== null && p.detection_rate !== null)
+      svg.appendChild(svgElement("circle", { class: cls, cx: x(p.false_alarm_rate), cy: y(p.detection_rate), r: 5 }));
+  }
+}
+
+function rocTarget() {
+  const target = Number($("roc-target").value);
+  return $("roc-target").value !== "" && target >= 0 && target <= 1 ? target : null;
+}
+
+async function loadRoc() {
+  const name = $("model").value;
+  if (!name || !$("threshold-panel").open) return;
+  const target = rocTarget();
+  const query = target === null ? "" : `?${$("roc-rule").value}=${target}`;
+  $("roc-apply").disabled = true;
+  let body;
+  try {
+    body = await api(`/v1/models/${encodeURIComponent(name)}/roc${query}`, { headers: authHeaders() });
+  } catch (err) {
+    $("roc-current").textContent = `cannot score the marked results: ${err.message}`;
+    return;
+  }
+  drawRoc(body);
+  const c = body.current;
+  const threshold = body.threshold === null ? "none" : body.threshold.toFixed(2);
+  $("roc-current").textContent = `${body.marked.good} marked good, ${body.marked.defect} marked defect (scored by v` +
+    `${body.model_version}). Current threshold ${threshold}` + (c === null ? "." :
+    `: ${c.false_alarms} of ${c.n_good} good flagged (${percent(c.false_alarm_rate)}), ` +
+    `${c.misses} of ${c.n_defect} defects missed (${percent(c.miss_rate)}).`);
+  const p = body.proposal;
+  $("roc-proposal").textContent = target === null ? "target: a rate between 0 and 1"
+    : p ? `proposed threshold ${p.threshold.toFixed(2)}: ${p.false_alarms} of ${p.n_good} good flagged ` +
+          `(${percent(p.false_alarm_rate)}), ${p.misses} of ${p.n_defect} defects missed (${percent(p.miss_rate)})`
+    : body.reason;
+  $("roc-apply").disabled = !p;
+}
+
+async function applyThreshold() {
+  const name = $("model").value, target = rocTarget();
+  if (target === null) return;
+  $("roc-apply").disabled = true;
+  try {  // the server proposes again from the marks it holds now, and says what it applied
+    const body = await api(`/v1/models/${encodeURIComponent(name)}/threshold`, {
+      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() },
+      body: JSON.stringify({ [$("roc-rule").value]: target }),
+    });
+    await selectModel(name);  // the new threshold relabels the cards
+    setStatus(body.changed ? `model v${body.model_version}: threshold ` +
+      `${body.old === null ? "none" : body.old.toFixed(2)} -> ${body.new.toFixed(2)}; previous file kept as ` +
+      `${body.previous_file}` : `threshold unchanged (${body.new.toFixed(2)})`);
+  } catch (err) {
+    setStatus(`threshold refused: ${err.message}`);
+    loadRoc();
+  }
+}
+
 function init() {
   $("token").value = sessionStorage.getItem("patchcore-token") || "";
   $("token").addEventListener("change", () => sessionStorage.setItem("patchcore-token", token()));
@@ -224,6 +306,9 @@ function init() {
   });
   $("sort").addEventListener("change", render);
   $("apply-update").addEventListener("click", applyUpdate);
+  $("threshold-panel").addEventListener("toggle", loadRoc);
+  $("roc-propose").addEventListener("click", loadRoc);
+  $("roc-apply").addEventListener("click", applyThreshold);
   loadModels().catch((err) => setStatus(`cannot list models: ${err.message}`));
 }
 
