@@ -8,6 +8,7 @@ from conftest import small_config
 from PIL import Image
 
 from patchcore import ModelFileError, NotFittedError, PatchCore, PatchCoreConfig
+from patchcore.core.thresholds import quantile_threshold
 from patchcore.io.model_file import read_model_file, write_model_file
 
 
@@ -37,14 +38,12 @@ def test_every_defect_scores_above_every_normal_image_and_peaks_inside_it(fitted
         assert mask[peak], f"{path}: heatmap peak {peak} outside the defect"
 
 
-def test_thresholds_come_from_held_out_training_images(fitted, category):
-    # 20 training images, calibration_ratio 0.1 -> 2, raised to the minimum of 5 held out, never in the bank.
-    assert fitted.fit_report_.n_calibration_images == 5
-    assert fitted.n_train_images_ == 15
-    held_out = torch.tensor(fitted.calibration_scores_, dtype=torch.float64)
-    expected = max(float(held_out.max()), float(held_out.mean() + 3 * held_out.std()))
-    assert fitted.image_threshold_ == pytest.approx(expected)
-    assert fitted.image_threshold_ >= float(held_out.max())
+def test_thresholds_come_from_out_of_sample_training_scores(fitted, category):
+    # 20 training images, all in the bank; each scored against a coreset of the other folds' images.
+    assert fitted.fit_report_.n_calibration_images == 20 and fitted.n_train_images_ == 20
+    nominal = fitted.calibration_scores_
+    assert fitted.image_threshold_ == pytest.approx(quantile_threshold(nominal, fitted.config.false_alarm_rate))
+    assert "out-of-sample" in fitted.fit_report_.thresholds
     normal = fitted.predict(sorted((category / "test" / "good").glob("*.png")))
     assert torch.equal(normal.labels, normal.scores > fitted.image_threshold_)
     assert torch.equal(normal.masks, normal.maps > fitted.pixel_threshold_)

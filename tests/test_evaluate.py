@@ -85,7 +85,10 @@ def test_training_threshold_results_are_labelled(evaluated):
     _, out = evaluated
     record = json.loads((out / "fabric.json").read_text())
     at = record["at_training_threshold"]
-    assert "held-out training images" in at["description"] and "no test image" in at["description"]
+    assert "out-of-sample scores" in at["description"] and "no test image" in at["description"]
+    assert at["target_false_alarm_rate"] == 0.01 and 0 <= at["observed_false_alarm_rate"] <= 1
+    assert at["expected_false_alarm_interval"][0] <= at["expected_false_alarm_rate"] <= \
+        at["expected_false_alarm_interval"][1]
     assert at["n_held_out_train_images"] == record["n_images"]["train_held_out_for_threshold"] >= 1
     predicted = [i["predicted_defect"] for i in record["images"]]
     assert predicted == [i["score"] > at["threshold"] for i in record["images"]]
@@ -93,7 +96,7 @@ def test_training_threshold_results_are_labelled(evaluated):
     assert at["accuracy"] == pytest.approx(np.mean(correct))
     # The test-fitted F1-max threshold is not reported anywhere.
     assert "image_f1_threshold" not in json.dumps(record)
-    assert "At the decision threshold set on held-out training images" in (out / "results.md").read_text()
+    assert "At the model's own threshold (set from out-of-sample training scores" in (out / "results.md").read_text()
 
 
 def test_threshold_metrics_match_sklearn():
