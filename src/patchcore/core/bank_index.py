@@ -73,6 +73,17 @@ def _unkey(key):
     return xp.astype(key >> 32, xp.int32).view(xp.float32), key & 0xFFFFFFFF
 
 
+def _group_min(groups):
+    """(n, G, GROUP) -> (n, G) minima. numpy reduces a short last axis element by element: halving it with
+    elementwise minimum (vectorised; GROUP is a power of two) is 4x faster there, and exact all the same."""
+    if is_torch_array(groups):
+        return groups.amin(2)
+    while groups.shape[2] > 1:
+        half = groups.shape[2] // 2
+        groups = np.minimum(groups[..., :half], groups[..., half:])
+    return groups[..., 0]
+
+
 def _scatter_min(target, index, values) -> None:
     """target[index[i]] = min(target[index[i]], values[i]), in place, repeated indices included."""
     if is_torch_array(target):
@@ -269,7 +280,7 @@ class BankIndex:
                 inside = (exclude >= b0) & (exclude < b0 + bank_chunk)
                 bound[rows[inside], exclude[inside] - b0] = float("inf")
             groups = xp.reshape(bound, (n, -1, GROUP))
-            group_min = xp.min(groups, axis=2)  # (n, G)
+            group_min = _group_min(groups)  # (n, G)
             # Upper bound: exact distance to the row with the smallest lower bound.
             g = xp.argmin(group_min, axis=1)
             guess = g * GROUP + xp.argmin(groups[rows, g], axis=1)
