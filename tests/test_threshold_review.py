@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from patchcore.core.operating_points import area_under, operating_point, propose, roc_points
+from patchcore.core.operating_points import area_under, operating_point, propose, rate_upper_bound, roc_points
 
 # ---------------------------------------------------------------------------- pure functions
 # Hand-computed: marked good 1, 2, 3, 5; marked defect 3, 4, 6. Label: score > t.
@@ -50,6 +50,24 @@ def test_proposals_by_hand():
         propose(points, miss_rate=1.5)
     with pytest.raises(ValueError):
         roc_points(GOOD, [])
+
+
+def test_rate_upper_bounds():
+    assert rate_upper_bound(0, 6) == pytest.approx(1 - 0.05 ** (1 / 6))  # 0.393: P(0 of 6) = (1 - p)^6 = 5%
+    assert rate_upper_bound(6, 6) == 1.0 and np.isnan(rate_upper_bound(0, 0))
+    for count, n in ((1, 10), (3, 40), (10, 50)):  # P(at most `count` of n | p = bound) = 5%
+        bound = rate_upper_bound(count, n)
+        assert count / n < bound < 1
+        assert binom_cdf(count, n, bound) == pytest.approx(0.05, abs=1e-9)
+    d = operating_point(GOOD, DEFECT, 4.0).to_dict()
+    assert d["false_alarm_rate_high"] == pytest.approx(rate_upper_bound(1, 4))
+    assert d["miss_rate_high"] == pytest.approx(rate_upper_bound(2, 3))
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    from math import comb
+
+    return sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -127,6 +145,7 @@ def test_roc_of_marks_proposal_apply_and_history_across_a_restart(served, fitted
         assert body["proposal"]["threshold"] == pytest.approx(expected.threshold, rel=1e-5)
         current = operating_point(good_scores, defect_scores, fitted.image_threshold_)
         assert body["current"]["false_alarms"] == current.false_alarms >= 1
+        assert body["current"]["false_alarm_rate_high"] == pytest.approx(rate_upper_bound(current.false_alarms, 6))
         miss = c.get("/v1/models/fabric/roc", params={"miss_rate": 0.0}).json()["proposal"]
         assert miss["rule"] == "miss_rate" and miss["misses"] == 0
         assert c.get("/v1/models/fabric/roc", params={"miss_rate": 0.1, "false_alarm_rate": 0.1}).status_code == 422

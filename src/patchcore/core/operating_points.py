@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+UPPER_BOUND_LEVEL = 0.95  # one-sided level of the rates' upper bounds
+
 
 @dataclass(frozen=True)
 class OperatingPoint:
@@ -43,8 +45,20 @@ class OperatingPoint:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(misses=self.misses, false_alarm_rate=self.false_alarm_rate, detection_rate=self.detection_rate,
-                   miss_rate=self.miss_rate)
+                   miss_rate=self.miss_rate, false_alarm_rate_high=rate_upper_bound(self.false_alarms, self.n_good),
+                   miss_rate_high=rate_upper_bound(self.misses, self.n_defect))
         return {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}  # NaN -> null
+
+
+def rate_upper_bound(count: int, n: int, level: float = UPPER_BOUND_LEVEL) -> float:
+    """One-sided exact (Clopper-Pearson) upper bound of a rate seen as `count` of `n`: with few marks, "0 of 6
+    good flagged" still allows up to 39% (at 95%). Exact rather than Wilson's: it never promises less than
+    the level. NaN for n = 0."""
+    from scipy.special import betaincinv
+
+    if n == 0:
+        return float("nan")
+    return 1.0 if count >= n else float(betaincinv(count + 1, n - count, level))
 
 
 def _checked(scores) -> np.ndarray:

@@ -213,6 +213,8 @@ async function applyUpdate() {
 // ---- threshold from feedback: the ROC of the marked results (scored again by the served model), a proposal
 const SVG = "http://www.w3.org/2000/svg";
 const percent = (x) => (x === null || x === undefined ? "-" : (100 * x).toFixed(1) + "%");
+// a rate on few marks says little: with its 95% upper bound ("0 of 6" allows up to 39%)
+const rate = (x, high) => `${percent(x)}; up to ${percent(high)} at 95%`;
 
 function svgElement(tag, attributes, text) {
   const node = document.createElementNS(SVG, tag);
@@ -261,12 +263,13 @@ async function loadRoc() {
   const threshold = body.threshold === null ? "none" : body.threshold.toFixed(2);
   $("roc-current").textContent = `${body.marked.good} marked good, ${body.marked.defect} marked defect (scored by v` +
     `${body.model_version}). Current threshold ${threshold}` + (c === null ? "." :
-    `: ${c.false_alarms} of ${c.n_good} good flagged (${percent(c.false_alarm_rate)}), ` +
-    `${c.misses} of ${c.n_defect} defects missed (${percent(c.miss_rate)}).`);
+    `: ${c.false_alarms} of ${c.n_good} good flagged (${rate(c.false_alarm_rate, c.false_alarm_rate_high)}), ` +
+    `${c.misses} of ${c.n_defect} defects missed (${rate(c.miss_rate, c.miss_rate_high)}).`);
   const p = body.proposal;
   $("roc-proposal").textContent = target === null ? "target: a rate between 0 and 1"
     : p ? `proposed threshold ${p.threshold.toFixed(2)}: ${p.false_alarms} of ${p.n_good} good flagged ` +
-          `(${percent(p.false_alarm_rate)}), ${p.misses} of ${p.n_defect} defects missed (${percent(p.miss_rate)})`
+          `(${rate(p.false_alarm_rate, p.false_alarm_rate_high)}), ${p.misses} of ${p.n_defect} defects missed ` +
+          `(${rate(p.miss_rate, p.miss_rate_high)})`
     : body.reason;
   $("roc-apply").disabled = !p;
 }
