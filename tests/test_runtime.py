@@ -268,3 +268,16 @@ def test_cli_export_then_predict_with_the_onnx_runtime(exported, category, tmp_p
         other = rows["onnx"][name]
         assert float(other["score"]) == pytest.approx(float(row["score"]), rel=SCORE_RTOL)
         assert other["label"] == row["label"]
+
+
+def test_openvino_backend_is_fp32_unless_asked(exported, category):
+    """OpenVINO (extra 'openvino'): forced to fp32, it scores as the library; bf16 is an explicit option."""
+    pytest.importorskip("openvino")
+    model, path, export = exported
+    files = _test_images(category)[:6]
+    runtime = Runtime.load(path, export, backend="openvino")
+    assert runtime.session.precision == "fp32"
+    assert_parity(runtime.predict(files), model.predict(files))
+    from patchcore.errors import ConfigError
+    with pytest.raises(ConfigError, match="OpenVINO option"):
+        Runtime.load(path, export, backend="onnxruntime", precision="bf16")
