@@ -88,7 +88,8 @@ def thresholds_study(split, base: PatchCoreConfig) -> dict:
     return out
 
 
-def dirty_study(split, base: PatchCoreConfig, shares=(0.0, 0.02, 0.05, 0.1), seed: int = 0) -> dict:
+def dirty_study(split, base: PatchCoreConfig, shares=(0.0, 0.02, 0.05, 0.1), seed: int = 0,
+                modes=(False, True)) -> dict:
     rng = np.random.default_rng(seed)
     defects = [i for i, item in enumerate(split.items) if item.label == 1]
     order = rng.permutation(defects).tolist()
@@ -98,7 +99,7 @@ def dirty_study(split, base: PatchCoreConfig, shares=(0.0, 0.02, 0.05, 0.1), see
         moved = set(order[:count])
         dirty = dataclasses.replace(split, train=list(split.train) + [split.items[i].path for i in sorted(moved)],
                                     items=[item for i, item in enumerate(split.items) if i not in moved])
-        for exclude in (False, True):
+        for exclude in modes:
             model, record = run(dirty, dataclasses.replace(base, exclude_outliers=exclude))
             labels = np.array([r["label"] for r in record["images"]])
             scores = np.array([r["score"] for r in record["images"]])
@@ -123,20 +124,38 @@ def main() -> None:
     parser.add_argument("--varied", default=None, help="the workdir of benchmarks/varied_shapes.py")
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--skip-dirty", action="store_true")
+    parser.add_argument("--synthetic", default=None, help="also a synthetic woven set (made here) with 60 good "
+                                                          "training images and 10 test images per defect kind")
+    parser.add_argument("--only-synthetic", action="store_true")
+    parser.add_argument("--exclude-modes", default="false,true", help="exclude_outliers values of the dirty study")
+    parser.add_argument("--skip-thresholds", action="store_true")
+    parser.add_argument("--sets", default=None, help="comma-separated subset of the data sets")
     parser.add_argument("-o", "--output", default="results/thresholds.json")
     args = parser.parse_args()
     data = Path(args.data)
     sets = {"bottle": data / "mvtec_ad" / "bottle", "hazelnut": data / "mvtec_ad_reduced" / "hazelnut"}
     if args.varied:
         sets.update({f"{n}_varied": Path(args.varied) / f"{n}_varied" for n in ("bottle", "hazelnut")})
+    if args.synthetic:
+        from patchcore.evaluation.synthetic import make_category
+
+        root = Path(args.synthetic) / "woven"
+        if not root.exists():
+            make_category(root, n_train=60, n_test_good=30, n_test_per_defect=10, size=160, seed=19)
+        sets = {"synthetic": root} if args.only_synthetic else {**sets, "synthetic": root}
     base = PatchCoreConfig(backbone="efficientnet_lite0", coreset_ratio=args.coreset_ratio, false_alarm_rate=RATE)
     results: dict = {}
     for name, root in sets.items():
+        if args.sets and name not in args.sets.split(","):
+            continue
         split = load_split(root)
-        results[name] = {"thresholds": thresholds_study(split, base)}
-        print(name, json.dumps(results[name]["thresholds"]), flush=True)
+        results[name] = {}
+        if not args.skip_thresholds:
+            results[name]["thresholds"] = thresholds_study(split, base)
+            print(name, json.dumps(results[name]["thresholds"]), flush=True)
         if not args.skip_dirty and not name.endswith("_varied"):
-            results[name]["dirty"] = dirty_study(split, base)
+            modes = tuple(m.strip() == "true" for m in args.exclude_modes.split(","))
+            results[name]["dirty"] = dirty_study(split, base, modes=modes)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
 

@@ -29,6 +29,7 @@ import numpy as np
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 UPPER_QUANTILE = 0.95  # the second point the log-normal goes through (the median is the first)
+ROBUST_UPPER_QUANTILE = 0.75  # the same for a cut that a quarter of bad scores cannot move
 BOOTSTRAP_ROUNDS = 400
 
 
@@ -51,23 +52,24 @@ def percent(share: float) -> str:
     return "<0.1%" if share < 0.001 else f"{100 * share:.2g}%" if share < 0.1 else f"{100 * share:.0f}%"
 
 
-def _log_location_scale(scores) -> tuple[float, float]:
-    """(mu, sigma) of the log-normal through the median and the 95th percentile of the scores."""
+def _log_location_scale(scores, upper_quantile: float = 0.95) -> tuple[float, float]:
+    """(mu, sigma) of the log-normal through the median and the `upper_quantile` of the scores."""
     logs = np.log(np.maximum(np.asarray(scores, dtype=np.float64), 1e-12))
-    mu, upper = (float(v) for v in np.quantile(logs, [0.5, UPPER_QUANTILE]))
-    sigma = (upper - mu) / NormalDist().inv_cdf(UPPER_QUANTILE)
+    mu, upper = (float(v) for v in np.quantile(logs, [0.5, upper_quantile]))
+    sigma = (upper - mu) / NormalDist().inv_cdf(upper_quantile)
     if sigma <= 0:  # the upper half is one value: fall back to the MAD, then the plain standard deviation
         sigma = MAD_TO_SIGMA * float(np.median(np.abs(logs - mu))) or float(np.std(logs))
     return mu, max(sigma, 1e-9)
 
 
-def quantile_threshold(scores, false_alarm_rate: float) -> float:
+def quantile_threshold(scores, false_alarm_rate: float, *, upper_quantile: float = UPPER_QUANTILE) -> float:
     """The (1 - false_alarm_rate) quantile of nominal scores (> 0): the log-normal through their median and
-    95th percentile."""
+    95th percentile. `upper_quantile` 0.75 gives a cut that up to a quarter of bad scores cannot move (fit's
+    exclude_outliers uses it to find defect-like patches in a set that may be that dirty)."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0 or not 0.0 < false_alarm_rate < 1.0:
         raise ValueError(f"need nominal scores and a rate in (0, 1), got {scores.size} scores, {false_alarm_rate}")
-    mu, sigma = _log_location_scale(scores)
+    mu, sigma = _log_location_scale(scores, upper_quantile)
     return float(math.exp(mu + NormalDist().inv_cdf(1.0 - false_alarm_rate) * sigma))
 
 

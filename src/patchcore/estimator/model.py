@@ -25,7 +25,14 @@ from ..core.coreset import coreset_count, greedy_coreset, random_projection
 from ..core.coreset_update import UpdateReport, extend_coreset
 from ..core.knn import squared_norms
 from ..core.scoring import anomaly_maps, region_patches, reweighted_image_scores, typical_nn_distance
-from ..core.thresholds import calibration_split, expected_false_alarms, fold_of_images, percent, quantile_threshold
+from ..core.thresholds import (
+    ROBUST_UPPER_QUANTILE,
+    calibration_split,
+    expected_false_alarms,
+    fold_of_images,
+    percent,
+    quantile_threshold,
+)
 from ..errors import DeviceError, InputError, ModelFileError, NotFittedError
 from ..io.feature_store import FeatureStore
 from ..io.images import ImageReadError, read_image
@@ -104,6 +111,7 @@ class FitReport:
     # first. A line wants to look at them: a "good" set often holds a few parts that are not.
     suspects: list[tuple[str, float]] = field(default_factory=list)
     excluded_patches: int = 0  # exclude_outliers: training patches kept out of the bank as defect-like
+    excluded_images: int = 0  # exclude_outliers: training images that held them, left out of the threshold evidence
 
 
 @dataclass(frozen=True)
@@ -314,11 +322,15 @@ class PatchCore:
                 outlying = self._calibrate_out_of_fold(training, projected, None, report, row_distances=clean)
                 if clean and outlying is not None and bool(outlying.any()):
                     # SoftPatch's idea (PATCHCORE.md section 5): training patches that score like defects against
-                    # the other folds never enter the bank; the coreset and the thresholds are made again.
+                    # the other folds never enter the bank, and the images that held them are no nominal evidence
+                    # for the thresholds; the coreset and the thresholds are made again without them.
                     report.excluded_patches = int(outlying.sum())
                     kept = (~outlying).nonzero()[:, 0]
+                    evidence = np.array([not any(bool(outlying[start:start + count].any())
+                                                 for start, count, *_ in image.pieces) for image in training.images])
+                    report.excluded_images = int((~evidence).sum())
                     self._build_bank(training, projected, kept, generator, region, report)
-                    self._calibrate_out_of_fold(training, projected, kept, report)
+                    self._calibrate_out_of_fold(training, projected, kept, report, evidence=evidence)
             report.calibration_seconds = time.perf_counter() - started
         finally:
             if store is not None:
@@ -464,8 +476,8 @@ class PatchCore:
 
     @torch.inference_mode()
     def _calibrate_out_of_fold(self, training: TrainingFeatures, projected: torch.Tensor,
-                               candidates: torch.Tensor | None, report: FitReport, *,
-                               row_distances: bool = False) -> torch.Tensor | None:
+                               candidates: torch.Tensor | None, report: FitReport, *, row_distances: bool = False,
+                               evidence: np.ndarray | None = None) -> torch.Tensor | None:
         """Thresholds from every training image, each scored like a new part: against a coreset bank built, as
         fit builds its own, from the other folds' images only (CALIBRATION_FOLDS folds of whole images, seeded).
         Out-of-sample nominal scores, as a hold-out gives, while the model's bank keeps every image.
@@ -475,7 +487,9 @@ class PatchCore:
         without this image's rows its patches look far from everything (bottle, 1% bank: 22 of 209 good
         images above a 1% threshold, measured). `candidates`: the rows the coreset may pick (exclude_outliers).
         row_distances: also return, per training patch (store row), whether its own out-of-fold nearest distance
-        is above the image threshold: a patch that scores like a defect among the other images' patches."""
+        is above a cut that a quarter of bad images cannot move (the image scores' log-normal through their
+        median and 75th percentile, at the target rate): a patch that scores like a defect among the other
+        images' patches. evidence: (n,) bool, the images whose scores set the thresholds (default all)."""
         cfg, state = self.config, self.state_
         images = training.images
         folds = min(CALIBRATION_FOLDS, len(images))
@@ -505,10 +519,13 @@ class PatchCore:
                     for start, count, *_ in image.pieces:
                         rows = training.store.gather(torch.arange(start, start + count)).to(self.device)
                         patch_dist[start:start + count] = fitted.index.search(rows)[0].cpu()
+        used = np.ones(len(images), dtype=bool) if evidence is None else evidence
         self._set_thresholds(scores.tolist(), pixel_max.tolist(), [image.name for image in images], report,
-                             f"all {len(images)} training images, each scored against a coreset bank of the other "
-                             f"{folds - 1} of {folds} folds")
-        return None if patch_dist is None else patch_dist > self.state_.image_threshold
+                             f"{int(used.sum())} training images, each scored against a coreset bank of the other "
+                             f"{folds - 1} of {folds} folds", used=used)
+        if patch_dist is None:
+            return None
+        return patch_dist > quantile_threshold(scores, cfg.false_alarm_rate, upper_quantile=ROBUST_UPPER_QUANTILE)
 
     def _stored_piece(self, store, image: _TrainingImage, piece: tuple, region: torch.Tensor | None) -> Piece:
         """One piece of a training image's grid back from the feature store, as the extractor gave it (with a
@@ -523,18 +540,22 @@ class PatchCore:
         return Piece(rows[None], top, left, height, width)
 
     def _set_thresholds(self, scores: list[float], pixel_max: list[float], names: list[str], report: FitReport,
-                        source: str) -> None:
+                        source: str, used: np.ndarray | None = None) -> None:
         """Image and pixel thresholds at the (1 - false_alarm_rate) quantile of the nominal scores (each on its
-        own scale: image scores, and each image's largest pixel score); the suspects; what it means."""
+        own scale: image scores, and each image's largest pixel score) of the `used` images (default all); the
+        suspects among all; what it means."""
         rate = self.config.false_alarm_rate
-        image_threshold = quantile_threshold(scores, rate)
-        state = self.state_.replace(calibration_scores=tuple(float(s) for s in scores),
+        if used is None or int(used.sum()) < MIN_CALIBRATION_IMAGES:  # too few left: all of them, as without
+            used = np.ones(len(scores), dtype=bool)
+        nominal, nominal_pixels = np.asarray(scores)[used], np.asarray(pixel_max)[used]
+        image_threshold = quantile_threshold(nominal, rate)
+        state = self.state_.replace(calibration_scores=tuple(float(s) for s in nominal),
                                     image_threshold=image_threshold,
-                                    pixel_threshold=quantile_threshold(pixel_max, rate))
+                                    pixel_threshold=quantile_threshold(nominal_pixels, rate))
         fitted = self._fitted
         self._fitted = _Fitted(state, fitted.index, fitted.bank_sq_norms)
-        report.n_calibration_images = len(scores)
-        estimate = expected_false_alarms(scores, image_threshold, seed=self.config.seed)
+        report.n_calibration_images = len(nominal)
+        estimate = expected_false_alarms(nominal, image_threshold, seed=self.config.seed)
         report.thresholds = (f"set for {percent(rate)} false alarms from the out-of-sample scores of {source}: "
                              f"{estimate.text()}")
         report.suspects = sorted(((name, float(s)) for name, s in zip(names, scores) if s > image_threshold),
