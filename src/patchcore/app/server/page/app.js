@@ -262,7 +262,8 @@ async function loadRoc() {
   const c = body.current;
   const threshold = body.threshold === null ? "none" : body.threshold.toFixed(2);
   $("roc-current").textContent = `${body.marked.good} marked good, ${body.marked.defect} marked defect (scored by v` +
-    `${body.model_version}). Current threshold ${threshold}` + (c === null ? "." :
+    `${body.model_version}${body.auc === null ? "" : `; AUC ${body.auc.toFixed(3)}`}). Current threshold ${threshold}` +
+    (c === null ? "." :
     `: ${c.false_alarms} of ${c.n_good} good flagged (${rate(c.false_alarm_rate, c.false_alarm_rate_high)}), ` +
     `${c.misses} of ${c.n_defect} defects missed (${rate(c.miss_rate, c.miss_rate_high)}).`);
   const p = body.proposal;
