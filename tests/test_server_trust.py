@@ -327,3 +327,22 @@ def test_a_named_pipe_as_token_file_is_refused_not_waited_on(tmp_path):
     os.mkfifo(pipe)
     with pytest.raises(InputError, match="not a regular file"):
         read_token(pipe)
+
+
+def test_apply_update_through_a_symlinked_model_keeps_the_real_previous_file(small_model, tmp_path):
+    """Case: update through a symlink (apply-update): the kept .prev was a link to the new model."""
+    store = tmp_path / "store"
+    store.mkdir()
+    small_model.save(store / "v1.model")
+    original = (store / "v1.model").read_bytes()
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "fabric.model").symlink_to(store / "v1.model")
+    with TestClient(create_app(settings_for(models))) as c:
+        for image in fabric(2, 14, variant=True):
+            assert feedback(c, predict(c, png_bytes(image)).json()["result_id"]).status_code == 201
+        body = c.post("/v1/models/fabric/apply-update", headers=AUTH).json()
+        kept = store / body["previous_file"]
+        assert kept.is_file() and not kept.is_symlink() and kept.read_bytes() == original
+        assert (models / "fabric.model").is_symlink() and (store / "v1.model").read_bytes() != original
+        assert c.get("/v1/models/fabric").json()["previous_versions"] == [kept.name]
