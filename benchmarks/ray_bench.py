@@ -6,8 +6,9 @@
 1. fit: the plain fit and `fit --ray` (RayPatchCore) on DATA/train/good; same model file bytes?
 2. predict: images/s, scores only, over DATA/train/good + DATA/test: the single process (PatchCore.load +
    iter_predict over the files, the path `patchcore predict` takes) against `predict --ray` with 1 and 2
-   actors; end to end (model load and actor start included, Ray's own start-up not), and steady state
-   (from the first chunk written to the last). Runs alternate; medians of --repeats.
+   actors (decoding in the actors) and 1 actor fed by decoding tasks (--decode tasks); end to end (model
+   load and actor start included, Ray's own start-up not), and steady state (from the first chunk written
+   to the last). Runs alternate; medians of --repeats.
 3. recovery: one actor killed (SIGKILL) after its first chunk; the job's extra time against an unkilled
    run, and the time from the kill to the next chunk written.
 """
@@ -52,10 +53,10 @@ def part_times(out: Path) -> list[float]:
     return sorted(p.stat().st_mtime for p in (out / "scores").glob("part-*.parquet"))
 
 
-def on_ray(model_file: Path, paths: list[Path], out: Path, actors: int, chunk: int) -> dict:
+def on_ray(model_file: Path, paths: list[Path], out: Path, actors: int, chunk: int, decode: str = "actor") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    report = predict_on_ray(model_file, paths, out, actors=actors, chunk_size=chunk)
+    report = predict_on_ray(model_file, paths, out, actors=actors, chunk_size=chunk, decode=decode)
     seconds = time.perf_counter() - started
     times = part_times(out)
     steady = (len(paths) - chunk) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
@@ -108,6 +109,10 @@ def main() -> None:
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--copies", type=int, default=1,
+                        help="score this many copies of the images (files copied into the workdir): a longer job")
+    parser.add_argument("--skip-fit", action="store_true", help="use WORKDIR/plain.model from an earlier run")
+    parser.add_argument("--skip-recovery", action="store_true")
     parser.add_argument("-o", "--output", default="ray_bench.json")
     args = parser.parse_args()
     data, work = Path(args.data), Path(args.workdir)
@@ -123,7 +128,7 @@ def main() -> None:
         print(f"ray start {result['ray_start_s']:.1f} s", flush=True)
 
         fits: dict = {"plain": [], "ray": []}
-        for _ in range(max(1, args.repeats - 1)):
+        for _ in range(0 if args.skip_fit else max(1, args.repeats - 1)):
             for kind in ("plain", "ray"):
                 started = time.perf_counter()
                 cls = PatchCore if kind == "plain" else RayPatchCore
@@ -134,16 +139,27 @@ def main() -> None:
                 fits[f"{kind}_split"] = {"features_s": report.embed_seconds, "coreset_s": report.coreset_seconds,
                                          "thresholds_s": report.calibration_seconds}
                 print(f"fit {kind}: {fits[kind][-1]:.1f} s", flush=True)
-        result["fit"] = {"plain_s": statistics.median(fits["plain"]), "ray_s": statistics.median(fits["ray"]),
-                         "runs": fits, "same_bytes": sha(work / "plain.model") == sha(work / "ray.model")}
+        if not args.skip_fit:
+            result["fit"] = {"plain_s": statistics.median(fits["plain"]), "ray_s": statistics.median(fits["ray"]),
+                             "runs": fits, "same_bytes": sha(work / "plain.model") == sha(work / "ray.model")}
         model_file = work / "plain.model"
 
         paths = train + tests
-        runs = {"single": [], "ray_1": [], "ray_2": []}
+        for copy in range(1, args.copies):  # distinct files (repeats of one file are scored once)
+            folder = work / f"copy{copy}"
+            folder.mkdir(exist_ok=True)
+            for i, path in enumerate(train + tests):
+                target = folder / f"{i:04d}{path.suffix}"
+                if not target.exists():
+                    shutil.copyfile(path, target)
+                paths.append(target)
+        result["images"] = len(paths)
+        runs: dict = {"single": [], "ray_1": [], "ray_2": [], "ray_1_decode_tasks": []}
         for _ in range(args.repeats):
             runs["single"].append(single_process(model_file, paths))
             runs["ray_1"].append(on_ray(model_file, paths, work / "out1", 1, args.chunk))
             runs["ray_2"].append(on_ray(model_file, paths, work / "out2", 2, args.chunk))
+            runs["ray_1_decode_tasks"].append(on_ray(model_file, paths, work / "out3", 1, args.chunk, "tasks"))
             print({k: round(v[-1]["images_per_s"], 2) for k, v in runs.items()}, flush=True)
 
         def median(kind, key):
@@ -156,9 +172,10 @@ def main() -> None:
                                     "ratio_to_single": median(kind, "images_per_s") / single}
                              for kind in runs}
         result["predict"]["runs"] = runs
-        killed = [killed_run(model_file, paths, work / "killed", args.chunk) for _ in range(max(1, args.repeats - 1))]
+        killed = [killed_run(model_file, paths, work / "killed", args.chunk)
+                  for _ in range(0 if args.skip_recovery else max(1, args.repeats - 1))]
         unkilled = median("ray_1", "seconds")
-        result["recovery"] = {"runs": killed, "unkilled_s": unkilled,
+        result["recovery"] = {} if not killed else {"runs": killed, "unkilled_s": unkilled,
                               "extra_s": statistics.median(k["seconds"] for k in killed) - unkilled,
                               "kill_to_next_chunk_s": statistics.median(
                                   k["kill_to_next_chunk_s"] for k in killed if k["kill_to_next_chunk_s"])}
