@@ -346,3 +346,14 @@ def test_apply_update_through_a_symlinked_model_keeps_the_real_previous_file(sma
         assert kept.is_file() and not kept.is_symlink() and kept.read_bytes() == original
         assert (models / "fabric.model").is_symlink() and (store / "v1.model").read_bytes() != original
         assert c.get("/v1/models/fabric").json()["previous_versions"] == [kept.name]
+
+
+def test_a_json_body_holding_nan_is_a_422_not_a_500(models_dir):
+    """FastAPI's validation answer echoes the input, which cannot hold NaN as JSON: any such body was a 500."""
+    with TestClient(create_app(settings_for(models_dir))) as client:
+        headers = {**AUTH, "Content-Type": "application/json"}
+        bodies = {"apply-update": '{"max_new": NaN}', "feedback": '{"result_id": NaN, "verdict": "good"}'}
+        for route, body in bodies.items():
+            answer = client.post(f"/v1/models/fabric/{route}", content=body, headers=headers)
+            assert answer.status_code == 422, (route, answer.status_code, answer.text)
+            assert "NaN" not in answer.text

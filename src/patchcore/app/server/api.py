@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -258,6 +259,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.exception_handler(PatchCoreError)
     async def user_error(request: Request, err: PatchCoreError):
         return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError):
+        # FastAPI's own answer echoes the input, and a JSON body holding NaN cannot be written back as JSON:
+        # that was a 500 for any such body. Say where and what, never the value.
+        problems = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "invalid"))} for e in err.errors()]
+        return JSONResponse({"detail": problems}, status_code=422)
 
     # -------------------------------------------------------------- health and metadata
     @app.get("/healthz", tags=["ops"])
