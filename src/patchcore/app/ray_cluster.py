@@ -32,7 +32,11 @@ class RaySession:
         # not spin on shared cores (13x slower fits were measured under load, README).
         env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
         if self.address in (None, LOCAL):
-            ray.init(num_cpus=self.num_cpus, runtime_env=env, **quiet)
+            # Workers at the driver's priority: Ray's default (nice 15) lets any other job on a shared machine
+            # take their CPU; the single-process commands run at the normal priority too.
+            # address="local": always a new instance, never one that another job on this machine started.
+            ray.init(address="local", num_cpus=self.num_cpus, runtime_env=env, _system_config={"worker_niceness": 0},
+                     **quiet)
         else:
             ray.init(address=self.address, runtime_env=env, log_to_driver=False, configure_logging=False)
         self._started = True

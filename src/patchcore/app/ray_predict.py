@@ -40,10 +40,10 @@ import ray.data
 import torch
 
 from .._version import __version__
-from ..errors import ImageReadError, InputError, OutputError
+from ..errors import ImageReadError, InputError, ModelFileError, OutputError
 from ..estimator.ensemble import load_model
 from ..io.images import read_image
-from ..io.model_file import atomic_write_bytes
+from ..io.model_file import atomic_write_bytes, read_model_format
 from .predict_folder import (
     OUTPUT_FOLDERS,
     _scored_batches,
@@ -319,7 +319,8 @@ def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path
     if not model_path.is_file():
         raise InputError(f"{model_path}: no such model file")
     sha = file_sha256(model_path)
-    load_model(model_path, device="cpu")  # a damaged or foreign model file fails here, once, not per actor
+    if read_model_format(model_path) is None:  # from the header alone: the actors do the full load, once each
+        raise ModelFileError(f"{model_path}: not a patchcore model file")
     unique, _ = unique_inputs(paths)
     if not unique:
         raise InputError("no images to score")
@@ -374,8 +375,29 @@ def _column(parts: list[Path], name: str) -> list:
     return values
 
 
+def _drop_repeats(parts: list[Path]) -> None:
+    """A path in two parts: a chunk a stopped run was still writing when the resumed run listed what was done.
+    Both rows come from the same job (job.json), so the first part (by run, then chunk) keeps it and the
+    others are rewritten without it, atomically."""
+    owner: dict[str, Path] = {}
+    extra: dict[Path, set[str]] = {}
+    for part in parts:  # sorted: run, then chunk
+        for path in pq.read_table(part, columns=["path"]).column("path").to_pylist():
+            if path in owner:
+                extra.setdefault(part, set()).add(path)
+            else:
+                owner[path] = part
+    for part, paths in extra.items():
+        rows = [row for row in pq.read_table(part).to_pylist() if row["path"] not in paths]
+        if rows:
+            write_part(part, rows)
+        else:
+            part.unlink()
+
+
 def _finish(output: Path, shown: list[str], report: RayPredictReport) -> RayPredictReport:
     """Check that every input is in exactly one row, and write summary.json."""
+    _drop_repeats(written_parts(output))
     parts = written_parts(output)
     table = pa.concat_tables([pq.read_table(p, columns=["path", "error"]) for p in parts]) if parts else None
     got = [] if table is None else table.column("path").to_pylist()
