@@ -69,7 +69,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
               f"{report.thresholds}", file=sys.stderr)
         if report.suspects:  # a line wants to look at these: "good" sets often hold a few parts that are not
             print(f"{len(report.suspects)} training image(s) score like defects against the others (score > "
-                  f"threshold); look at them, and refit without the bad ones:", file=sys.stderr)
+                  f"threshold); look at them, and refit without the bad ones or with --exclude-outliers true:",
+                  file=sys.stderr)
             for name, score in report.suspects:
                 print(f"  {name}  {score:.4g}", file=sys.stderr)
     else:
