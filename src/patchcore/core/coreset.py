@@ -18,6 +18,11 @@ of N), the numpy backend groups the hot set by nearest centre: a group is skippe
 cannot reach its farthest member, centre gaps and member distances are first bounded in 32 principal
 directions, and the argmax runs over the group maxima; each step then costs O(k) plus the reached groups.
 
+On texture-like data (a compact bulk of near-duplicates, scattered outliers) the triangle test leaves ~100x
+more candidates than elements that move: large hot sets keep copies of their rows in the 32 principal
+directions, whose distance bounds the full one from below, so direct distances follow the moves; the refresh
+takes its GEMM lower bound in those directions too.
+
 Every distance that decides anything is the direct float32 ||x - c||^2, computed the same way as in the
 plain algorithm, and every pruning test has a rounding margin; so the selection, ties included (first
 index), is the one `greedy_coreset_reference` (the plain O(N^2) algorithm, kept as the oracle) makes.
@@ -422,7 +427,7 @@ class _Greedy:
         """Per element: a float32 low-dimensional squared distance d2 >= this proves fl32(||x - c||^2) >= value.
 
         With p the float64 projection onto the orthonormal basis: ||x - c|| >= ||p(x) - p(c)|| >= sqrt(d2)(1 - 1e-5)
-        - 8 u R (the float32 rounding of the stored copies, each at most u |p|, R the largest norm, plus the
+        - 8 u R (the float32 rounding of the stored copies, each at most u |p|, R the longest centred row, plus the
         rounding of the difference and the sum of squares, (q + 3) u). At sqrt(1.001 value) the direct float32
         distance, within (d + 2) u of the exact one, cannot fall below value."""
         root = value.double().mul(_PRUNE_SLACK).sqrt_().add_(self.low_slack)
