@@ -176,13 +176,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    evaluate(args.root, config_from_args(args), output, categories=args.category, train=args.train,
-             device=args.device, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)),
-             progress=progress_bars(args.quiet), log=log, pixel_resolution=args.pixel_resolution,
-             report=not args.no_report)
+    run = evaluate(args.root, config_from_args(args), output, categories=args.category, train=args.train,
+                   device=args.device, max_feature_memory=int(args.max_feature_memory_gb * (1 << 30)),
+                   progress=progress_bars(args.quiet), log=log, pixel_resolution=args.pixel_resolution,
+                   report=not args.no_report)
     report = "" if args.no_report or not (output / "report.html").is_file() else f", {output / 'report.html'}"
     log(f"wrote {output / 'results.md'}, {output / 'summary.json'}{report} and one JSON per category in {output}")
-    return EXIT_OK
+    if not run.partial:
+        return EXIT_OK
+    # As fit: the results are written, but they do not cover every image or category given.
+    for failure in run.failed:
+        log(f"category {failure['category']} failed: {failure['error']}")
+    for record in run.records:
+        failures = record["failures"]
+        if failures["train_images"]:
+            log(f"{record['category']}: {len(failures['train_images'])} training image(s) could not be read and "
+                "were skipped: " + "; ".join(failures["train_images"]))
+        if failures["test_images"]:
+            log(f"{record['category']}: {len(failures['test_images'])} test image(s) could not be read or scored: "
+                + "; ".join(failures["test_images"]))
+    log("the results are partial (exit 1)" if not any(f["internal"] for f in run.failed)
+        else f"the results are partial; a category failed with an internal error (exit {EXIT_INTERNAL})")
+    return EXIT_INTERNAL if any(f["internal"] for f in run.failed) else EXIT_SOME_FAILED
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
