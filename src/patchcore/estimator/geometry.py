@@ -24,12 +24,13 @@ from PIL import Image
 from ..config import DEFAULT_RESIZE_CROP, PatchCoreConfig
 from ..errors import ImageReadError
 from ..io.images import header_size
-from ..io.sizing import resized_size
+from ..io.sizing import (
+    MAX_ASPECT_MISMATCH,  # noqa: F401 - re-exported
+    resized_size,
+)
+from ..io.sizing import aspect_mismatch as sizing_aspect_mismatch
 
 MVTEC = DEFAULT_RESIZE_CROP  # (resize, crop) of the protocol, PatchCoreConfig's defaults
-# With an exact H,W resize, an image whose aspect ratio is this much off the model's would be distorted
-# past recognition: it is refused (per file) instead of scored.
-MAX_ASPECT_MISMATCH = 1.25
 
 
 def image_sizes(images: list) -> list[tuple[int, int]]:
@@ -88,16 +89,8 @@ def resolve_geometry(config: PatchCoreConfig, images: list) -> tuple[PatchCoreCo
 
 
 def aspect_mismatch(config: PatchCoreConfig, height: int, width: int) -> str | None:
-    """Why an H x W image cannot be scored at this geometry (exact resize, no crop), or None."""
-    if config.crop is not None or not isinstance(config.resize, tuple):
-        return None
-    model_aspect = config.resize[0] / config.resize[1]
-    ratio = (height / width) / model_aspect
-    if max(ratio, 1 / ratio) <= MAX_ASPECT_MISMATCH:
-        return None
-    return (f"its aspect ratio (H/W {height / width:.2f}) is not the model's ({model_aspect:.2f}, resize "
-            f"{config.resize[0]}x{config.resize[1]}): it would be distorted by more than "
-            f"{MAX_ASPECT_MISMATCH:.2f}x; fit a model for this geometry")
+    """Why an H x W image cannot be scored at this geometry (exact resize, no crop), or None (io/sizing.py)."""
+    return sizing_aspect_mismatch(height, width, config.resize, config.crop)
 
 
 def _text(value) -> str:

@@ -20,10 +20,8 @@ from PIL import Image
 
 from ..errors import InputError
 from . import sizing
-from .images import limit
 from .resize import resize_rgb
-
-MAX_RESIZED_PIXELS = 6144 * 6144  # 37.7 Mpx: a 20-megapixel image at its own size fits, with tiles
+from .sizing import MAX_RESIZED_PIXELS  # noqa: F401 - the bound lives with the size rules
 
 
 @dataclass(frozen=True)
@@ -49,17 +47,8 @@ class Preprocess:
 
     def check_size(self, height: int, width: int) -> None:
         """Raise InputError if an H x W image is empty, resizes to more than MAX_RESIZED_PIXELS, or is
-        smaller than the crop after resizing."""
-        if height < 1 or width < 1:
-            raise InputError(f"empty image ({height} x {width} pixels)")
-        size = self.resized_size(height, width)
-        cap = limit("MAX_RESIZED_PIXELS", MAX_RESIZED_PIXELS)
-        if size[0] * size[1] > cap:
-            raise InputError(f"a {height} x {width} image resizes to {size[0]} x {size[1]} = "
-                             f"{size[0] * size[1]} pixels, above the limit of {cap:.0f} pixels "
-                             f"(MAX_RESIZED_PIXELS; raise it with PATCHCORE_MAX_RESIZED_PIXELS=<pixels>, or set a "
-                             f"fixed --resize H,W)")
-        self.crop_box(height, width)
+        smaller than the crop after resizing (io/sizing.py, the runtime's check too)."""
+        sizing.check_model_input(height, width, self.resize, self.crop, scale=self.scale, align=self.align)
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, h, w) of the centre crop inside the resized image of an H x W input."""

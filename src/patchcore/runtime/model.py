@@ -24,14 +24,13 @@ from ..core.tiling import tile_spans
 from ..errors import ImageReadError, InputError, ModelFileError
 from ..io import sizing
 from ..io.fitted_state import FittedState, config_from_file
-from ..io.images import iter_image_batches, limit, read_image, to_rgb_uint8
+from ..io.images import iter_image_batches, read_image, to_rgb_uint8
 from ..io.model_file import read_model_file
 from ..io.resize import resize_rgb
 from .backends import Session
 from .bundle import read_manifest
 
-# The library's bounds (io/preprocess.py MAX_RESIZED_PIXELS, estimator/model.py MAX_FORWARD_PIXELS).
-MAX_RESIZED_PIXELS = 6144 * 6144
+# The library's bound (estimator/model.py MAX_FORWARD_PIXELS); the input bounds are io/sizing.py's.
 MAX_FORWARD_PIXELS = 4_000_000
 
 
@@ -138,20 +137,11 @@ class Runtime:
 
     def check_size(self, height: int, width: int) -> None:
         """InputError if an H x W image cannot be scored: empty, too large once resized, smaller than the
-        crop, of another model-input size than a region model's or a fixed-size graph's."""
-        if height < 1 or width < 1:
-            raise InputError(f"empty image ({height} x {width} pixels)")
-        size = self.resized_size(height, width)
-        cap = limit("MAX_RESIZED_PIXELS", MAX_RESIZED_PIXELS)
-        if size[0] * size[1] > cap:
-            raise InputError(f"a {height} x {width} image resizes to {size[0]} x {size[1]} = "
-                             f"{size[0] * size[1] / 1e6:.1f} Mpx, above the limit {cap / 1e6:.1f} Mpx "
-                             f"(MAX_RESIZED_PIXELS; raise it with PATCHCORE_MAX_RESIZED_PIXELS=<pixels>)")
-        if sizing.crop_box(size, self.config.crop) is None:
-            ch, cw = sizing.pair(self.config.crop)
-            raise InputError(f"crop {ch}x{cw} is larger than the resized image {size[0]}x{size[1]}")
+        crop, of another aspect than an exact-size model's (io/sizing.py, the library's check), of another
+        model-input size than a region model's or a fixed-size graph's."""
+        box = sizing.check_model_input(height, width, self.config.resize, self.config.crop, scale=self.config.scale,
+                                       align=self.config.feature_strides[-1], exact_aspect=True)
         fixed = self.manifest.get("input_size")
-        box = sizing.crop_box(size, self.config.crop)
         region = self._state[3]
         if region is not None and (box[2], box[3]) != region.shape:
             raise InputError(f"a {height} x {width} image becomes {box[2]} x {box[3]} at the model input, the "
