@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ from ..evaluation.metrics import auroc
 from ..evaluation.synthetic import make_category
 from ..io.images import expand_inputs
 from ..io.model_file import atomic_write_bytes, check_output_file
-from .options import add_config_options, config_from_args
+from .options import add_config_options, config_from_args, finite_float, non_negative_float, positive_int
 from .predict_folder import check_output_folder, collect_inputs, predict_to_folder
 from .progress import progress_bars
 from .ray_commands import add_parsers as add_ray_parsers
@@ -220,34 +219,7 @@ def _report_failures(failures) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-def finite_float(text: str) -> float:
-    """A float option that must be a finite number ('nan' and 'inf' parse as floats, and would label
-    every image good, or every one defect)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
-
-def non_negative_float(text: str) -> float:
-    """A finite float option that is >= 0 (int(inf * 2**30) would crash the command with a traceback)."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

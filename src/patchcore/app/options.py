@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
 from ..config import PatchCoreConfig
@@ -23,6 +24,42 @@ def parse_size(text: str) -> int | tuple[int, int] | None:
     if len(parts) == 2:
         return parts[0], parts[1]
     raise argparse.ArgumentTypeError(f"expected N, H,W or none, got {text!r}")
+
+
+def _number(text: str, kind: type, low: float | None, *, strict: bool = False):
+    """A command-line number of `kind` (int or float), finite, and >= low (> low when strict): one usage error
+    naming the rule, never a traceback later ('nan' and 'inf' parse as floats)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got "
+                                         f"{text!r}") from None
+    bad = not math.isfinite(value) or (low is not None and (value <= low if strict else value < low))
+    if bad:
+        rule = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise argparse.ArgumentTypeError(f"expected a finite {'whole number' if kind is int else 'number'}{rule}, "
+                                         f"got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, None)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, 0)
+
+
+def positive_finite_float(text: str) -> float:
+    return _number(text, float, 0, strict=True)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, 0)
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1)
 
 
 def parse_int_tuple(text: str) -> tuple[int, ...]:
