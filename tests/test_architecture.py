@@ -40,12 +40,14 @@ def layer_of(module: str) -> int | None:
     return None
 
 
-def imports_of(path: Path) -> list[str]:
-    """Absolute names of everything a module imports, relative imports resolved, lazy ones included."""
+def imports_of(path: Path, *, top_level: bool = False) -> list[str]:
+    """Absolute names of everything a module imports, relative imports resolved, lazy ones included (top_level:
+    only the statements run when the module is imported)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body if top_level else ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -88,22 +90,7 @@ TORCH = {"torch", "torchvision", "timm"}
 
 def top_level_imports(path: Path) -> list[str]:
     """What a module imports when it is imported (not inside functions, not under TYPE_CHECKING)."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    found = []
-    for node in ast.parse(path.read_text(), filename=str(path)).body:
-        if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            found.append(target)
-            found += [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES]
-    return found
+    return imports_of(path, top_level=True)
 
 
 def import_closure(start: str) -> set[str]:
