@@ -3,12 +3,16 @@
 library's BankIndex (PCA-bound pruning) on torch and on numpy (what patchcore.runtime runs), and the plain
 chunked GEMM search (knn.nearest) on both.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_search.py MODEL IMAGES... [--repeats 7]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_search.py MODEL IMAGES... [--repeats 7] [--threads 1]
+
+MODEL: a fitted model file (e.g. `patchcore fit --backbone efficientnet_lite0 --coreset-ratio 0.01 --seed 0
+-o bottle.model ../shared/data/mvtec_ad/bottle/train/good`); IMAGES: test images whose patches are the queries.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,9 +32,10 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (the same for both)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    threadpool_limits(1, user_api="blas")
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads, user_api="blas")
     model = PatchCore.load(args.model, device="cpu")
     feats = torch.cat([model.embed(torch.from_numpy(read_image(p)).permute(2, 0, 1)[None].contiguous()).features[0]
                        for p in args.images])
@@ -53,8 +58,11 @@ def main() -> int:
     d1, i1 = index.search(feats)
     stats = index.stats_
     d2, i2 = nearest(queries_np, bank_np, 1, bank_sq_norms=sq)
-    out = {"bank": list(bank.shape), "queries": int(feats.shape[0]),
+    out = {"bank": list(bank.shape), "queries": int(feats.shape[0]), "threads": args.threads,
+           "load_average": [round(x, 2) for x in os.getloadavg()],
            "ms_per_image": {k: round(statistics.median(v), 2) for k, v in times.items()},
+           "numpy_over_torch": round(statistics.median(times["runtime BankIndex (numpy)"])
+                                     / statistics.median(times["library BankIndex (torch)"]), 3),
            "bank_index_pruned_share": 1 - (stats["candidates"] + stats["plain"]) / stats["pairs"],
            "same_neighbour_share": float((i1.numpy() == i2[:, 0]).mean()),
            "max_distance_difference": float(np.abs(d1.numpy() - d2[:, 0]).max())}

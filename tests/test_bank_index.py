@@ -222,3 +222,21 @@ def test_numpy_bank_index_gives_the_torch_answers(prefix_dims, chunk_elements):
     assert (idx == ref_idx.numpy()).mean() > 0.999
     torch.testing.assert_close(torch.from_numpy(dist), ref_dist, rtol=1e-5, atol=1e-6)
     assert on_numpy.stats_["candidates"] + on_numpy.stats_["plain"] < on_numpy.stats_["pairs"]  # it pruned
+
+
+@pytest.mark.parametrize("library", ["torch", "numpy"])
+@pytest.mark.parametrize("num_bank, dim, num_queries, chunk_elements",
+                         [(333, 37, 101, None), (33, 19, 7, None), (1001, 29, 257, 4096), (65, 45, 1, 700)])
+def test_odd_sizes_on_both_libraries(library, num_bank, dim, num_queries, chunk_elements):
+    """Banks that are not whole groups of rows, odd feature and query counts, several bank and query blocks
+    (small chunks): the (bank rows x queries) bound layout and its padding give the plain search's answers."""
+    gen = _gen(num_bank + dim)
+    bank = _low_rank(num_bank, dim, 3, gen)
+    queries = torch.cat([bank[torch.randint(0, num_bank, (num_queries,), generator=gen)]
+                         + 0.03 * torch.randn(num_queries, dim, generator=gen), 4 * torch.randn(3, dim, generator=gen)])
+    kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
+    as_library = (lambda t: t.numpy()) if library == "numpy" else (lambda t: t)
+    index = BankIndex(as_library(bank), prefix_dims=4, **kwargs)
+    assert index.pruning_ or num_bank < 64
+    dist, idx = index.search(as_library(queries))
+    _assert_exact_nearest(queries, bank, torch.as_tensor(dist), torch.as_tensor(idx))

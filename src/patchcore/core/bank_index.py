@@ -73,17 +73,6 @@ def _unkey(key):
     return xp.astype(key >> 32, xp.int32).view(xp.float32), key & 0xFFFFFFFF
 
 
-def _group_min(groups):
-    """(n, G, GROUP) -> (n, G) minima. numpy reduces a short last axis element by element: halving it with
-    elementwise minimum (vectorised; GROUP is a power of two) is 4x faster there, and exact all the same."""
-    if is_torch_array(groups):
-        return groups.amin(2)
-    while groups.shape[2] > 1:
-        half = groups.shape[2] // 2
-        groups = np.minimum(groups[..., :half], groups[..., half:])
-    return groups[..., 0]
-
-
 def _scatter_min(target, index, values) -> None:
     """target[index[i]] = min(target[index[i]], values[i]), in place, repeated indices included."""
     if is_torch_array(target):
@@ -255,7 +244,8 @@ class BankIndex:
         centred_norm = xp.linalg.vector_norm(centred, axis=1)
         rotated = centred @ self.basis_  # (n, r or r2)
         prefix_sq = xp.sum(rotated[:, :r] ** 2, axis=1)
-        query_aug = xp.concat([rotated[:, :r], xp.ones((n, 1), dtype=xp.float32, device=dev)], axis=1)
+        query_aug_t = xp.concat([xp.matrix_transpose(rotated[:, :r]),
+                                 xp.ones((1, n), dtype=xp.float32, device=dev)], axis=0)  # (r + 1, n)
         shift, stretch = self._shift(centred_norm, r, q), self._stretch(r, dim)
         # GEMM expansion ||a||^2 + ||b||^2 - 2 a.b over r dims (a, b: prefixes), here the length-(r+1) dot
         # product [a, 1].[-2b, ||b||^2]: it errs by <= (2 u_in + (r+1) u) times the sum of |terms|, which is
@@ -274,16 +264,19 @@ class BankIndex:
         on_cpu = not is_torch_array(q) or q.device.type == "cpu"
         pair_chunk = max(1, min(self.chunk_elements // (4 * dim), _VERIFY_PAIRS if on_cpu else num_bank))
         for b0 in range(0, self.bank_aug_.shape[0], bank_chunk):
-            # bound[i, j] = (prefix distance of q_i and row j)^2 - ||prefix_i||^2: the lower bound, shifted.
-            bound = query_aug @ xp.matrix_transpose(self.bank_aug_[b0:b0 + bank_chunk])
+            # bound[j, i] = (prefix distance of q_i and row j)^2 - ||prefix_i||^2: the lower bound, shifted.
+            # Bank rows x queries, so that a group of GROUP rows is GROUP contiguous query-length rows: its
+            # min is an elementwise minimum of whole rows (vectorised in numpy and torch alike; a min over a
+            # short last axis goes element by element in numpy).
+            bound = self.bank_aug_[b0:b0 + bank_chunk] @ query_aug_t
             if exclude is not None:
                 inside = (exclude >= b0) & (exclude < b0 + bank_chunk)
-                bound[rows[inside], exclude[inside] - b0] = float("inf")
-            groups = xp.reshape(bound, (n, -1, GROUP))
-            group_min = _group_min(groups)  # (n, G)
+                bound[exclude[inside] - b0, rows[inside]] = float("inf")
+            groups = xp.reshape(bound, (-1, GROUP, n))
+            group_min = xp.min(groups, axis=1)  # (G, n)
             # Upper bound: exact distance to the row with the smallest lower bound.
-            g = xp.argmin(group_min, axis=1)
-            guess = g * GROUP + xp.argmin(groups[rows, g], axis=1)
+            g = xp.argmin(group_min, axis=0)
+            guess = g * GROUP + xp.argmin(groups[g, :, rows], axis=1)
             guess = xp.clip(guess, max=num_bank - 1 - b0) + b0  # (only all-padding rows could point past the end)
             best = xp.minimum(best, _key(_row_dist(q, self.bank_[guess]), guess))
             upper = _unkey(best)[0]
@@ -292,13 +285,11 @@ class BankIndex:
             # `expansion` (GEMM) lower. The final factor covers rounding of this line itself.
             threshold = (upper * stretch + shift) ** 2 * (1 + 8 * u) + expansion - prefix_sq
             # Open only the groups whose min passes the test, and count the rows in them that pass too.
-            num_groups = group_min.shape[1]
-            hits = xp.nonzero(xp.reshape(group_min <= threshold[:, None], (-1,)))[0]  # flat (query, group) ids
+            hits = xp.nonzero(xp.reshape(group_min <= threshold, (-1,)))[0]  # flat (group, query) ids
             del group_min
-            hit_query = hits // num_groups
-            passed = (xp.take(xp.reshape(groups, (-1, GROUP)), hits, axis=0)
-                      <= xp.take(threshold, hit_query, axis=0)[:, None])
-            del bound, groups
+            hit_group, hit_query = hits // n, hits % n
+            passed = groups[hit_group, :, hit_query] <= xp.take(threshold, hit_query, axis=0)[:, None]  # (H, GROUP)
+            del bound, groups, hits
             count = _count(hit_query, xp.sum(xp.astype(passed, xp.int64), axis=1), n)
             heavy = count > budget
             stats = self.stats_
@@ -307,7 +298,7 @@ class BankIndex:
             if bool(xp.any(heavy)):  # too many candidates: the plain GEMM is cheaper for these queries
                 heavy_any |= heavy
                 light = ~xp.take(heavy, hit_query, axis=0)
-                hits, hit_query, passed = hits[light], hit_query[light], passed[light]
+                hit_group, hit_query, passed = hit_group[light], hit_query[light], passed[light]
                 if exclude is None:  # (calibration only needs to know which queries fall back)
                     h, b1 = rows[heavy], min(num_bank, b0 + bank_chunk)
                     dist, idx = nearest(q[h], self.bank_[b0:b1], 1, bank_sq_norms=self.bank_sq_norms_[b0:b1],
@@ -316,8 +307,8 @@ class BankIndex:
             inner = xp.nonzero(xp.reshape(passed, (-1,)))[0]
             inner_hit = inner // GROUP
             cand_query = xp.take(hit_query, inner_hit, axis=0)
-            cand_row = (xp.take(hits, inner_hit, axis=0) - cand_query * num_groups) * GROUP + inner % GROUP + b0
-            del hits, hit_query, passed, inner, inner_hit
+            cand_row = xp.take(hit_group, inner_hit, axis=0) * GROUP + inner % GROUP + b0
+            del hit_group, hit_query, passed, inner, inner_hit
             for p0 in range(0, cand_query.shape[0], pair_chunk):
                 qi, bj = cand_query[p0:p0 + pair_chunk], cand_row[p0:p0 + pair_chunk]
                 if r2:  # finer bound over r2 dims from direct differences (no expansion error), same argument
