@@ -4,7 +4,10 @@ process or take unbounded memory.
 Every read error names the file. Grayscale, palette, RGBA, 16-bit and float images become 8-bit RGB
 the same way on every path, so a model fitted on one kind scores the others consistently.
 
-Decoding is PIL's, for every format. torchvision's decode_png (~1.6x faster on 8-bit PNGs) was dropped: it
+Pillow opens every file (formats, header, limits, EXIF) and decodes all but the commonest: 8-bit RGB/grey
+PNG and RGB/grey JPEG go to io/fast_decode.py's libspng / libjpeg-turbo decoders where those are installed,
+which give Pillow's exact pixels 2-4x faster; whatever such a decoder refuses goes to Pillow, whose verdict
+stands. torchvision's decode_png (~1.6x faster on 8-bit PNGs) was dropped: it
 kills the process with a segmentation fault on any libpng error once row decoding has begun (IDAT shorter
 than the header declares, an IDAT CRC error, a bad filter byte, corrupt zlib data), and checking a file
 well enough to rule those out costs a full inflate, which takes back the gain (NOTES-hardening-decode.md).
@@ -43,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ConfigError, ImageReadError, InputError
+from . import fast_decode
 
 if TYPE_CHECKING:
     import torch
@@ -259,6 +263,37 @@ def check_complete(path: Path, image: Image.Image) -> None:
             raise ImageReadError(path, missing)
 
 
+def _fast_pixels(image: Image.Image) -> np.ndarray | None:
+    """read_image's pixels for an opened (not decoded) file through io/fast_decode.py's faster decoder of its
+    format, or None: the format has none here, the file is not one it decodes exactly as Pillow, or it
+    raised (Pillow then decodes the file and gives the verdict, as before). The file's position is kept.
+    Files larger than 4 bytes per pixel + 1 MiB (mostly not image data) are left to Pillow, which reads
+    only what it decodes, so that a hostile file's tail is never read into memory."""
+    decode = fast_decode.decoders().get(image.format)
+    if decode is None or image.mode not in ("RGB", "L"):
+        return None
+    handle, (width, height) = image.fp, image.size
+    if os.fstat(handle.fileno()).st_size > 4 * width * height + (1 << 20):
+        return None
+    position = handle.tell()
+    try:
+        handle.seek(0)
+        data = handle.read()
+    finally:
+        handle.seek(position)
+    if image.format == "PNG":
+        if not fast_decode.png_eligible(data):
+            return None
+        orientation = image.getexif().get(0x0112) if "exif" in image.info else None  # see upright_size
+    else:
+        orientation = image.getexif().get(0x0112)
+    try:
+        pixels = decode(data, height, width)
+    except Exception:  # the fast decoder refused: Pillow decides
+        return None
+    return fast_decode.orient(pixels, orientation if isinstance(orientation, int) else None)
+
+
 def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarray:
     """Decode one file -> (H, W, 3) uint8, or raise ImageReadError naming it.
 
@@ -270,9 +305,11 @@ def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarra
     try:
         with open_image(path) as image:
             check_limits(image.height, image.width)
-            image.load()  # decode now: truncated files fail here, not later; the first frame only
-            check_complete(path, image)
-            pixels = to_rgb_uint8(_upright(image))
+            pixels = _fast_pixels(image)
+            if pixels is None:
+                image.load()  # decode now: truncated files fail here, not later; the first frame only
+                check_complete(path, image)
+                pixels = to_rgb_uint8(_upright(image))
     except ConfigError:
         raise
     except Exception as err:  # whatever a decoder raises on a hostile file is that file's error

@@ -1,0 +1,205 @@
+"""The fast decoders (io/fast_decode.py: libspng for 8-bit RGB/grey PNG, libjpeg-turbo via simplejpeg for
+JPEG) give read_image exactly the pixels and verdicts of the Pillow-only path, and take the files they should."""
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+
+import hostile
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from patchcore.errors import ImageReadError
+from patchcore.io import fast_decode, images
+
+
+def picture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Texture with sharp edges and noise: a JPEG's IDCT and chroma upsampling both matter on it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * 7 + y * 3) % 256, (x * y) % 256, ((x // 4 + y // 4) % 2) * 200], axis=-1)
+    return np.clip(base + rng.integers(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def interlaced_png(rgb: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG (PIL cannot write one)."""
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + rgb[y, x0::dx].tobytes() for x0, y0, dx, dy in images._ADAM7
+                    for y in range(y0, h, dy) if x0 < w)
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 1)
+    return (hostile.PNG_SIGNATURE + hostile.chunk(b"IHDR", header) + hostile.chunk(b"IDAT", zlib.compress(rows))
+            + hostile.chunk(b"IEND", b""))
+
+
+def exif(orientation: int) -> bytes:
+    tags = Image.Exif()
+    tags[0x0112] = orientation
+    return tags.tobytes()
+
+
+def png_exif_after_idat(rgb: np.ndarray, orientation: int) -> bytes:
+    data = save(Image.fromarray(rgb), "PNG")
+    end = data.rindex(b"IEND") - 4
+    return data[:end] + hostile.chunk(b"eXIf", exif(orientation)[6:]) + data[end:]  # without "Exif\0\0"
+
+
+def rgb16_png(rgb: np.ndarray) -> bytes:
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + (rgb[y].astype(">u2") * 257).tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return (hostile.PNG_SIGNATURE + hostile.chunk(b"IHDR", header) + hostile.chunk(b"IDAT", zlib.compress(rows))
+            + hostile.chunk(b"IEND", b""))
+
+
+SIZES = [(1, 1), (1, 2), (2, 1), (3, 5), (17, 33), (64, 48), (31, 257)]
+
+
+def cases() -> list[tuple[str, bytes, bool]]:
+    """(name, file, taken by a fast decoder)."""
+    out = []
+    for h, w in SIZES:
+        rgb = picture(h, w, h * w)
+        out += [(f"png-rgb-{h}x{w}", save(Image.fromarray(rgb), "PNG"), True),
+                (f"png-grey-{h}x{w}", save(Image.fromarray(rgb[..., 0]), "PNG"), True),
+                (f"png-interlaced-{h}x{w}", interlaced_png(rgb), True)]
+        for sub in (0, 1, 2):
+            jpeg = save(Image.fromarray(rgb), "JPEG", quality=90, subsampling=sub)
+            out.append((f"jpeg-{h}x{w}-sub{sub}", jpeg, True))
+        out.append((f"jpeg-grey-{h}x{w}", save(Image.fromarray(rgb[..., 1]), "JPEG", quality=80), True))
+    rgb = picture(45, 70, 7)
+    gamma = PngInfo()
+    gamma.add(b"gAMA", struct.pack(">I", 45455))
+    rgba = np.dstack([rgb, (np.arange(70)[None, :] * 3 % 256).repeat(45, 0).astype(np.uint8)])
+    out += [
+        ("png-gamma", save(Image.fromarray(rgb), "PNG", pnginfo=gamma), True),
+        ("png-optimised", save(Image.fromarray(rgb), "PNG", optimize=True), True),
+        ("png-level0", save(Image.fromarray(rgb), "PNG", compress_level=0), True),
+        ("png-16bit-grey", save(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), "PNG"), False),
+        ("png-16bit-rgb", rgb16_png(rgb), False),
+        ("png-palette", save(Image.fromarray(rgb).quantize(37), "PNG"), False),
+        ("png-palette-transparent", save(Image.fromarray(rgb).quantize(16), "PNG", transparency=3), False),
+        ("png-rgb-transparent", save(Image.fromarray(rgb), "PNG", transparency=(12, 34, 56)), False),
+        ("png-grey-transparent", save(Image.fromarray(rgb[..., 0]), "PNG", transparency=9), False),
+        ("png-grey-alpha", save(Image.fromarray(rgba[..., [0, 3]]), "PNG"), False),
+        ("png-rgba", save(Image.fromarray(rgba), "PNG"), False),
+        ("png-1bit", save(Image.fromarray(rgb[..., 0] > 128), "PNG"), False),
+        ("jpeg-progressive", save(Image.fromarray(rgb), "JPEG", quality=75, progressive=True), True),
+        ("jpeg-optimised", save(Image.fromarray(rgb), "JPEG", quality=60, optimize=True), True),
+        ("jpeg-q100", save(Image.fromarray(rgb), "JPEG", quality=100), True),
+        ("jpeg-restarts", save(Image.fromarray(rgb), "JPEG", quality=85, restart_marker_rows=1), True),
+        ("jpeg-cmyk", save(Image.fromarray(rgb).convert("CMYK"), "JPEG"), False),
+        ("png-exif-after-idat", png_exif_after_idat(rgb, 6), False),
+        ("tiff", save(Image.fromarray(rgb), "TIFF"), False),
+    ]
+    for orientation in range(1, 9):
+        out += [(f"jpeg-exif-{orientation}", save(Image.fromarray(rgb), "JPEG", exif=exif(orientation)), True),
+                (f"png-exif-{orientation}", save(Image.fromarray(rgb), "PNG", exif=exif(orientation)), True)]
+    return out
+
+
+INSTALLED = fast_decode.decoders  # before any test patches it
+
+
+@pytest.fixture
+def pillow_only(monkeypatch):
+    def use(on: bool) -> None:
+        monkeypatch.setattr(fast_decode, "decoders", INSTALLED if on else dict)
+    return use
+
+
+def spying(made: list, label: str):
+    """fast_decode.decoders with each decoder appending `label` to `made` when it succeeds."""
+    def wrap(decode):
+        def spy(*args):
+            pixels = decode(*args)
+            made.append(label)
+            return pixels
+        return spy
+    found = {fmt: wrap(decode) for fmt, decode in INSTALLED().items()}
+    return lambda: found
+
+
+def test_the_fast_decoders_are_installed():
+    # pyspng and simplejpeg are dependencies: without them the tests below would compare Pillow with itself
+    assert set(INSTALLED()) == {"PNG", "JPEG"}
+
+
+def test_pixels_are_identical_to_pillows_and_the_right_files_take_the_fast_path(tmp_path, monkeypatch):
+    made = []
+    for name, data, fast in cases():
+        path = tmp_path / name
+        path.write_bytes(data)
+        monkeypatch.setattr(fast_decode, "decoders", dict)
+        expected = images.read_image(path)
+        monkeypatch.setattr(fast_decode, "decoders", spying(made, name))
+        got = images.read_image(path)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous, name
+        assert got.shape == expected.shape and np.array_equal(got, expected), name
+        assert (name in made) == fast, name
+
+
+def test_exif_orientation_turns_as_pillow_does():
+    rgb = picture(5, 9)
+    for orientation in range(1, 9):
+        image = Image.fromarray(rgb)
+        image.info["exif"] = exif(orientation)
+        image.getexif()[0x0112] = orientation
+        expected = np.asarray(images.ImageOps.exif_transpose(image))
+        assert np.array_equal(fast_decode.orient(rgb, orientation), expected), orientation
+
+
+def test_hostile_files_get_the_same_errors(tmp_path, pillow_only):
+    for name, data in hostile.hostile_files().items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        messages = []
+        for on in (False, True):
+            pillow_only(on)
+            with pytest.raises(ImageReadError) as err:
+                images.read_image(path)
+            messages.append(str(err.value))
+        assert messages[0] == messages[1], name
+
+
+def test_fuzzed_files_get_the_same_verdict_and_pixels(tmp_path, pillow_only):
+    rng, seeds, outcomes = random.Random(17), hostile.fuzz_seeds(), set()
+    for i in range(300):
+        source = seeds[i % len(seeds)]
+        path = tmp_path / ("case.png" if source[:8] == hostile.PNG_SIGNATURE else "case.jpg")
+        path.write_bytes(hostile.mutate(source, rng))
+        results = []
+        for on in (False, True):
+            pillow_only(on)
+            try:
+                results.append(images.read_image(path))
+            except ImageReadError as err:
+                results.append(str(err))
+        if isinstance(results[0], str) or isinstance(results[1], str):
+            assert results[0] == results[1], i
+        else:
+            assert np.array_equal(results[0], results[1]), i
+        outcomes.add(type(results[1]).__name__)
+    assert outcomes == {"str", "ndarray"}
+
+
+def test_a_file_with_a_long_tail_is_left_to_pillow(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast_decode, "decoders", spying(calls, "png"))
+    data = save(Image.fromarray(picture(20, 20)), "PNG")
+    path = tmp_path / "tail.png"
+    path.write_bytes(data + bytes(4 * 400 + (1 << 20) + 1))  # past IEND: Pillow never reads it
+    assert images.read_image(path).shape == (20, 20, 3)
+    assert calls == []
+    path.write_bytes(data)
+    images.read_image(path)
+    assert len(calls) == 1
