@@ -240,3 +240,24 @@ def test_odd_sizes_on_both_libraries(library, num_bank, dim, num_queries, chunk_
     assert index.pruning_ or num_bank < 64
     dist, idx = index.search(as_library(queries))
     _assert_exact_nearest(queries, bank, torch.as_tensor(dist), torch.as_tensor(idx))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_give_the_single_thread_answers(workers):
+    """Query blocks searched in parallel threads (the runtime's numpy search): the same rows, distances and
+    work counts as one thread, on near queries, and on isotropic ones (the switch to the plain search)."""
+    gen = _gen(14)
+    bank = _low_rank(1500, 48, 6, gen)
+    near = bank[torch.randint(0, 1500, (301,), generator=gen)] + 0.05 * torch.randn(301, 48, generator=gen)
+    isotropic = 3.0 * torch.randn(400, 48, generator=gen)
+    for queries in (near, torch.cat([near, isotropic])):
+        one = BankIndex(bank.numpy(), prefix_dims=8, chunk_elements=4 * 1504 * 64)
+        many = BankIndex(bank.numpy(), prefix_dims=8, chunk_elements=4 * 1504 * 64, workers=workers)
+        dist, idx = many.search(queries.numpy())
+        ref_dist, ref_idx = one.search(queries.numpy())
+        assert (idx == ref_idx).all() and (dist == ref_dist).all()
+        _assert_exact_nearest(queries, bank, torch.from_numpy(dist), torch.from_numpy(idx))
+        if queries is near:
+            assert many.stats_ == one.stats_
+    with pytest.raises(ValueError, match="workers"):
+        BankIndex(bank.numpy(), workers=0)

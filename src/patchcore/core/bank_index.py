@@ -15,6 +15,7 @@ bits of a distance) are `_scatter_min`, `_count` and `_key`/`_unkey` below, one 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from array_api_compat import array_namespace, device, is_torch_array
@@ -94,12 +95,17 @@ class BankIndex:
     """Exact 1-NN over a fixed bank: PCA-ordered lower bound prunes, exact distances verify."""
 
     def __init__(self, bank, *, prefix_dims: int = 64, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 max_candidate_fraction: float = 0.05):
+                 max_candidate_fraction: float = 0.05, workers: int = 1):
         if bank.ndim != 2 or bank.shape[0] < 1:
             raise ValueError(f"bank must be (M >= 1, D), got {tuple(bank.shape)}")
-        if prefix_dims < 1 or chunk_elements < 1:
-            raise ValueError("prefix_dims and chunk_elements must be >= 1")
+        if prefix_dims < 1 or chunk_elements < 1 or workers < 1:
+            raise ValueError("prefix_dims, chunk_elements and workers must be >= 1")
         self.prefix_dims = prefix_dims
+        # Query blocks searched at once, each in its own thread (numpy releases the GIL in its array work). For
+        # numpy, whose elementwise passes are single-threaded: workers = cores, with BLAS at one thread, used
+        # both cores where BLAS threads alone (the GEMM only, spinning on a loaded machine) did not. torch
+        # parallelises inside each op: leave it at 1 there.
+        self.workers = workers
         self.chunk_elements = chunk_elements
         # A query with more candidates than this share of the bank is searched by the plain GEMM instead:
         # past it, gathering candidate rows one by one costs more than the GEMM it saves.
@@ -200,21 +206,40 @@ class BankIndex:
             block = min(block, CPU_BLOCK_ELEMENTS)
         bank_chunk = min(padded, max(GROUP, block // GROUP * GROUP))
         query_chunk = max(1, block // bank_chunk)
+        num_queries, workers = queries.shape[0], self.workers
+        if workers > 1:  # at least one block per worker
+            query_chunk = min(query_chunk, max(1, -(-num_queries // workers)))
+        starts = list(range(0, num_queries, query_chunk))
         keys, heavy, num_heavy = [], [], 0
-        for q0 in range(0, queries.shape[0], query_chunk):
-            if switch_to_plain and num_heavy > q0 / 2:  # e.g. a batch of anomalous images: skip the bounds
-                self.stats_["plain"] += (queries.shape[0] - q0) * self.bank_.shape[0]
-                dist, idx = nearest(queries[q0:], self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
-                                    chunk_elements=self.chunk_elements)
-                keys.append(_key(dist[:, 0], idx[:, 0]))
-                heavy.append(self._xp.ones(idx.shape[0], dtype=self._xp.bool, device=device(idx)))
-                break
-            k, h = self._search_block(queries[q0:q0 + query_chunk], bank_chunk,
-                                      None if exclude is None else exclude[q0:q0 + query_chunk])
-            keys.append(k)
-            heavy.append(h)
-            if switch_to_plain:
-                num_heavy += int(self._xp.sum(self._xp.astype(h, self._xp.int64)))
+        pool = ThreadPoolExecutor(workers) if workers > 1 and len(starts) > 1 else None
+        run = pool.map if pool is not None else map
+
+        def plain(a):
+            return nearest(queries[a:a + query_chunk], self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
+                           chunk_elements=self.chunk_elements)
+
+        def pruned(a):
+            return self._search_block(queries[a:a + query_chunk], bank_chunk,
+                                      None if exclude is None else exclude[a:a + query_chunk])
+        try:
+            for w0 in range(0, len(starts), workers):  # a wave of one block per worker
+                q0 = starts[w0]
+                if switch_to_plain and num_heavy > q0 / 2:  # e.g. a batch of anomalous images: skip the bounds
+                    self.stats_["plain"] += (num_queries - q0) * self.bank_.shape[0]
+                    for dist, idx in run(plain, starts[w0:]):
+                        keys.append(_key(dist[:, 0], idx[:, 0]))
+                        heavy.append(self._xp.ones(idx.shape[0], dtype=self._xp.bool, device=device(idx)))
+                    break
+                for k, h, stats in run(pruned, starts[w0:w0 + workers]):
+                    keys.append(k)
+                    heavy.append(h)
+                    for name, value in stats.items():
+                        self.stats_[name] += value
+                    if switch_to_plain:
+                        num_heavy += int(self._xp.sum(self._xp.astype(h, self._xp.int64)))
+        finally:
+            if pool is not None:
+                pool.shutdown()
         return self._xp.concat(keys), self._xp.concat(heavy)
 
     def _shift(self, centred_norm, dims: int, like):
@@ -256,6 +281,7 @@ class BankIndex:
             # Direct differences over r2 dims: the computed norm errs by <= (r2 + 4) u relatively.
             shift2, stretch2 = self._shift(centred_norm, r2, q), self._stretch(r2, dim)
             slack2 = 1 + _SAFETY * (r2 + 4) * u
+        stats = dict(candidates=0, plain=0, exact=0)  # this block's counts (blocks may run in parallel)
         best = xp.full((n,), np.iinfo(np.int64).max, dtype=xp.int64, device=dev)
         heavy_any = xp.zeros(n, dtype=xp.bool, device=dev)
         rows = xp.arange(n, device=dev)
@@ -292,7 +318,6 @@ class BankIndex:
             del bound, groups, hits
             count = _count(hit_query, xp.sum(xp.astype(passed, xp.int64), axis=1), n)
             heavy = count > budget
-            stats = self.stats_
             stats["candidates"] += int(xp.sum(count[~heavy]))
             stats["plain"] += int(xp.sum(xp.astype(heavy, xp.int64))) * (min(num_bank, b0 + bank_chunk) - b0)
             if bool(xp.any(heavy)):  # too many candidates: the plain GEMM is cheaper for these queries
@@ -319,4 +344,4 @@ class BankIndex:
                 stats["exact"] += int(qi.shape[0])
                 dist = _row_dist(xp.take(q, qi, axis=0), xp.take(self.bank_, bj, axis=0))
                 _scatter_min(best, qi, _key(dist, bj))
-        return best, heavy_any
+        return best, heavy_any, stats

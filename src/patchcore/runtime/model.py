@@ -70,7 +70,9 @@ class Runtime:
         a concurrent predict sees the old state or the new one."""
         bank = np.ascontiguousarray(np.asarray(state.memory_bank), dtype=np.float32)
         region = None if state.region is None else np.asarray(state.region, dtype=bool)
-        self._state = (state, bank, squared_norms(bank), region, BankIndex(bank))
+        # The search's query blocks in `threads` threads (BLAS at one thread, see load).
+        index = BankIndex(bank, workers=self.session.threads or 1)
+        self._state = (state, bank, squared_norms(bank), region, index)
         return self
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,11 +125,12 @@ class Runtime:
                 raise ModelFileError(f"{graph_path}: its sha256 is not the one export.json records (changed or "
                                      f"damaged): export again")
         if threads is not None:
-            # numpy's BLAS too (the search and the maps): its default of one thread per core spins on a loaded
-            # 2-core machine, and small GEMMs (the maps) ran 100x slower with 2 threads than with 1.
+            # numpy's BLAS at one thread: its threads spin on a loaded 2-core machine (small GEMMs, the maps, ran
+            # 100x slower with 2 threads than with 1; the search 2x slower than with 1). The search uses the
+            # threads instead by searching query blocks in parallel (BankIndex workers), elementwise passes too.
             from threadpoolctl import threadpool_limits
 
-            threadpool_limits(limits=threads, user_api="blas")
+            threadpool_limits(limits=1, user_api="blas")
         return cls(config, state, Session(graph_path, backend, threads=threads, precision=precision), manifest)
 
     # ------------------------------------------------------------------ geometry (io/sizing.py rules)
