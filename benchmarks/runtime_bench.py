@@ -3,15 +3,27 @@
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_bench.py ../shared/data \\
         --category mvtec_ad/bottle --category mvtec_ad_reduced/hazelnut -o results/runtime_bench.json
+    # speed, memory and install size (models and exports from a first run; ~10 min on 2 loaded cores):
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_bench.py ../shared/data --category mvtec_ad/bottle \\
+        --reuse --speed-only --install-size --timing-images 16 --repeats 5 -o results/runtime_bench_speed.json
+    # anomalib's PatchCore fitted and run on the same category, then ours on the same files (its fit alone
+    # takes 4-10 min here, so it runs in a second invocation):
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_bench.py ../shared/data --category mvtec_ad/bottle \\
+        --reuse --speed-only --no-timing --peers ../shared/peers -o results/runtime_bench_anomalib.json
 
 Per category: fit (EfficientNet-Lite0, MVTec geometry 256/224, coreset 1% unless --coreset-ratio), save, export
 (fp32 graph; int8 calibrated on 32 training images), then
 - parity of the runtime (onnxruntime fp32, OpenVINO fp32) with the library on every test image: largest
   relative image-score difference, largest map difference relative to the map's max, labels identical;
 - image AUROC, pixel AUROC and AUPRO (at the 224 crop) of every backend and precision;
-- predict ms/img from files (decoding included), batch 1 and 16, 1 and 2 threads, backends interleaved in
-  each repeat, medians;
-- peak RSS of a process that loads the model and scores 16 files, per backend.
+- predict ms/img from files (decoding included) and on images decoded beforehand, batch 1 and 16, 1 and 2
+  threads, backends interleaved in each repeat, medians, the load average beside them;
+- peak RSS of a process that loads the model and scores 16 files, per backend;
+- with --install-size: the installed size of a fresh venv with only the runtime (the `runtime` extra of
+  pyproject.toml and this package without dependencies), and + openvino; RSS of a scoring process there;
+- with --peers DIR: anomalib's PatchCore (DIR/run_peer.py, same backbone weights, coreset ratio, images, batch 16,
+  2 threads) fitted and run on every test image, beside our predict from the same files at batch 16, 2 threads.
+--speed-only skips parity and accuracy (measured by a full run; deterministic).
 """
 from __future__ import annotations
 
@@ -20,10 +32,12 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +60,27 @@ BACKENDS = {  # name -> (runtime backend, precision); "torch" is the library
 
 
 def scorer(name: str, model: PatchCore, model_path: Path, export: Path, threads: int, batch: int):
-    """A callable paths -> (scores, maps) for one backend, thread count and batch size."""
+    """A callable paths -> (scores, maps) for one backend, thread count and batch size; its `.decoded`
+    scores images decoded beforehand ((H, W, 3) uint8 arrays) the same way."""
     if BACKENDS[name] is None:
-        torch.set_num_threads(threads)
-        model.config = dataclasses.replace(model.config, batch_size=batch)
+        def setup():  # the library's settings are global (torch threads) or on the shared model: set per call
+            torch.set_num_threads(threads)
+            model.config = dataclasses.replace(model.config, batch_size=batch)
 
         def run(paths):
+            setup()
             scores, maps = [], []
             for b in model.iter_predict(paths):
                 if b.result is not None:
                     scores.append(b.result.scores.numpy())
                     maps.append(np.stack([np.asarray(m) for m in b.result.maps]))
             return np.concatenate(scores), np.concatenate(maps)
+
+        def decoded(images):
+            setup()
+            tensors = [torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) for a in images]
+            return model.predict(tensors)
+        run.decoded = decoded
         return run
     backend, precision = BACKENDS[name]
     runtime = Runtime.load(model_path, export, backend=backend, threads=threads, precision=precision)
@@ -70,7 +93,12 @@ def scorer(name: str, model: PatchCore, model_path: Path, export: Path, threads:
                 scores.append(b.result.scores)
                 maps.append(np.stack(list(b.result.maps)))
         return np.concatenate(scores), np.concatenate(maps)
+
+    def decoded(images):
+        return runtime.predict(images)
+    run.decoded = decoded
     return run
+
 
 
 RSS_SCRIPT = """
@@ -131,6 +159,51 @@ def category_bench(category: Path, args, work: Path) -> dict:
 
     items = split.items
     paths = [item.path for item in items]
+    if not args.speed_only:
+        out.update(accuracy_and_parity(model, model_path, export, items))
+
+    if not args.no_timing:
+        out.update(speed_and_memory(model, model_path, export, paths, args))
+    if args.peers:
+        out["anomalib"] = peer_side_by_side(category, paths, model, model_path, export, args, work)
+    return out
+
+
+def speed_and_memory(model, model_path: Path, export: Path, paths, args) -> dict:
+    """Every (backend, threads, batch) from files and on decoded images, interleaved in each repeat; RSS."""
+    out: dict = {}
+    timing_paths = paths[:args.timing_images]
+    decoded = [read_image(p) for p in timing_paths]
+    configs = [(name, threads, batch) for name in BACKENDS for threads in (1, 2) for batch in (1, 16)]
+    runners = {c: scorer(c[0], model, model_path, export, c[1], c[2]) for c in configs}
+    times: dict = {(c, mode): [] for c in configs for mode in ("files", "decoded")}
+    out["load_average_before_timing"] = os.getloadavg()
+    for _ in range(args.repeats):
+        for c in configs:  # interleaved: every backend sees the same background load
+            for mode, run, inputs in (("files", runners[c], timing_paths), ("decoded", runners[c].decoded, decoded)):
+                started = time.perf_counter()
+                run(inputs)
+                times[(c, mode)].append(1000 * (time.perf_counter() - started) / len(timing_paths))
+    out["load_average_after_timing"] = os.getloadavg()
+    medians = {key: statistics.median(v) for key, v in times.items()}
+    for mode in ("files", "decoded"):
+        out[f"ms_per_image_{mode}"] = {f"{n} threads={t} batch={b}": medians[((n, t, b), mode)]
+                                       for (n, t, b) in configs}
+        out[f"time_ratio_to_torch_{mode}"] = {
+            f"{n} threads={t} batch={b}": medians[((n, t, b), mode)] / medians[(("torch", t, b), mode)]
+            for (n, t, b) in configs if n != "torch"}
+    out["timing"] = {"images": len(timing_paths), "repeats": args.repeats}
+
+    out["rss"] = {}
+    for name in BACKENDS:
+        out["rss"][name] = rss_of(sys.executable, name, model_path, export, paths[:16])
+    return out
+
+
+def accuracy_and_parity(model, model_path: Path, export: Path, items) -> dict:
+    """Image AUROC, pixel AUROC and AUPRO of every backend on every test image; parity with the library."""
+    out: dict = {}
+    paths = [item.path for item in items]
     labels = np.array([item.label for item in items])
     masks = np.stack([model.preprocess.mask_geometry(read_mask(item.mask_path)) if item.mask_path is not None
                       else np.zeros(tuple(model.input_size_), dtype=bool) for item in items])
@@ -152,44 +225,93 @@ def category_bench(category: Path, args, work: Path) -> dict:
             "labels_identical": bool(np.array_equal(runtime_labels, ref_labels)),
             "labels_differing": int((runtime_labels != ref_labels).sum()),
         }
+    return out
 
-    timing_paths = paths[:args.timing_images]
-    configs = [(name, threads, batch) for name in BACKENDS for threads in (1, 2) for batch in (1, 16)]
-    runners = {c: scorer(c[0], model, model_path, export, c[1], c[2]) for c in configs if BACKENDS[c[0]] is not None}
-    times: dict = {c: [] for c in configs}
-    for _ in range(args.repeats):
-        for c in configs:  # interleaved: every backend sees the same background load
-            run = runners.get(c) or scorer(c[0], model, model_path, export, c[1], c[2])
-            started = time.perf_counter()
-            run(timing_paths)
-            times[c].append(1000 * (time.perf_counter() - started) / len(timing_paths))
-    out["ms_per_image_from_files"] = {f"{n} threads={t} batch={b}": statistics.median(v)
-                                      for (n, t, b), v in times.items()}
-    torch_ms = {(t, b): statistics.median(times[("torch", t, b)]) for t in (1, 2) for b in (1, 16)}
-    # From files vs on images decoded beforehand (threads 2, batch 16): what decoding adds once it overlaps.
-    decoded = [read_image(p) for p in timing_paths]
-    tensors = [torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))) for a in decoded]
-    ort = Runtime.load(model_path, export, threads=2)
-    ort.config = dataclasses.replace(ort.config, batch_size=16)
-    model.config = dataclasses.replace(model.config, batch_size=16)
-    torch.set_num_threads(2)
-    pre = {"torch": [], "ort-fp32": []}
-    for _ in range(args.repeats):
-        for name, run in (("torch", lambda: model.predict(tensors)), ("ort-fp32", lambda: ort.predict(decoded))):
-            started = time.perf_counter()
-            run()
-            pre[name].append(1000 * (time.perf_counter() - started) / len(timing_paths))
-    out["ms_per_image_decoded_beforehand threads=2 batch=16"] = {k: statistics.median(v) for k, v in pre.items()}
-    out["time_ratio_to_torch"] = {f"{n} threads={t} batch={b}": statistics.median(v) / torch_ms[(t, b)]
-                                  for (n, t, b), v in times.items() if n != "torch"}
 
-    out["rss"] = {}
-    for name in BACKENDS:
-        done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, name, str(model_path), str(export),
-                               *map(str, paths[:16])], capture_output=True, text=True,
-                              env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-        ok = done.returncode == 0
-        out["rss"][name] = json.loads(done.stdout.strip().splitlines()[-1]) if ok else done.stderr[-500:]
+def rss_of(python: str, name: str, model_path: Path, export: Path, files) -> dict | str:
+    """Peak RSS of a fresh process (`python`) that loads the model and scores `files` with backend `name`."""
+    done = subprocess.run([python, "-c", RSS_SCRIPT, name, str(model_path), str(export), *map(str, files)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else done.stderr[-500:]
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+
+
+def install_size(work: Path, model_path: Path, export: Path, files) -> dict:
+    """Installed size of fresh venvs: empty; the runtime alone (its extra in pyproject.toml + this package
+    without dependencies); + openvino. Then the peak RSS of a scoring process in the runtime-only venv."""
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["runtime"]
+    out: dict = {"runtime_requirements": extra}
+    wheels = work / "wheel"
+    shutil.rmtree(wheels, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(root)], check=True)
+    wheel = next(wheels.glob("patchcore-*.whl"))
+    sizes = {}
+    for name, requirements in (("empty", []), ("runtime", extra), ("runtime+openvino", [*extra, "openvino"])):
+        venv = work / f"venv-{name}"
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        if requirements:
+            subprocess.run([*pip, *requirements], check=True)
+            subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
+        site = next((venv / "lib").glob("python*/site-packages"))
+        largest = sorted(((dir_mb(d), d.name) for d in site.iterdir() if d.is_dir()), reverse=True)[:8]
+        sizes[name] = {"venv_mb": dir_mb(venv), "site_packages_mb": dir_mb(site),
+                       "largest_mb": {n: round(mb, 1) for mb, n in largest}}
+    out["fresh_venv"] = sizes
+    out["runtime_over_empty_mb"] = sizes["runtime"]["venv_mb"] - sizes["empty"]["venv_mb"]
+    site = next((root / ".venv" / "lib").glob("python*/site-packages"))
+    out["this_venv_site_packages_mb"] = dir_mb(site)  # the torch path's environment (CUDA torch here)
+    out["torch_packages_mb"] = {name: dir_mb(site / name) for name in ("torch", "nvidia", "triton")
+                                if (site / name).is_dir()}
+    python = str(work / "venv-runtime" / "bin" / "python")
+    out["rss_in_runtime_venv"] = rss_of(python, "ort-fp32", model_path, export, files)
+    return out
+
+
+def peer_side_by_side(category: Path, paths, model, model_path: Path, export: Path, args, work: Path) -> dict:
+    """anomalib's PatchCore fitted and run on this category (DIR/run_peer.py: its own process, fit then predict
+    on every test image, batch 16, 2 threads), then our predict from the same files at batch 16, 2 threads."""
+    peers = Path(args.peers)
+    result = work / f"anomalib_{category.name}.json"
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(peers / "run_peer.py"), "--impl", "anomalib", "--data", str(category),
+                           "--backbone", "effnet-lite0", "--coreset", str(args.coreset_ratio), "--batch-size", "16",
+                           "--threads", "2", "--out", str(result)], capture_output=True, text=True)
+    out: dict = {"wall_s": time.perf_counter() - started, "load_average_before": load_before,
+                 "load_average_after": os.getloadavg()}
+    if done.returncode != 0:
+        out["error"] = done.stderr[-2000:]
+        return out
+    peer = json.loads(result.read_text())
+    out.update({k: peer.get(k) for k in ("n_test", "predict_s_per_image", "predict_cpu_s_per_image", "peak_rss_mib",
+                                         "image_auroc", "pixel_auroc", "fit_s")})
+    out["settings"] = {k: peer["settings"].get(k) for k in ("input_size", "resize", "crop", "coreset_ratio",
+                                                            "batch_size", "threads", "memory_bank_shape")}
+    # Ours on the same files (every test image), right after, interleaved, batch 16, 2 threads.
+    runners = {name: scorer(name, model, model_path, export, 2, 16) for name in BACKENDS}
+    times: dict = {name: [] for name in runners}
+    cpu: dict = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            started, cpu_started = time.perf_counter(), time.process_time()
+            run(paths)
+            times[name].append(1000 * (time.perf_counter() - started) / len(paths))
+            cpu[name].append(1000 * (time.process_time() - cpu_started) / len(paths))
+    ours = {name: statistics.median(v) for name, v in times.items()}
+    out["ours_ms_per_image_files threads=2 batch=16"] = ours
+    out["ours_cpu_ms_per_image"] = {name: statistics.median(v) for name, v in cpu.items()}
+    out["load_average_after_ours"] = os.getloadavg()
+    # Wall-clock ratios (anomalib's and ours measured minutes apart: read beside the load averages) and CPU-time
+    # ratios (process CPU per image, all threads: less sensitive to other jobs).
+    out["anomalib_over_ours"] = {name: 1000 * peer["predict_s_per_image"] / ms for name, ms in ours.items()}
+    out["anomalib_over_ours_cpu"] = {name: 1000 * peer["predict_cpu_s_per_image"] / ms
+                                     for name, ms in out["ours_cpu_ms_per_image"].items()}
     return out
 
 
@@ -203,16 +325,26 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default="/tmp/runtime_bench")
     parser.add_argument("--reuse", action="store_true", help="reuse a model and export already in --work")
+    parser.add_argument("--speed-only", action="store_true", help="skip parity and accuracy")
+    parser.add_argument("--no-timing", action="store_true", help="skip the per-configuration timing and RSS")
+    parser.add_argument("--install-size", action="store_true", help="measure fresh venvs (pip, a few minutes)")
+    parser.add_argument("--peers", help="the peer harness folder (run_peer.py): run anomalib beside")
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpus": os.cpu_count(),
-               "torch": torch.__version__, "categories": []}
+               "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "load_average_at_start": os.getloadavg(), "categories": []}
     for name in args.category:
         results["categories"].append(category_bench(Path(args.root) / name, args, work))
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=1))
+    if args.install_size:
+        first = Path(args.category[0]).name
+        files = [item.path for item in load_split(Path(args.root) / args.category[0]).items][:16]
+        results["install"] = install_size(work, work / f"{first}.model", work / f"{first}.onnx", files)
+    results["load_average_at_end"] = os.getloadavg()
     results["bench_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
