@@ -81,12 +81,25 @@ class Oracle:
         elif len(images) >= 10:  # each image against a coreset bank of the other folds' images (section 5)
             fold = torch.from_numpy(fold_of_images(len(images), 5, cfg.seed))
             scores, maps = torch.zeros(len(images)), None
+            # Two stages: each fold's rows to a coreset twice as fine (plain algorithm), then fold f's bank is
+            # the coreset of the other folds' finer coresets, with as many rows as their rows would give.
+            # (No first stage where the finer ratio would keep half the rows or more.)
+            finer, ratio = [], cfg.coreset_ratio if cfg.coreset_size is None else cfg.coreset_size / rows.shape[0]
+            for g in range(5):
+                members_rows = (fold[owner] == g).nonzero()[:, 0]
+                if 2 * ratio < 0.5:
+                    chosen = greedy_coreset_reference(projected[members_rows],
+                                                      coreset_count(members_rows.numel(), 2 * ratio),
+                                                      generator=torch.Generator().manual_seed(cfg.seed + 1 + 5 + g))
+                    members_rows = members_rows[chosen]
+                finer.append(members_rows)
             for f in range(5):
-                pool = (fold[owner] != f).nonzero()[:, 0]
-                count = coreset_count(pool.numel(), cfg.coreset_ratio, cfg.coreset_size)
-                chosen = greedy_coreset_reference(projected[pool], count,
-                                                  generator=torch.Generator().manual_seed(cfg.seed + 1 + f))
-                fold_bank = rows[pool[chosen].sort().values]
+                pool = torch.cat([finer[g] for g in range(5) if g != f]).sort().values
+                count = coreset_count(int((fold[owner] != f).sum()), cfg.coreset_ratio, cfg.coreset_size)
+                if count < pool.numel():
+                    pool = pool[greedy_coreset_reference(projected[pool], count,
+                                                         generator=torch.Generator().manual_seed(cfg.seed + 1 + f))]
+                fold_bank = rows[pool.sort().values]
                 members = (fold == f).nonzero()[:, 0]
                 fold_scores, fold_maps = self.predict(dict(fitted, bank=fold_bank), torch.stack(images)[members])
                 scores[members] = fold_scores

@@ -49,8 +49,12 @@ log = logging.getLogger("patchcore")
 DEFAULT_MAX_FEATURE_MEMORY = 1 << 30  # bytes of full-dimensional training features kept in RAM
 MIN_CALIBRATION_IMAGES = 10  # fewer training images: no thresholds (a quantile from a handful is noise)
 # Folds of whole training images for the out-of-sample nominal scores: each image is scored against a coreset
-# bank of the other folds (80% of the images). More folds: banks closer to the model's, one coreset run each.
+# bank of the other folds (80% of the images). More folds: banks closer to the model's, more second-stage runs.
 CALIBRATION_FOLDS = 5
+# The fold banks are made in two stages (see _out_of_fold_banks): each fold first reduced to a coreset this many
+# times finer than the model's. 2: fold-bank scores within ~3% (median) of a greedy over all the other folds' rows
+# at 0.3x its cost; 1 (the union of the folds' own coresets) is cheaper but scores 3-4% high (bottle, hazelnut).
+FOLD_FINER = 2
 
 
 class PatchCoreResult(NamedTuple):
@@ -478,8 +482,8 @@ class PatchCore:
     def _calibrate_out_of_fold(self, training: TrainingFeatures, projected: torch.Tensor,
                                candidates: torch.Tensor | None, report: FitReport, *, row_distances: bool = False,
                                evidence: np.ndarray | None = None) -> torch.Tensor | None:
-        """Thresholds from every training image, each scored like a new part: against a coreset bank built, as
-        fit builds its own, from the other folds' images only (CALIBRATION_FOLDS folds of whole images, seeded).
+        """Thresholds from every training image, each scored like a new part: against a coreset bank made from
+        the other folds' images only (CALIBRATION_FOLDS folds of whole images, seeded; _out_of_fold_banks).
         Out-of-sample nominal scores, as a hold-out gives, while the model's bank keeps every image.
 
         Why a coreset per fold and not the model's bank without the fold's rows: the coreset keeps one row
@@ -501,14 +505,10 @@ class PatchCore:
             allowed = torch.zeros_like(allowed).index_fill_(0, candidates, True)
         scores, pixel_max = np.zeros(len(images)), np.zeros(len(images))
         patch_dist = torch.zeros(len(row_fold)) if row_distances else None
-        for f in range(folds):
-            pool = ((row_fold != f) & allowed).nonzero()[:, 0]
-            if pool.numel() == 0:  # every usable row is in this fold (a tiny set): nothing to score against
+        for f, bank_rows in enumerate(self._out_of_fold_banks(projected, row_fold, allowed, folds)):
+            if bank_rows is None:  # every usable row is in this fold (a tiny set): nothing to score against
                 return None
-            n = coreset_count(pool.numel(), cfg.coreset_ratio, cfg.coreset_size)
-            generator = torch.Generator().manual_seed(cfg.seed + 1 + f)
-            selected = greedy_coreset(projected[pool].to(self.device), n, generator=generator).cpu()
-            bank = training.store.gather(pool[selected].sort().values).to(self.device)
+            bank = training.store.gather(bank_rows).to(self.device)
             fitted = _Fitted(state.replace(memory_bank=bank), BankIndex(bank), squared_norms(bank))
             for i in np.nonzero(fold == f)[0]:
                 image = images[i]
@@ -530,6 +530,35 @@ class PatchCore:
         # nominal images below it: 3 of 209 on bottle, 0 of 50 on hazelnut; their defects: 100% and 88% above).
         cut = quantile_threshold(scores, cfg.false_alarm_rate / 100, upper_quantile=ROBUST_UPPER_QUANTILE)
         return patch_dist > cut
+
+    def _out_of_fold_banks(self, projected: torch.Tensor, row_fold: torch.Tensor, allowed: torch.Tensor,
+                           folds: int) -> Iterator[torch.Tensor | None]:
+        """For each fold f: the store rows (ascending) of a coreset bank of the other folds' allowed rows, as many
+        rows as fit's own rule gives for them (None where no row is left).
+
+        Two stages, as composable coresets are made: each fold's rows are reduced once to a greedy coreset
+        FOLD_FINER times finer than the model's, and fold f's bank is the greedy coreset of the union of the
+        other folds' finer coresets. Every row of the other folds lies within the finer coresets' radius of that
+        union, so the bank covers them nearly as a greedy over all their rows would, for one pass over every row
+        at the finer ratio instead of one full greedy per fold (bottle, 1%: 3.3 s of CPU instead of 11)."""
+        cfg = self.config
+        ratio = cfg.coreset_ratio if cfg.coreset_size is None else cfg.coreset_size / max(1, int(allowed.sum()))
+        finer: list[torch.Tensor] = []
+        for g in range(folds):
+            rows = ((row_fold == g) & allowed).nonzero()[:, 0]
+            if FOLD_FINER * ratio < 0.5 and rows.numel():  # else the first stage would keep most rows: skipped
+                count = coreset_count(rows.numel(), FOLD_FINER * ratio)
+                generator = torch.Generator().manual_seed(cfg.seed + 1 + folds + g)
+                rows = rows[greedy_coreset(projected[rows].to(self.device), count, generator=generator).cpu()]
+            finer.append(rows)
+        for f in range(folds):
+            pool = torch.cat([finer[g] for g in range(folds) if g != f]).sort().values
+            n = coreset_count(int(((row_fold != f) & allowed).sum()), cfg.coreset_ratio, cfg.coreset_size)
+            if pool.numel() == 0 or n >= pool.numel():
+                yield pool if pool.numel() else None
+                continue
+            generator = torch.Generator().manual_seed(cfg.seed + 1 + f)
+            yield pool[greedy_coreset(projected[pool].to(self.device), n, generator=generator).cpu()].sort().values
 
     def _stored_piece(self, store, image: _TrainingImage, piece: tuple, region: torch.Tensor | None) -> Piece:
         """One piece of a training image's grid back from the feature store, as the extractor gave it (with a
