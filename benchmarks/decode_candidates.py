@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """Decoders that install from PyPI, on PNG and JPEG of 0.25-20 Mpx, and on the hostile corpus (issue 17.6).
 
-Run it in an environment that has the candidates (none is a patchcore dependency):
+Run it in an environment that has the candidates (OpenCV is not a patchcore dependency):
 
     python3 -m venv /tmp/dec && /tmp/dec/bin/pip install numpy pillow pyspng simplejpeg opencv-python-headless
-    OMP_WAIT_POLICY=PASSIVE /tmp/dec/bin/python benchmarks/decode_candidates.py --fuzz 2000 -o decode.json
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src /tmp/dec/bin/python benchmarks/decode_candidates.py \
+        --fuzz 2000 -o decode.json
 
 Speed: median of --repeats decodes per file, one thread (OpenCV's own threads set to 1), the file already
-in memory (the read is the same for all). Candidates: Pillow (what io/images.py uses), pyspng (libspng,
-PNG only), simplejpeg (libjpeg-turbo, JPEG only), OpenCV imdecode (libpng / libjpeg-turbo).
+in memory (the read is the same for all), the candidates interleaved in each repeat (so that load from other
+jobs falls on all alike). Candidates: Pillow (open + load, as io/images.py did for every file), pyspng.load
+(libspng, PNG only), libspng through ctypes (io/fast_decode.py), simplejpeg (libjpeg-turbo, JPEG only),
+OpenCV imdecode (libpng / libjpeg-turbo); and read_image from a file with and without io/fast_decode.py.
+GIL: the median wake-up delay of a 1 ms sleep in another thread while a candidate decodes in a loop (a
+decoder that holds the GIL delays it by a whole decode, and so stalls the model's thread beside it).
 Safety: every hostile file of tests/hostile.py and --fuzz mutated seeds, each candidate in a child process
 per batch of files: "crash" is a child killed by a signal (a segfault kills a scoring process), "silent"
-a short-data PNG decoded without an error (black rows instead of a refusal).
+a short-data PNG decoded without an error (black rows instead of a refusal). Agreement: read_image with and
+without io/fast_decode.py on the same fuzz cases (verdicts and pixels).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,14 +39,27 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import hostile  # the project's hostile corpus and mutator
 
+from patchcore.errors import ImageReadError
+from patchcore.io import fast_decode, images
+
 
 def decoders() -> dict:
-    found = {"pillow": lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))}
+    def pillow(data):
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return np.asarray(image)
+
+    found = {"pillow": pillow}
     try:
         import pyspng
         found["pyspng"] = lambda data: pyspng.load(data)
     except ImportError:
         pass
+    if fast_decode._libspng() is not None:
+        def spng_ctypes(data):
+            image = Image.open(io.BytesIO(data))
+            return fast_decode._decode_png(data, image.height, image.width)
+        found["libspng-ctypes"] = spng_ctypes
     try:
         import simplejpeg
         found["simplejpeg"] = lambda data: simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -60,7 +80,7 @@ def decoders() -> dict:
     return found
 
 
-FORMATS = {"pyspng": ("PNG",), "simplejpeg": ("JPEG",)}  # the others decode both
+FORMATS = {"pyspng": ("PNG",), "libspng-ctypes": ("PNG",), "simplejpeg": ("JPEG",)}  # the others decode both
 
 
 def test_images(source: Path) -> dict[str, bytes]:
@@ -78,22 +98,93 @@ def test_images(source: Path) -> dict[str, bytes]:
 
 
 def speed(found: dict, files: dict[str, bytes], repeats: int) -> dict:
+    """Median ms per decode, the candidates interleaved; plus read_image from a file, fast decoders on/off."""
+    installed = fast_decode.decoders
     table = {}
-    for label, data in files.items():
-        fmt = label.split()[0]
-        row = {}
-        for name, decode in found.items():
+    with tempfile.TemporaryDirectory() as folder:
+        for label, data in files.items():
+            fmt = label.split()[0]
+            path = Path(folder) / ("file.png" if fmt == "PNG" else "file.jpg")
+            path.write_bytes(data)
+            runs = {name: decode for name, decode in found.items() if fmt in FORMATS.get(name, ("PNG", "JPEG"))}
+            runs["read_image pillow only"] = lambda _, path=path: read_with(dict, path)
+            runs["read_image fast"] = lambda _, path=path: read_with(installed, path)
+            times = {name: [] for name in runs}
+            for decode in runs.values():
+                decode(data)
+            for _ in range(repeats):
+                for name, decode in runs.items():
+                    started = time.perf_counter()
+                    decode(data)
+                    times[name].append(1000 * (time.perf_counter() - started))
+            table[label] = {name: round(statistics.median(t), 2) for name, t in times.items()}
+            print(label, table[label], file=sys.stderr, flush=True)
+    fast_decode.decoders = installed
+    return table
+
+
+def read_with(decoders, path: Path) -> np.ndarray:
+    fast_decode.decoders = decoders
+    return images.read_image(path)
+
+
+def spin(decode, data: bytes, stop: threading.Event) -> None:
+    while not stop.is_set():
+        decode(data)
+
+
+def gil(found: dict, files: dict[str, bytes]) -> dict:
+    """Median and 90th percentile wake-up delay (ms) of a 1 ms sleep while another thread decodes."""
+    def delays(seconds: float) -> list[float]:
+        out, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            time.sleep(0.001)
+            out.append(1000 * (time.perf_counter() - started) - 1)
+        return sorted(out)
+
+    png = next(data for label, data in files.items() if label.startswith("PNG original"))
+    jpeg = next(data for label, data in files.items() if label.startswith("JPEG"))
+    result = {"no decoding": None}
+    for name, decode in found.items():
+        for fmt, data in (("PNG", png), ("JPEG", jpeg)):
             if fmt not in FORMATS.get(name, ("PNG", "JPEG")):
                 continue
-            decode(data)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                decode(data)
-                times.append(1000 * (time.perf_counter() - started))
-            row[name] = round(statistics.median(times), 2)
-        table[label] = row
-    return table
+            stop = threading.Event()
+            worker = threading.Thread(target=spin, args=(decode, data, stop))
+            worker.start()
+            waits = delays(1.0)
+            stop.set()
+            worker.join()
+            result[f"{name} {fmt}"] = [round(waits[len(waits) // 2], 2), round(waits[9 * len(waits) // 10], 2)]
+    waits = delays(0.5)
+    result["no decoding"] = [round(waits[len(waits) // 2], 2), round(waits[9 * len(waits) // 10], 2)]
+    return result
+
+
+def agreement(cases: int, seed: int) -> dict:
+    """read_image with and without io/fast_decode.py on the same fuzz cases: verdicts and pixels."""
+    installed, rng, seeds = fast_decode.decoders, random.Random(seed), hostile.fuzz_seeds()
+    counts = {"same pixels": 0, "both refused, same message": 0, "differ": 0}
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(cases):
+            source = seeds[i % len(seeds)]
+            path = Path(folder) / ("case.png" if source[:8] == hostile.PNG_SIGNATURE else "case.jpg")
+            path.write_bytes(hostile.mutate(source, rng))
+            out = []
+            for decoders in (dict, installed):
+                try:
+                    out.append(read_with(decoders, path))
+                except ImageReadError as err:
+                    out.append(str(err))
+            if isinstance(out[0], str) and out[0] == out[1]:
+                counts["both refused, same message"] += 1
+            elif not isinstance(out[0], str) and not isinstance(out[1], str) and np.array_equal(out[0], out[1]):
+                counts["same pixels"] += 1
+            else:
+                counts["differ"] += 1
+    fast_decode.decoders = installed
+    return counts
 
 
 CHILD = """
@@ -167,8 +258,12 @@ def main() -> int:
     found = decoders()
     files = test_images(Path(args.source))
     files[f"PNG original {Path(args.source).name}"] = Path(args.source).read_bytes()
-    result = {"candidates": sorted(found), "ms_per_decode": speed(found, files, args.repeats),
+    result = {"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+              "candidates": sorted(found), "ms_per_decode": speed(found, files, args.repeats),
+              "gil_wait_ms_median_p90": gil(found, files),
+              "read_image_agreement": agreement(args.fuzz, args.seed + 1),
               "safety": safety(found, args.fuzz, args.seed)}
+    result["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:

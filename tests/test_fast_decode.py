@@ -203,3 +203,13 @@ def test_a_file_with_a_long_tail_is_left_to_pillow(tmp_path, monkeypatch):
     path.write_bytes(data)
     images.read_image(path)
     assert len(calls) == 1
+
+
+def test_libspng_is_called_without_the_gil():
+    # pyspng.load holds the GIL for a whole decode (a model thread beside it would wait that long for each
+    # file: benchmarks/decode_candidates.py measures it); a ctypes.CDLL call releases it (a PyDLL would not).
+    import ctypes
+
+    lib = fast_decode._libspng()
+    assert isinstance(lib, ctypes.CDLL) and not isinstance(lib, ctypes.PyDLL)
+    assert not lib._func_flags_ & ctypes._FUNCFLAG_PYTHONAPI
