@@ -265,33 +265,33 @@ def check_complete(path: Path, image: Image.Image) -> None:
 
 def _fast_pixels(image: Image.Image) -> np.ndarray | None:
     """read_image's pixels for an opened (not decoded) file through io/fast_decode.py's faster decoder of its
-    format, or None: the format has none here, the file is not one it decodes exactly as Pillow, or it
-    raised (Pillow then decodes the file and gives the verdict, as before). The file's position is kept.
-    Files larger than 4 bytes per pixel + 1 MiB (mostly not image data) are left to Pillow, which reads
-    only what it decodes, so that a hostile file's tail is never read into memory."""
+    format, or None: the format has none here, the file is not one it decodes exactly as Pillow, or anything
+    on this path raised (Pillow then decodes the file and gives the verdict, as before). The file's position
+    is kept. Files larger than 4 bytes per pixel + 1 MiB (mostly not image data) are left to Pillow, which
+    reads only what it decodes, so that a hostile file's tail is never read into memory."""
     decode = fast_decode.decoders().get(image.format)
     if decode is None or image.mode not in ("RGB", "L"):
         return None
     handle, (width, height) = image.fp, image.size
-    if os.fstat(handle.fileno()).st_size > 4 * width * height + (1 << 20):
-        return None
+    bound = 4 * width * height + (1 << 20)
     position = handle.tell()
     try:
         handle.seek(0)
-        data = handle.read()
+        data = handle.read(bound + 1)
+        if len(data) > bound:
+            return None
+        if image.format == "PNG":
+            if not fast_decode.png_eligible(data):
+                return None
+            orientation = image.getexif().get(0x0112) if "exif" in image.info else None  # see upright_size
+        else:
+            orientation = image.getexif().get(0x0112)
+        pixels = decode(data, height, width)
+        return fast_decode.orient(pixels, orientation if isinstance(orientation, int) else None)
+    except Exception:  # the fast path refused: Pillow decides
+        return None
     finally:
         handle.seek(position)
-    if image.format == "PNG":
-        if not fast_decode.png_eligible(data):
-            return None
-        orientation = image.getexif().get(0x0112) if "exif" in image.info else None  # see upright_size
-    else:
-        orientation = image.getexif().get(0x0112)
-    try:
-        pixels = decode(data, height, width)
-    except Exception:  # the fast decoder refused: Pillow decides
-        return None
-    return fast_decode.orient(pixels, orientation if isinstance(orientation, int) else None)
 
 
 def read_image(path: str | Path, *, check: SizeCheck | None = None) -> np.ndarray:
