@@ -53,6 +53,27 @@ def png_exif_after_idat(rgb: np.ndarray, orientation: int) -> bytes:
     return data[:end] + hostile.chunk(b"eXIf", exif(orientation)[6:]) + data[end:]  # without "Exif\0\0"
 
 
+def xmp_packet(orientation: int) -> str:
+    """An XMP packet whose only tag is tiff:Orientation (Pillow's getexif reads it when EXIF has none)."""
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+            f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>')
+
+
+def xmp(orientation: int) -> PngInfo:
+    info = PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp_packet(orientation))
+    return info
+
+
+def raw_profile_exif(orientation: int) -> PngInfo:
+    """EXIF as ImageMagick stores it in PNG text ("Raw profile type exif": hex after a length line)."""
+    data = exif(orientation)
+    info = PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(data):8d}\n{data.hex()}")
+    return info
+
+
 def rgb16_png(rgb: np.ndarray) -> bytes:
     h, w, _ = rgb.shape
     rows = b"".join(b"\x00" + (rgb[y].astype(">u2") * 257).tobytes() for y in range(h))
@@ -99,6 +120,9 @@ def cases() -> list[tuple[str, bytes, bool]]:
         ("jpeg-restarts", save(Image.fromarray(rgb), "JPEG", quality=85, restart_marker_rows=1), True),
         ("jpeg-cmyk", save(Image.fromarray(rgb).convert("CMYK"), "JPEG"), False),
         ("png-exif-after-idat", png_exif_after_idat(rgb, 6), False),
+        ("png-xmp-orientation", save(Image.fromarray(rgb), "PNG", pnginfo=xmp(6)), False),
+        ("png-imagemagick-exif", save(Image.fromarray(rgb), "PNG", pnginfo=raw_profile_exif(6)), False),
+        ("jpeg-xmp-orientation", save(Image.fromarray(rgb), "JPEG", xmp=xmp_packet(8).encode()), True),
         ("tiff", save(Image.fromarray(rgb), "TIFF"), False),
     ]
     for orientation in range(1, 9):

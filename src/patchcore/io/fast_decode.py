@@ -40,10 +40,14 @@ def orient(pixels: np.ndarray, orientation: int | None) -> np.ndarray:
 
 
 def png_eligible(data: bytes) -> bool:
-    """True for a single-image, 8-bit grey or RGB PNG without transparency whose EXIF, if any, comes before
-    its image data (PIL's open reads that one; one after it would need Pillow's full decode to find).
-    Pillow ignores gamma, ICC and sBIT in these files, and so does libspng without its gamma flag."""
+    """True for a single-image, 8-bit grey or RGB PNG without transparency whose EXIF, if any, is an eXIf
+    chunk before its image data (PIL's open reads that one). Pillow finds an orientation also in an eXIf
+    chunk after the image data, in XMP and in ImageMagick's "Raw profile type exif" text, but only by
+    decoding the whole file first: such files go to Pillow. Pillow ignores gamma, ICC and sBIT in these
+    files, and so does libspng without its gamma flag."""
     if len(data) < 33 or data[12:16] != b"IHDR" or data[24] != 8 or data[25] not in (0, 2):
+        return False
+    if b"XML:com.adobe.xmp" in data or b"Raw profile type exif" in data:  # text chunk keywords, never compressed
         return False
     pos, seen_idat = 8, False
     while pos + 8 <= len(data):
