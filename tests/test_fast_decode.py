@@ -118,6 +118,7 @@ def cases() -> list[tuple[str, bytes, bool]]:
         ("jpeg-optimised", save(Image.fromarray(rgb), "JPEG", quality=60, optimize=True), True),
         ("jpeg-q100", save(Image.fromarray(rgb), "JPEG", quality=100), True),
         ("jpeg-restarts", save(Image.fromarray(rgb), "JPEG", quality=85, restart_marker_rows=1), True),
+        ("jpeg-stored-as-rgb", save(Image.fromarray(rgb), "JPEG", quality=90, keep_rgb=True), True),  # Adobe, no YCbCr
         ("jpeg-cmyk", save(Image.fromarray(rgb).convert("CMYK"), "JPEG"), False),
         ("png-exif-after-idat", png_exif_after_idat(rgb, 6), False),
         ("png-xmp-orientation", save(Image.fromarray(rgb), "PNG", pnginfo=xmp(6)), False),
