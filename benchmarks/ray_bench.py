@@ -8,7 +8,8 @@
    iter_predict over the files, the path `patchcore predict` takes) against `predict --ray` with 1 and 2
    actors (decoding in the actors) and 1 actor fed by decoding tasks (--decode tasks); end to end (model
    load and actor start included, Ray's own start-up not), and steady state (from the first chunk written
-   to the last). Runs alternate; medians of --repeats.
+   to the last). Runs alternate; medians of --repeats, and each Ray run against the single run next to it
+   (`paired_ratios`); --kinds picks the runs (e.g. single,ray_1), the JSON records the load averages.
 3. recovery: one actor killed (SIGKILL) after its first chunk; the job's extra time against an unkilled
    run, and the time from the kill to the next chunk written.
 """
@@ -113,6 +114,8 @@ def main() -> None:
                         help="score this many copies of the images (files copied into the workdir): a longer job")
     parser.add_argument("--skip-fit", action="store_true", help="use WORKDIR/plain.model from an earlier run")
     parser.add_argument("--skip-recovery", action="store_true")
+    parser.add_argument("--kinds", default="single,ray_1,ray_2,ray_1_decode_tasks",
+                        help="which predict runs to alternate (comma-separated; default all four)")
     parser.add_argument("-o", "--output", default="ray_bench.json")
     args = parser.parse_args()
     data, work = Path(args.data), Path(args.workdir)
@@ -120,7 +123,8 @@ def main() -> None:
     train = list_images(data / "train" / "good")
     tests = list_images(data / "test", recursive=True)
     config = PatchCoreConfig(backbone=args.backbone, coreset_ratio=args.coreset_ratio)
-    result: dict = {"cpus": os.cpu_count(), "images": len(train) + len(tests), "config": config.to_dict()}
+    result: dict = {"cpus": os.cpu_count(), "images": len(train) + len(tests), "config": config.to_dict(),
+                    "chunk": args.chunk, "load_average_start": os.getloadavg()}
 
     started = time.perf_counter()
     with RaySession("local"):
@@ -154,13 +158,15 @@ def main() -> None:
                     shutil.copyfile(path, target)
                 paths.append(target)
         result["images"] = len(paths)
-        runs: dict = {"single": [], "ray_1": [], "ray_2": [], "ray_1_decode_tasks": []}
+        kinds = {"single": lambda: single_process(model_file, paths),
+                 "ray_1": lambda: on_ray(model_file, paths, work / "out1", 1, args.chunk),
+                 "ray_2": lambda: on_ray(model_file, paths, work / "out2", 2, args.chunk),
+                 "ray_1_decode_tasks": lambda: on_ray(model_file, paths, work / "out3", 1, args.chunk, "tasks")}
+        runs: dict = {kind: [] for kind in args.kinds.split(",")}
         for _ in range(args.repeats):
-            runs["single"].append(single_process(model_file, paths))
-            runs["ray_1"].append(on_ray(model_file, paths, work / "out1", 1, args.chunk))
-            runs["ray_2"].append(on_ray(model_file, paths, work / "out2", 2, args.chunk))
-            runs["ray_1_decode_tasks"].append(on_ray(model_file, paths, work / "out3", 1, args.chunk, "tasks"))
-            print({k: round(v[-1]["images_per_s"], 2) for k, v in runs.items()}, flush=True)
+            for kind in runs:
+                runs[kind].append(kinds[kind]())
+            print({k: round(v[-1]["images_per_s"], 2) for k, v in runs.items()}, os.getloadavg(), flush=True)
 
         def median(kind, key):
             values = [r[key] for r in runs[kind] if r.get(key) is not None]
@@ -169,17 +175,24 @@ def main() -> None:
         single = median("single", "images_per_s")
         result["predict"] = {kind: {"images_per_s": median(kind, "images_per_s"),
                                     "steady_images_per_s": median(kind, "steady_images_per_s"),
-                                    "ratio_to_single": median(kind, "images_per_s") / single}
+                                    "ratio_to_single": median(kind, "images_per_s") / single if single else None}
                              for kind in runs}
+        if "single" in runs:  # each repeat's Ray run against the single run next to it
+            for kind in runs:
+                pairs = [s["seconds"] / r["seconds"] for s, r in zip(runs["single"], runs[kind])]
+                result["predict"][kind]["paired_ratios"] = pairs
+                result["predict"][kind]["paired_ratio_median"] = statistics.median(pairs)
         result["predict"]["runs"] = runs
         killed = [killed_run(model_file, paths, work / "killed", args.chunk)
                   for _ in range(0 if args.skip_recovery else max(1, args.repeats - 1))]
-        unkilled = median("ray_1", "seconds")
+        unkilled = median("ray_1", "seconds") if killed and "ray_1" in runs else None
         result["recovery"] = {} if not killed else {"runs": killed, "unkilled_s": unkilled,
-                              "extra_s": statistics.median(k["seconds"] for k in killed) - unkilled,
+                              "extra_s": None if unkilled is None
+                              else statistics.median(k["seconds"] for k in killed) - unkilled,
                               "kill_to_next_chunk_s": statistics.median(
                                   k["kill_to_next_chunk_s"] for k in killed if k["kill_to_next_chunk_s"])}
         ray.shutdown()
+    result["load_average_end"] = os.getloadavg()
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1)[:3000])
 
