@@ -220,6 +220,21 @@ def test_grouped_update_on_all_datasets(always_grouped):
         assert stats["group_builds"] >= 1, name
 
 
+def test_grouped_hot_set_of_most_of_n_becomes_all_of_n(always_grouped):
+    # Grouped, with a hot set of over half of N: the next rebuild makes all of N hot (no stale elements left
+    # to refresh, no rebuild after it). Still the farthest point at every step, first index on ties.
+    features = low_dimensional(6000, 32, 5)
+    n, hot_size = 600, 3500
+    stats = {}
+    selected = greedy_coreset(features, n, generator=_gen(4), backend="numpy", hot_size=hot_size, stats=stats)
+    assert stats["group_builds"] >= 1
+    assert stats["hot_total"] > hot_size * stats["steps"], stats  # the later steps ran on all 6000
+    nearest = (features - features[selected[0]]).pow(2).sum(1)
+    for k in range(1, n):
+        assert int(selected[k]) == int(nearest.numpy().argmax())
+        nearest = torch.minimum(nearest, (features - features[selected[k]]).pow(2).sum(1))
+
+
 def test_grouped_update_skips_most_of_the_hot_set(monkeypatch):
     # A 2-D sheet: each new centre can reach only nearby groups, so the grouped steps test a small share of
     # the hot set, and the low-dimensional bound leaves fewer direct distances than the per-element test.
