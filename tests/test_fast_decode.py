@@ -53,16 +53,16 @@ def png_exif_after_idat(rgb: np.ndarray, orientation: int) -> bytes:
     return data[:end] + hostile.chunk(b"eXIf", exif(orientation)[6:]) + data[end:]  # without "Exif\0\0"
 
 
-def xmp_packet(orientation: int) -> str:
-    """An XMP packet whose only tag is tiff:Orientation (Pillow's getexif reads it when EXIF has none)."""
+def xmp_packet(orientation: int | None) -> str:
+    """An XMP packet with tiff:Orientation (Pillow's getexif reads it when EXIF has none), or without it."""
+    tag = "" if orientation is None else f'tiff:Orientation="{orientation}"'
     return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-            '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
-            f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>')
+            f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" {tag}/></rdf:RDF></x:xmpmeta>')
 
 
-def xmp(orientation: int) -> PngInfo:
+def xmp(orientation: int | None, *, compressed: bool = False) -> PngInfo:
     info = PngInfo()
-    info.add_itxt("XML:com.adobe.xmp", xmp_packet(orientation))
+    info.add_itxt("XML:com.adobe.xmp", xmp_packet(orientation), zip=compressed)
     return info
 
 
@@ -122,6 +122,8 @@ def cases() -> list[tuple[str, bytes, bool]]:
         ("jpeg-cmyk", save(Image.fromarray(rgb).convert("CMYK"), "JPEG"), False),
         ("png-exif-after-idat", png_exif_after_idat(rgb, 6), False),
         ("png-xmp-orientation", save(Image.fromarray(rgb), "PNG", pnginfo=xmp(6)), False),
+        ("png-xmp-without-orientation", save(Image.fromarray(rgb), "PNG", pnginfo=xmp(None)), True),  # MVTec AD's
+        ("png-xmp-compressed", save(Image.fromarray(rgb), "PNG", pnginfo=xmp(6, compressed=True)), False),
         ("png-imagemagick-exif", save(Image.fromarray(rgb), "PNG", pnginfo=raw_profile_exif(6)), False),
         ("jpeg-xmp-orientation", save(Image.fromarray(rgb), "JPEG", xmp=xmp_packet(8).encode()), True),
         ("tiff", save(Image.fromarray(rgb), "TIFF"), False),

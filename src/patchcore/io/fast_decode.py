@@ -40,20 +40,27 @@ def orient(pixels: np.ndarray, orientation: int | None) -> np.ndarray:
 
 
 def png_eligible(data: bytes) -> bool:
-    """True for a single-image, 8-bit grey or RGB PNG without transparency whose EXIF, if any, is an eXIf
-    chunk before its image data (PIL's open reads that one). Pillow finds an orientation also in an eXIf
-    chunk after the image data, in XMP and in ImageMagick's "Raw profile type exif" text, but only by
-    decoding the whole file first: such files go to Pillow. Pillow ignores gamma, ICC and sBIT in these
-    files, and so does libspng without its gamma flag."""
+    """True for a single-image, 8-bit grey or RGB PNG without transparency whose EXIF orientation, if any,
+    PIL's open has already read: an eXIf chunk before the image data. Pillow also takes an orientation from
+    an eXIf chunk after the image data, from ImageMagick's "Raw profile type exif" text and from XMP's
+    tiff:Orientation, but only after decoding the whole file: files that have one of those (or compressed
+    XMP, which cannot be searched here) go to Pillow. XMP without tiff:Orientation, as in MVTec AD's PNGs,
+    changes nothing. Pillow ignores gamma, ICC and sBIT in these files, and so does libspng without its
+    gamma flag."""
     if len(data) < 33 or data[12:16] != b"IHDR" or data[24] != 8 or data[25] not in (0, 2):
-        return False
-    if b"XML:com.adobe.xmp" in data or b"Raw profile type exif" in data:  # text chunk keywords, never compressed
         return False
     pos, seen_idat = 8, False
     while pos + 8 <= len(data):
         length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
         if kind in (b"tRNS", b"acTL", b"fcTL") or (kind == b"eXIf" and seen_idat):
             return False
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            if body.startswith(b"Raw profile type exif\0"):
+                return False
+            if body.startswith(b"XML:com.adobe.xmp\0") and (
+                    kind == b"zTXt" or (kind == b"iTXt" and body[18:19] != b"\0") or b"tiff:Orientation" in body):
+                return False
         if kind == b"IEND":
             break
         seen_idat = seen_idat or kind == b"IDAT"
