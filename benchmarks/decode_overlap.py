@@ -12,10 +12,13 @@ model (torch.set_num_threads / Runtime threads), ms per image, median of --repea
 in each repeat:
 - decoded: `predict` on images decoded beforehand (torch: (3, H, W) uint8 tensors; runtime: arrays);
 - files: `iter_predict` on the paths (decoding in iter_image_batches's threads, io/fast_decode.py on);
+- files, 1 decoding thread: the same with one decoding thread instead of two;
 - files, Pillow only: the same with io/fast_decode.py off (every file through Pillow, as before);
 - files, pyspng.load: PNG through pyspng's own binding, which holds the GIL while it decodes (torch only);
 - decode only: iter_image_batches on the paths, nothing scored (both decoders; and with one thread).
 The share of decoding hidden behind the model: (decoded + decode only, 1 thread - files) / (decode only, 1 thread).
+Also the process's CPU time per image (all threads): on a loaded machine the wall times measure the share of
+the CPU the process got as much as the overlap; CPU times say what decoding costs on top of the model.
 """
 from __future__ import annotations
 
@@ -64,9 +67,10 @@ def variants(model: PatchCore, runtime: Runtime, paths: list[Path], batch: int) 
     def runtime_setup():
         runtime.config = dataclasses.replace(runtime.config, batch_size=batch)
 
-    def with_decoders(decoders, setup, run):
+    def with_decoders(decoders, setup, run, workers=2):
         def go():
             fast_decode.decoders = decoders
+            images.iter_image_batches.__kwdefaults__["workers"] = workers  # the torch path's (inputs.iter_batches)
             setup()
             run()
         return go
@@ -74,11 +78,15 @@ def variants(model: PatchCore, runtime: Runtime, paths: list[Path], batch: int) 
     return {
         "torch decoded": with_decoders(INSTALLED, torch_setup, lambda: model.predict(tensors)),
         "torch files": with_decoders(INSTALLED, torch_setup, lambda: drain(model.iter_predict(paths))),
+        "torch files, 1 decoding thread": with_decoders(INSTALLED, torch_setup,
+                                                        lambda: drain(model.iter_predict(paths)), workers=1),
         "torch files, Pillow only": with_decoders(dict, torch_setup, lambda: drain(model.iter_predict(paths))),
         "torch files, pyspng.load": with_decoders(with_pyspng_load, torch_setup,
                                                   lambda: drain(model.iter_predict(paths))),
         "runtime decoded": with_decoders(INSTALLED, runtime_setup, lambda: runtime.predict(arrays)),
         "runtime files": with_decoders(INSTALLED, runtime_setup, lambda: drain(runtime.iter_predict(paths))),
+        "runtime files, 1 decoding thread": with_decoders(INSTALLED, runtime_setup,
+                                                          lambda: drain(runtime.iter_predict(paths, workers=1))),
         "runtime files, Pillow only": with_decoders(dict, runtime_setup,
                                                     lambda: drain(runtime.iter_predict(paths))),
         "decode only": with_decoders(INSTALLED, lambda: None,
@@ -110,22 +118,25 @@ def main() -> int:
     runtime = Runtime.load(args.model, args.export or f"{args.model}.onnx", threads=args.threads)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     result = {"uptime": uptime, "images": len(paths), "threads": args.threads, "torch_threads": torch.get_num_threads(),
-              "fast_decoders": sorted(INSTALLED()), "ms_per_image": {}}
+              "fast_decoders": sorted(INSTALLED()), "ms_per_image": {}, "cpu_ms_per_image": {}}
     for batch in args.batch or [1, 16]:
         runs = variants(model, runtime, paths, batch)
         runs = {k: v for k, v in runs.items() if not args.only or k in args.only}
         for run in runs.values():  # warm-up
             run()
         times = {name: [] for name in runs}
+        cpu = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, run in runs.items():
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 run()
                 times[name].append(1000 * (time.perf_counter() - started) / len(paths))
+                cpu[name].append(1000 * (time.process_time() - started_cpu) / len(paths))
         row = {name: round(statistics.median(t), 2) for name, t in times.items()}
+        result["cpu_ms_per_image"][f"batch {batch}"] = {name: round(statistics.median(t), 2) for name, t in cpu.items()}
         for side in ("torch", "runtime"):
             if f"{side} decoded" in row:
-                for variant in ("files", "files, Pillow only", "files, pyspng.load"):
+                for variant in ("files", "files, 1 decoding thread", "files, Pillow only", "files, pyspng.load"):
                     if f"{side} {variant}" in row:
                         row[f"{side} {variant} / decoded"] = round(row[f"{side} {variant}"] / row[f"{side} decoded"], 3)
         one = row.get("decode only, 1 thread")
@@ -133,7 +144,8 @@ def main() -> int:
             if one and f"{side} decoded" in row and f"{side} files" in row:
                 row[f"{side} decoding hidden"] = round((row[f"{side} decoded"] + one - row[f"{side} files"]) / one, 3)
         result["ms_per_image"][f"batch {batch}"] = row
-        print(f"batch {batch}", json.dumps(row), file=sys.stderr, flush=True)
+        print(f"batch {batch}", json.dumps(row), json.dumps(result["cpu_ms_per_image"][f"batch {batch}"]),
+              file=sys.stderr, flush=True)
     fast_decode.decoders = INSTALLED
     result["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     text = json.dumps(result, indent=1)
