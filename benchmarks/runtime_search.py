@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Exact 1-NN on one real bank and real patch features, one thread each, interleaved (issue 17.7): the
-library's BankIndex (PCA-bound pruning) on torch and on numpy (what patchcore.runtime runs), and the plain
-chunked GEMM search (knn.nearest) on both.
+"""Exact 1-NN on one real bank and real patch features, interleaved (issue 17.7): the library's BankIndex on
+torch and on numpy (what patchcore.runtime runs: BLAS at one thread, query blocks in `threads` threads), each
+as built (the PCA-bound pruning, or the plain search where the bank is too small for the bound to pay) and
+with the bound forced on (min_bank_rows=0), and the plain chunked GEMM search (knn.nearest) on torch and as
+the runtime runs it on numpy (its query blocks in the threads: numpy's BLAS threads are never woken, whose
+spinning slowed whatever ran after them).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_search.py MODEL IMAGES... [--repeats 7] [--threads 1]
 
@@ -50,9 +53,14 @@ def main() -> int:
     sq = squared_norms(bank_np)
     # What patchcore.runtime searches with: numpy, BLAS at one thread, query blocks in `threads` threads.
     numpy_index = BankIndex(bank_np, workers=args.threads)
+    numpy_bound = BankIndex(bank_np, workers=args.threads, min_bank_rows=0)
+    numpy_plain = BankIndex(bank_np, workers=args.threads, min_bank_rows=bank_np.shape[0] + 1)
+    torch_bound = BankIndex(bank, min_bank_rows=0)
     runs = {"library BankIndex (torch)": lambda: index.search(feats),
+            "library BankIndex, bound forced (torch)": lambda: torch_bound.search(feats),
             "library plain GEMM (torch)": lambda: nearest(feats, bank, 1),
-            "runtime plain GEMM (numpy)": lambda: nearest(queries_np, bank_np, 1, bank_sq_norms=sq),
+            "runtime plain GEMM (numpy)": lambda: one_blas_thread(numpy_plain.search, queries_np),
+            "runtime BankIndex, bound forced (numpy)": lambda: one_blas_thread(numpy_bound.search, queries_np),
             "runtime BankIndex (numpy)": lambda: one_blas_thread(numpy_index.search, queries_np)}
     times = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -63,9 +71,10 @@ def main() -> int:
     index.reset_stats()
     d1, i1 = index.search(feats)
     stats = index.stats_
-    d2, i2 = nearest(queries_np, bank_np, 1, bank_sq_norms=sq)
+    d2, i2 = one_blas_thread(lambda x: nearest(x, bank_np, 1, bank_sq_norms=sq), queries_np)
     d3, i3 = one_blas_thread(numpy_index.search, queries_np)
     out = {"bank": list(bank.shape), "queries": int(feats.shape[0]), "threads": args.threads,
+           "bound_built": {"torch": index.bounds_, "numpy": numpy_index.bounds_},
            "load_average": [round(x, 2) for x in os.getloadavg()],
            "ms_per_image": {k: round(statistics.median(v), 2) for k, v in times.items()},
            "numpy_over_torch": round(statistics.median(times["runtime BankIndex (numpy)"])

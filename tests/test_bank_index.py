@@ -1,10 +1,18 @@
 """Pruned exact 1-NN (BankIndex) against torch.cdist on structured, unstructured and degenerate banks."""
 from __future__ import annotations
 
+from functools import partial
+
+import numpy as np
 import pytest
 import torch
 
+from patchcore.core import bank_index
 from patchcore.core.bank_index import BankIndex
+from patchcore.core.knn import nearest
+
+# These tiny banks would go to the plain search by the cost rule (PRUNE_OVERHEAD): test the bound on them.
+_pruned = partial(BankIndex, min_bank_rows=0)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -39,7 +47,7 @@ def test_structured_bank_near_and_far_queries(prefix_dims):
     near = bank[torch.randint(0, 2000, (300,), generator=gen)] + 0.05 * torch.randn(300, 64, generator=gen)
     far = 5.0 * _low_rank(100, 64, 8, gen) + torch.randn(100, 64, generator=gen)  # anomalous: far off the bank
     queries = torch.cat([near, far])
-    index = BankIndex(bank, prefix_dims=prefix_dims)
+    index = _pruned(bank, prefix_dims=prefix_dims)
     assert index.pruning_ and index.refine_dims_ == (32 if prefix_dims == 8 else 0)
     _assert_exact_nearest(queries, bank, *index.search(queries))
 
@@ -48,7 +56,7 @@ def test_queries_that_all_fall_back_to_the_plain_search():
     gen = _gen(1)
     bank = _low_rank(1500, 48, 6, gen)
     queries = 3.0 * torch.randn(600, 48, generator=gen)  # isotropic: the prefix bound prunes nothing
-    index = BankIndex(bank, prefix_dims=8, chunk_elements=4 * 1504 * 64)  # 64 queries a block: switches to plain
+    index = _pruned(bank, prefix_dims=8, chunk_elements=4 * 1504 * 64)  # 64 queries a block: switches to plain
     assert index.pruning_
     _, fell_back = index._search_rows(queries[:64])
     assert bool(fell_back.all())  # the per-query fallback path is the one under test
@@ -59,7 +67,7 @@ def test_gaussian_bank_is_calibrated_to_the_plain_search():
     gen = _gen(2)
     bank = torch.randn(1000, 40, generator=gen)
     queries = torch.randn(200, 40, generator=gen)
-    index = BankIndex(bank, prefix_dims=8)
+    index = _pruned(bank, prefix_dims=8)
     assert not index.pruning_
     _assert_exact_nearest(queries, bank, *index.search(queries))
 
@@ -69,17 +77,17 @@ def test_tiny_chunks_give_the_same_answer(chunk_elements):
     gen = _gen(3)
     bank = _low_rank(300, 24, 4, gen)
     queries = torch.cat([bank[:40] + 0.02 * torch.randn(40, 24, generator=gen), 4 * torch.randn(10, 24, generator=gen)])
-    index = BankIndex(bank, prefix_dims=4, chunk_elements=chunk_elements)
+    index = _pruned(bank, prefix_dims=4, chunk_elements=chunk_elements)
     dist, idx = index.search(queries)
     _assert_exact_nearest(queries, bank, dist, idx)
-    ref_dist, ref_idx = BankIndex(bank, prefix_dims=4).search(queries)
+    ref_dist, ref_idx = _pruned(bank, prefix_dims=4).search(queries)
     assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
 
 
 def test_prefix_not_shorter_than_the_features_uses_the_plain_search():
     gen = _gen(4)
     bank, queries = torch.randn(200, 16, generator=gen), torch.randn(50, 16, generator=gen)
-    index = BankIndex(bank, prefix_dims=16)
+    index = _pruned(bank, prefix_dims=16)
     assert not index.pruning_
     _assert_exact_nearest(queries, bank, *index.search(queries))
 
@@ -89,7 +97,7 @@ def test_duplicate_bank_rows():
     rows = _low_rank(150, 32, 4, gen)
     bank = torch.cat([rows, rows, rows[:50]])  # exact ties between bank rows
     queries = torch.cat([rows[:30], rows[:30] + 0.01 * torch.randn(30, 32, generator=gen)])
-    index = BankIndex(bank, prefix_dims=4)
+    index = _pruned(bank, prefix_dims=4)
     dist, idx = index.search(queries)
     _assert_exact_nearest(queries, bank, dist, idx)
     assert bool((dist[:30] == 0).all())  # a query equal to a bank row is at distance 0
@@ -98,7 +106,7 @@ def test_duplicate_bank_rows():
 def test_single_row_bank():
     gen = _gen(6)
     bank, queries = torch.randn(1, 20, generator=gen), torch.randn(7, 20, generator=gen)
-    dist, idx = BankIndex(bank, prefix_dims=4).search(queries)
+    dist, idx = _pruned(bank, prefix_dims=4).search(queries)
     assert torch.equal(idx, torch.zeros(7, dtype=torch.long))
     torch.testing.assert_close(dist, (queries - bank).norm(dim=1), rtol=1e-6, atol=1e-7)
 
@@ -108,7 +116,7 @@ def test_no_cancellation_error_far_from_the_origin():
     gen = _gen(7)
     bank = 1000.0 + 0.01 * _low_rank(400, 24, 4, gen)
     queries = 1000.0 + 0.01 * (bank[:60] - 1000.0 + 0.05 * torch.randn(60, 24, generator=gen))
-    dist, idx = BankIndex(bank, prefix_dims=4).search(queries)
+    dist, idx = _pruned(bank, prefix_dims=4).search(queries)
     _assert_exact_nearest(queries, bank, dist, idx)
     assert bool((dist > 0).all())
 
@@ -121,7 +129,7 @@ def test_margins_cover_gemm_rounding_for_tight_clusters_far_from_the_mean():
     centres = 30.0 * torch.randn(40, 3, generator=gen) @ torch.randn(3, 24, generator=gen)
     bank = (centres[:, None, :] + 0.01 * torch.randn(40, 100, 24, generator=gen)).reshape(4000, 24)
     queries = centres[torch.randint(0, 40, (300,), generator=gen)] + 0.01 * torch.randn(300, 24, generator=gen)
-    index = BankIndex(bank, prefix_dims=4)
+    index = _pruned(bank, prefix_dims=4)
     _, fell_back = index._search_rows(queries)
     assert index.pruning_ and not bool(fell_back.any())  # the pruned path alone answers
     _assert_exact_nearest(queries, bank, *index.search(queries))
@@ -131,7 +139,7 @@ def test_deterministic_for_the_same_bank_and_empty_queries():
     gen = _gen(8)
     bank = _low_rank(500, 32, 5, gen)
     queries = bank[:50] + 0.1 * torch.randn(50, 32, generator=gen)
-    a, b = BankIndex(bank, prefix_dims=6), BankIndex(bank.clone(), prefix_dims=6)
+    a, b = _pruned(bank, prefix_dims=6), _pruned(bank.clone(), prefix_dims=6)
     assert torch.equal(a.basis_, b.basis_)
     assert all(torch.equal(x, y) for x, y in zip(a.search(queries), b.search(queries)))
     dist, idx = a.search(queries[:0])
@@ -139,11 +147,11 @@ def test_deterministic_for_the_same_bank_and_empty_queries():
 
 
 def test_invalid_shapes_raise():
-    index = BankIndex(torch.randn(10, 8), prefix_dims=2)
+    index = _pruned(torch.randn(10, 8), prefix_dims=2)
     with pytest.raises(ValueError, match="queries must be"):
         index.search(torch.randn(3, 7))
     with pytest.raises(ValueError, match="bank must be"):
-        BankIndex(torch.randn(0, 8))
+        _pruned(torch.randn(0, 8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -152,7 +160,7 @@ def test_cuda_matches_cpu():
     bank = _low_rank(3000, 64, 8, gen)
     near = bank[:500] + 0.05 * torch.randn(500, 64, generator=gen)
     queries = torch.cat([near, 3 * torch.randn(50, 64, generator=gen)])
-    dist, idx = BankIndex(bank.cuda(), prefix_dims=8).search(queries.cuda())
+    dist, idx = _pruned(bank.cuda(), prefix_dims=8).search(queries.cuda())
     assert dist.is_cuda and idx.is_cuda
     _assert_exact_nearest(queries, bank, dist.cpu(), idx.cpu())
 
@@ -166,7 +174,7 @@ def test_bank_of_outliers_queried_by_the_bulk_is_probed_and_pruned():
     bulk_rows = 0.2 * torch.randn(8, 32, generator=gen)
     bank = torch.cat([outliers, bulk_rows])[torch.randperm(408, generator=gen)]
     queries = 0.2 * torch.randn(500, 32, generator=gen)
-    index = BankIndex(bank, prefix_dims=8)
+    index = _pruned(bank, prefix_dims=8)
     assert not index.pruning_  # calibrated on bank rows
     dist, idx = index.search(queries)
     _assert_exact_nearest(queries, bank, dist, idx)
@@ -184,7 +192,7 @@ def test_stats_count_the_pruned_share_on_a_structured_bank():
     gen = _gen(13)
     bank = _low_rank(2000, 64, 8, gen)
     queries = bank[:200] + 0.05 * torch.randn(200, 64, generator=gen)
-    index = BankIndex(bank, prefix_dims=8)
+    index = _pruned(bank, prefix_dims=8)
     _assert_exact_nearest(queries, bank, *index.search(queries))
     stats = index.stats_
     assert stats["pairs"] == 200 * 2000 and stats["plain"] == 0
@@ -212,8 +220,8 @@ def test_numpy_bank_index_gives_the_torch_answers(prefix_dims, chunk_elements):
     isotropic = 3.0 * torch.randn(200, 64, generator=gen)
     queries = torch.cat([near, far, isotropic])
     kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
-    on_torch = BankIndex(bank, prefix_dims=prefix_dims, **kwargs)
-    on_numpy = BankIndex(bank.numpy(), prefix_dims=prefix_dims, **kwargs)
+    on_torch = _pruned(bank, prefix_dims=prefix_dims, **kwargs)
+    on_numpy = _pruned(bank.numpy(), prefix_dims=prefix_dims, **kwargs)
     assert on_torch.pruning_ == on_numpy.pruning_
     dist, idx = on_numpy.search(queries.numpy())
     assert dist.dtype.name == "float32" and idx.dtype.name == "int64"
@@ -236,23 +244,24 @@ def test_odd_sizes_on_both_libraries(library, num_bank, dim, num_queries, chunk_
                          + 0.03 * torch.randn(num_queries, dim, generator=gen), 4 * torch.randn(3, dim, generator=gen)])
     kwargs = {} if chunk_elements is None else {"chunk_elements": chunk_elements}
     as_library = (lambda t: t.numpy()) if library == "numpy" else (lambda t: t)
-    index = BankIndex(as_library(bank), prefix_dims=4, **kwargs)
+    index = _pruned(as_library(bank), prefix_dims=4, **kwargs)
     assert index.pruning_ or num_bank < 64
     dist, idx = index.search(as_library(queries))
     _assert_exact_nearest(queries, bank, torch.as_tensor(dist), torch.as_tensor(idx))
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_workers_give_the_single_thread_answers(workers):
+def test_workers_give_the_single_thread_answers(workers, monkeypatch):
     """Query blocks searched in parallel threads (the runtime's numpy search): the same rows, distances and
     work counts as one thread, on near queries, and on isotropic ones (the switch to the plain search)."""
+    monkeypatch.setattr(bank_index, "MIN_WORKER_PAIRS", 1)  # split these few queries too
     gen = _gen(14)
     bank = _low_rank(1500, 48, 6, gen)
     near = bank[torch.randint(0, 1500, (301,), generator=gen)] + 0.05 * torch.randn(301, 48, generator=gen)
     isotropic = 3.0 * torch.randn(400, 48, generator=gen)
     for queries in (near, torch.cat([near, isotropic])):
-        one = BankIndex(bank.numpy(), prefix_dims=8, chunk_elements=4 * 1504 * 64)
-        many = BankIndex(bank.numpy(), prefix_dims=8, chunk_elements=4 * 1504 * 64, workers=workers)
+        one = _pruned(bank.numpy(), prefix_dims=8, chunk_elements=4 * 1504 * 64)
+        many = _pruned(bank.numpy(), prefix_dims=8, chunk_elements=4 * 1504 * 64, workers=workers)
         dist, idx = many.search(queries.numpy())
         ref_dist, ref_idx = one.search(queries.numpy())
         assert (idx == ref_idx).all() and (dist == ref_dist).all()
@@ -260,4 +269,45 @@ def test_workers_give_the_single_thread_answers(workers):
         if queries is near:
             assert many.stats_ == one.stats_
     with pytest.raises(ValueError, match="workers"):
-        BankIndex(bank.numpy(), workers=0)
+        _pruned(bank.numpy(), workers=0)
+
+
+@pytest.mark.parametrize("library", ["torch", "numpy"])
+@pytest.mark.parametrize("num_bank, dim, prefix_dims, num_queries",
+                         [(333, 37, 4, 101), (523, 152, 64, 257), (5, 19, 4, 1), (200, 152, 64, 7)])
+def test_small_banks_get_the_plain_search_and_its_answers(library, num_bank, dim, prefix_dims, num_queries,
+                                                          monkeypatch):
+    """Below PRUNE_OVERHEAD D / (D - r - 1) rows the bound does not pay: no bound is built, and the search,
+    split over 1 to 3 workers (odd query counts, blocks of unequal size), gives knn.nearest's rows and
+    distances exactly. From the rule's minimum (for D 152, r 64: 525 rows) the bound is built."""
+    gen = _gen(num_bank + dim)
+    bank = _low_rank(num_bank, dim, 3, gen)
+    queries = torch.cat([bank[torch.randint(0, num_bank, (num_queries,), generator=gen)]
+                         + 0.03 * torch.randn(num_queries, dim, generator=gen), 4 * torch.randn(3, dim, generator=gen)])
+    as_library = (lambda t: t.numpy()) if library == "numpy" else (lambda t: t)
+    ref_dist, ref_idx = nearest(as_library(queries), as_library(bank), 1)
+    calls = []
+    monkeypatch.setattr(bank_index, "nearest", lambda q, *a, **k: calls.append(q.shape[0]) or nearest(q, *a, **k))
+    monkeypatch.setattr(bank_index, "MIN_WORKER_PAIRS", 1)
+    for workers in (1, 2, 3):
+        calls.clear()
+        index = BankIndex(as_library(bank), prefix_dims=prefix_dims, workers=workers)
+        assert not index.pruning_ and not index.bounds_ and not hasattr(index, "basis_")
+        dist, idx = index.search(as_library(queries))
+        assert sorted(calls, reverse=True) == calls and sum(calls) == queries.shape[0]
+        step = -(-queries.shape[0] // workers)
+        assert len(calls) == -(-queries.shape[0] // step)  # blocks of ceil(Q / workers)
+        assert (np.asarray(idx) == np.asarray(ref_idx[:, 0])).all()
+        assert (np.asarray(dist) == np.asarray(ref_dist[:, 0])).all()
+        assert index.stats_["plain"] == index.stats_["pairs"] == queries.shape[0] * num_bank
+        _assert_exact_nearest(queries, bank, torch.as_tensor(dist), torch.as_tensor(idx))
+    if dim == 152:
+        assert not BankIndex(as_library(_low_rank(524, dim, 3, gen)), prefix_dims=prefix_dims).bounds_
+        assert BankIndex(as_library(_low_rank(525, dim, 3, gen)), prefix_dims=prefix_dims).bounds_
+
+
+def test_workers_split_only_where_each_gets_enough_pairs():
+    bank = np.zeros((1000, 8), dtype=np.float32)
+    index = BankIndex(bank, prefix_dims=2, workers=4)
+    per_worker = -(-bank_index.MIN_WORKER_PAIRS // 1000)  # queries that make one worker's share
+    assert [index._workers_for(n) for n in (0, 1, per_worker - 1, 2 * per_worker, 10 * per_worker)] == [1, 1, 1, 2, 4]

@@ -6,7 +6,8 @@ gives that bound for every (query, bank row) pair; the row with the smallest bou
 (its exact distance), and only rows whose lower bound is not above it can hold the nearest neighbour.
 Those few candidates are compared with exact distances ||q - b|| (for large D after a second, finer
 bound over more principal dims). Every test carries a margin that covers float rounding, so the answer
-is the one a full search gives (up to near-ties).
+is the one a full search gives (up to near-ties). A bank too small for the bound to repay its cost per query
+(PRUNE_OVERHEAD below) gets the plain GEMM search instead.
 
 Array-API agnostic (array-api-compat): the library builds it on torch tensors (CPU or GPU), the torch-free
 runtime on numpy arrays; the few primitives the standard lacks (scatter-min, counting by index, the float
@@ -38,6 +39,15 @@ _CALIBRATION_ROWS = 256
 # Where the calibration turned the bound off, each search call of at least twice this many queries tries it on
 # this many first (their answers are kept: both paths are exact).
 PROBE_QUERIES = 64
+# The bound pays only where the bank is large enough: per query it saves M (D - r - 1) multiply-adds of the
+# GEMM and costs about PRUNE_OVERHEAD * D more (the rotation, r D, and the rows gathered at a fraction of the
+# GEMM's speed: the first guess, the candidates, ~2 a query on MVTec). Measured on the bottle bank cut to M
+# rows (D 152, r 64, 1 thread): pruned / plain time 1.40 at 300 rows, 1.03 at 520, 0.97 at 600, 0.69 at 1639
+# on numpy (torch 0.8-1.1 from 300 to 750 rows, 0.38 at 1639); 300 D puts the switch at 525 rows there.
+PRUNE_OVERHEAD = 300
+# A worker thread takes a block only where it holds at least this many (query, bank row) pairs (a few ms of
+# search): below that, starting and joining the threads costs about what the split saves.
+MIN_WORKER_PAIRS = 1 << 20
 
 
 def _gemm_input_roundoff(array) -> float:
@@ -95,12 +105,14 @@ class BankIndex:
     """Exact 1-NN over a fixed bank: PCA-ordered lower bound prunes, exact distances verify."""
 
     def __init__(self, bank, *, prefix_dims: int = 64, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 max_candidate_fraction: float = 0.05, workers: int = 1):
+                 max_candidate_fraction: float = 0.05, workers: int = 1, min_bank_rows: int | None = None):
         if bank.ndim != 2 or bank.shape[0] < 1:
             raise ValueError(f"bank must be (M >= 1, D), got {tuple(bank.shape)}")
         if prefix_dims < 1 or chunk_elements < 1 or workers < 1:
             raise ValueError("prefix_dims, chunk_elements and workers must be >= 1")
         self.prefix_dims = prefix_dims
+        # Banks with fewer rows are searched by the plain GEMM; None: the PRUNE_OVERHEAD rule (0: always bound).
+        self.min_bank_rows = min_bank_rows
         # Query blocks searched at once, each in its own thread (numpy releases the GIL in its array work). For
         # numpy, whose elementwise passes are single-threaded: workers = cores, with BLAS at one thread, used
         # both cores where BLAS threads alone (the GEMM only, spinning on a loaded machine) did not. torch
@@ -121,7 +133,10 @@ class BankIndex:
         num_bank, dim = self.bank_.shape
         r = prefix_dims
         self.refine_dims_ = REFINE_FACTOR * r if 2 * REFINE_FACTOR * r <= dim else 0
-        self.pruning_ = self.bounds_ = dim > r
+        min_rows = self.min_bank_rows
+        if min_rows is None:
+            min_rows = math.ceil(PRUNE_OVERHEAD * dim / (dim - r - 1)) if dim > r + 1 else num_bank + 1
+        self.pruning_ = self.bounds_ = dim > r and num_bank >= min_rows
         if not self.pruning_:
             return
         f64, f32 = xp.float64, xp.float32
@@ -184,14 +199,32 @@ class BankIndex:
                 return _unkey(xp.concat(keys))
         if not self.pruning_ or rest.shape[0] == 0:
             self.stats_["plain"] += rest.shape[0] * num_bank
-            dist, idx = nearest(rest, self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
-                                chunk_elements=self.chunk_elements)
+            dist, idx = self._plain(rest)
             if not keys:
-                return dist[:, 0], idx[:, 0]
-            keys.append(_key(dist[:, 0], idx[:, 0]))
+                return dist, idx
+            keys.append(_key(dist, idx))
             return _unkey(xp.concat(keys))
         keys, _ = self._search_rows(queries, switch_to_plain=True)
         return _unkey(keys)
+
+    def _workers_for(self, num_queries: int) -> int:
+        """Worker threads for num_queries queries: at most one per MIN_WORKER_PAIRS pairs."""
+        return max(1, min(self.workers, num_queries * self.bank_.shape[0] // MIN_WORKER_PAIRS))
+
+    def _plain(self, queries):
+        """(Q, D) -> distances (Q,), indices (Q,) by the plain GEMM search, query blocks in the workers."""
+        workers = self._workers_for(queries.shape[0])
+        step = -(-queries.shape[0] // workers)
+
+        def one(a):
+            dist, idx = nearest(queries[a:a + step], self.bank_, 1, bank_sq_norms=self.bank_sq_norms_,
+                                chunk_elements=self.chunk_elements)
+            return dist[:, 0], idx[:, 0]
+        if workers == 1:
+            return one(0)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one, range(0, queries.shape[0], step)))
+        return self._xp.concat([d for d, _ in parts]), self._xp.concat([i for _, i in parts])
 
     def _search_rows(self, queries, exclude=None, switch_to_plain: bool = False):
         """(Q, D) -> (Q,) keys of the nearest rows, (Q,) bool: fell back to the plain GEMM.
@@ -206,9 +239,11 @@ class BankIndex:
             block = min(block, CPU_BLOCK_ELEMENTS)
         bank_chunk = min(padded, max(GROUP, block // GROUP * GROUP))
         query_chunk = max(1, block // bank_chunk)
-        num_queries, workers = queries.shape[0], self.workers
-        if workers > 1:  # at least one block per worker
-            query_chunk = min(query_chunk, max(1, -(-num_queries // workers)))
+        num_queries = queries.shape[0]
+        workers = self._workers_for(num_queries)
+        if workers > 1:  # whole waves of equal blocks, one per worker (a last wave of one block leaves the rest idle)
+            waves = -(-num_queries // (query_chunk * workers))
+            query_chunk = -(-num_queries // (waves * workers))
         starts = list(range(0, num_queries, query_chunk))
         keys, heavy, num_heavy = [], [], 0
         pool = ThreadPoolExecutor(workers) if workers > 1 and len(starts) > 1 else None
