@@ -247,6 +247,17 @@ class Runtime:
         file raises ImageReadError naming it (iter_predict reports and goes on)."""
         if isinstance(images, (str, Path, np.ndarray, Image.Image)):
             images = [images]
+        images = list(images)
+        if images and all(isinstance(image, (str, Path)) for image in images):
+            # Files: decoded in background threads while the graph scores the batch before (as the library's
+            # predict does), and the first unreadable one raised as before.
+            parts = []
+            for batch in self.iter_predict(images):
+                if batch.failures:
+                    raise batch.failures[0]
+                if batch.result is not None:
+                    parts.append(batch.result)
+            return _concat(parts)
         decoded = [self._decode(image) for image in images]
         if not decoded:
             raise InputError("no images to score")
