@@ -77,7 +77,7 @@ def test_runtime_scores_as_the_library(exported, category):
     np.testing.assert_array_equal(ours.masks.mean((1, 2)) > 0, ref.masks.numpy().mean((1, 2)) > 0)
 
 
-def test_images_of_other_sizes_get_their_own_maps(exported, category):
+def test_images_of_other_sizes_get_their_own_maps(exported, category, tmp_path):
     """Dynamic H and W: an image of another aspect gets another model input and map size, as in the library."""
     model, path, export = exported
     runtime = Runtime.load(path, export)
@@ -88,6 +88,14 @@ def test_images_of_other_sizes_get_their_own_maps(exported, category):
     assert [m.shape for m in ours.maps] == [(128, 128), (128, 192), (168, 128)]
     ref = model.predict([base, wide, tall])
     assert_parity(ours, ref)
+    # The same images as files (decoded ahead in threads, batch by batch): the same results, in input order.
+    files = []
+    for name, image in (("tall", tall), ("base", base), ("wide", wide)):
+        files.append(tmp_path / f"{name}.png")
+        Image.fromarray(image).save(files[-1])
+    from_files = runtime.predict(files)
+    assert [m.shape for m in from_files.maps] == [(168, 128), (128, 128), (128, 192)]
+    np.testing.assert_allclose(from_files.scores, ours.scores[[2, 0, 1]], rtol=1e-6)
 
 
 def test_exact_search_matches_a_brute_force_oracle(exported, category):
