@@ -21,6 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from thresholds import data_sets  # benchmarks/thresholds.py, beside this file
+
 from patchcore import PatchCore, PatchCoreConfig
 from patchcore.evaluation.datasets import load_split
 
@@ -59,10 +61,7 @@ def main() -> None:
     parser.add_argument("--sets", default=None, help="comma-separated subset of the data sets")
     parser.add_argument("-o", "--output", default="results/threshold_cost.json")
     args = parser.parse_args()
-    data = Path(args.data)
-    sets = {"bottle": data / "mvtec_ad" / "bottle", "hazelnut": data / "mvtec_ad_reduced" / "hazelnut"}
-    if args.varied:
-        sets.update({f"{n}_varied": Path(args.varied) / f"{n}_varied" for n in ("bottle", "hazelnut")})
+    sets = data_sets(args.data, args.varied)
     if args.sets:
         sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     base = PatchCoreConfig(backbone="efficientnet_lite0", coreset_ratio=0.01)

@@ -59,6 +59,16 @@ def run(split, config: PatchCoreConfig) -> tuple[PatchCore, dict]:
     return model, record
 
 
+def data_sets(data: str | Path, varied: str | Path | None) -> dict[str, Path]:
+    """name -> category folder: bottle and hazelnut under `data`, and the varied-crop sets of
+    benchmarks/varied_shapes.py under `varied` if given."""
+    data = Path(data)
+    sets = {"bottle": data / "mvtec_ad" / "bottle", "hazelnut": data / "mvtec_ad_reduced" / "hazelnut"}
+    if varied:
+        sets.update({f"{n}_varied": Path(varied) / f"{n}_varied" for n in ("bottle", "hazelnut")})
+    return sets
+
+
 def thresholds_study(split, base: PatchCoreConfig) -> dict:
     out = {}
     model, record = run(split, base)  # the new default: k-fold out-of-sample scores of every training image
@@ -132,10 +142,7 @@ def main() -> None:
     parser.add_argument("--sets", default=None, help="comma-separated subset of the data sets")
     parser.add_argument("-o", "--output", default="results/thresholds.json")
     args = parser.parse_args()
-    data = Path(args.data)
-    sets = {"bottle": data / "mvtec_ad" / "bottle", "hazelnut": data / "mvtec_ad_reduced" / "hazelnut"}
-    if args.varied:
-        sets.update({f"{n}_varied": Path(args.varied) / f"{n}_varied" for n in ("bottle", "hazelnut")})
+    sets = data_sets(args.data, args.varied)
     if args.synthetic:
         from patchcore.evaluation.synthetic import make_category
 

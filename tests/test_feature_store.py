@@ -113,10 +113,9 @@ def test_bad_shapes_and_indices(tmp_path):
 
 def test_sigkill_during_a_spilled_fit_leaves_no_file(tmp_path):
     """Issue 16: SIGTERM or SIGKILL during a fit that spills features left a 128 MB file in TMPDIR each time."""
-    import signal
-    import subprocess
-    import sys
     import textwrap
+
+    from child import sigkill_when_printed
 
     code = textwrap.dedent(f"""
         import sys, time, torch
@@ -126,13 +125,7 @@ def test_sigkill_during_a_spilled_fit_leaves_no_file(tmp_path):
         print("spilled", flush=True)
         time.sleep(60)
     """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "spilled"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        child.kill()
+    sigkill_when_printed(code, "spilled")
     assert os.listdir(tmp_path) == []
 
 

@@ -39,14 +39,6 @@ def variant_images(n: int, seed: int = 11) -> list[bytes]:
     return [png_bytes(np.ascontiguousarray(fabric_texture(rng, 128)[..., [2, 0, 1]])) for _ in range(n)]
 
 
-@pytest.fixture()
-def models_dir(fitted, tmp_path):
-    folder = tmp_path / "models"
-    folder.mkdir()
-    fitted.save(folder / "fabric.model")
-    return folder
-
-
 def make_settings(models_dir: Path, **changes) -> ServerSettings:
     values = dict(models_dir=models_dir, review_dir=models_dir / "review", token=TOKEN, device="cpu",
                   max_wait_ms=5.0)

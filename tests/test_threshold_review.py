@@ -106,14 +106,6 @@ from patchcore import PatchCore  # noqa: E402
 from patchcore.app.server.api import create_app  # noqa: E402
 
 
-@pytest.fixture()
-def served(fitted, tmp_path):
-    folder = tmp_path / "models"
-    folder.mkdir()
-    fitted.save(folder / "fabric.model")
-    return folder
-
-
 def mark(client, data: bytes, verdict: str) -> dict:
     scored = predict(client, data).json()
     r = client.post("/v1/models/fabric/feedback", json={"result_id": scored["result_id"], "verdict": verdict},
@@ -122,11 +114,11 @@ def mark(client, data: bytes, verdict: str) -> dict:
     return scored
 
 
-def test_roc_of_marks_proposal_apply_and_history_across_a_restart(served, fitted, category):
+def test_roc_of_marks_proposal_apply_and_history_across_a_restart(models_dir, fitted, category):
     goods = [p.read_bytes() for p in sorted((category / "test" / "good").glob("*.png"))[:4]]
     defects = [sorted((category / "test" / kind).glob("*.png"))[0].read_bytes() for kind in ("hole", "stain")]
     novel = variant_images(2)  # good parts of a new colour: false alarms at the fitted threshold
-    with TestClient(create_app(make_settings(served))) as c:
+    with TestClient(create_app(make_settings(models_dir))) as c:
         empty = c.get("/v1/models/fabric/roc").json()
         assert empty["roc"] is None and "marked good and marked defect" in empty["reason"]
         good_scores = [mark(c, d, "good")["score"] for d in goods + novel]
@@ -170,9 +162,9 @@ def test_roc_of_marks_proposal_apply_and_history_across_a_restart(served, fitted
         new = applied["new"]
         assert applied["changed"] and applied["model_version"] == 2 and applied["rule"] == "false_alarm_rate"
         assert applied["old"] == pytest.approx(fitted.image_threshold_) and applied["false_alarms"] == 0
-        assert (served / applied["previous_file"]).is_file()
-        assert PatchCore.load(served / applied["previous_file"]).image_threshold_ == pytest.approx(applied["old"])
-        assert PatchCore.load(served / "fabric.model").image_threshold_ == pytest.approx(new)
+        assert (models_dir / applied["previous_file"]).is_file()
+        assert PatchCore.load(models_dir / applied["previous_file"]).image_threshold_ == pytest.approx(applied["old"])
+        assert PatchCore.load(models_dir / "fabric.model").image_threshold_ == pytest.approx(new)
         again = predict(c, novel[0]).json()  # the next predict is labelled by the new threshold
         assert again["model_version"] == 2 and again["threshold"] == pytest.approx(new) and again["label"] == "good"
 
@@ -183,7 +175,7 @@ def test_roc_of_marks_proposal_apply_and_history_across_a_restart(served, fitted
         assert predict(c, novel[0]).json()["label"] == "defect"
         c.post(url, json={"threshold": new}, headers=AUTH)
 
-    with TestClient(create_app(make_settings(served))) as c:  # a restart on the same folders
+    with TestClient(create_app(make_settings(models_dir))) as c:  # a restart on the same folders
         info = c.get("/v1/models/fabric").json()
         assert info["threshold"] == pytest.approx(new)  # the file holds it
         history = info["threshold_history"]
@@ -196,13 +188,13 @@ def test_roc_of_marks_proposal_apply_and_history_across_a_restart(served, fitted
         assert predict(c, novel[0]).json()["label"] == "good"
 
 
-def test_a_failed_save_or_record_leaves_the_model_and_its_file_as_they_were(served, fitted, category, monkeypatch):
+def test_a_failed_save_or_record_leaves_the_model_and_its_file_as_they_were(models_dir, fitted, category, monkeypatch):
     import sqlite3
 
     from patchcore.app.server import threshold_review
 
-    before = (served / "fabric.model").read_bytes()
-    with TestClient(create_app(make_settings(served))) as c:
+    before = (models_dir / "fabric.model").read_bytes()
+    with TestClient(create_app(make_settings(models_dir))) as c:
         mark(c, sorted((category / "test" / "good").glob("*.png"))[0].read_bytes(), "good")
         # a proposal needs both kinds of marks
         assert c.post("/v1/models/fabric/threshold", json={"miss_rate": 0.1}, headers=AUTH).status_code == 409
@@ -225,13 +217,13 @@ def test_a_failed_save_or_record_leaves_the_model_and_its_file_as_they_were(serv
         info = c.get("/v1/models/fabric").json()
         assert info["version"] == 1 and info["threshold"] == pytest.approx(fitted.image_threshold_)
         assert info["threshold_history"] == [] and info["previous_versions"] == []
-    assert (served / "fabric.model").read_bytes() == before  # the previous file went back
+    assert (models_dir / "fabric.model").read_bytes() == before  # the previous file went back
 
 
-def test_after_an_update_the_marks_are_scored_by_the_new_bank(served, category):
+def test_after_an_update_the_marks_are_scored_by_the_new_bank(models_dir, category):
     defect = sorted((category / "test" / "hole").glob("*.png"))[0].read_bytes()
     novel = variant_images(3, seed=5)
-    with TestClient(create_app(make_settings(served))) as c:
+    with TestClient(create_app(make_settings(models_dir))) as c:
         mark(c, novel[0], "good")
         was = mark(c, defect, "defect")["score"]
         assert c.post("/v1/models/fabric/apply-update", headers=AUTH).status_code == 200

@@ -438,8 +438,9 @@ def test_sizes_that_cannot_give_a_model_are_usage_errors_before_any_work(categor
 
 def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(tmp_path):
     """Case: `.tmp` files left after a killed save."""
-    import signal
     import time
+
+    from child import sigkill_when_printed
 
     path = tmp_path / "m.model"
     code = textwrap.dedent(f"""
@@ -452,15 +453,9 @@ def test_a_killed_save_leaves_a_temporary_file_that_the_next_save_removes(tmp_pa
         mf.os.fsync = hang
         mf.atomic_write_bytes(mf.Path({str(path)!r}), b"x" * 1000)
     """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "writing"
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        child.kill()
+    pid = sigkill_when_printed(code, "writing")
     left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert len(left) == 1 and f".{child.pid}." in left[0].name  # named by the killed process
+    assert len(left) == 1 and f".{pid}." in left[0].name  # named by the killed process
     busy = tmp_path / f".m.model.{os.getpid()}.abcd.tmp"  # a write in progress in a running process
     busy.write_bytes(b"")
     time.sleep(0.01)
