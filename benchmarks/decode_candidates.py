@@ -263,11 +263,16 @@ def main() -> int:
               "gil_wait_ms_median_p90": gil(found, files),
               "read_image_agreement": agreement(args.fuzz, args.seed + 1),
               "safety": safety(found, args.fuzz, args.seed)}
+    return write_result(result, args.output)
+
+
+def write_result(result: dict, output: str | None) -> int:
+    """The load after the run added to `result`, printed as JSON and written to `output` if given; exit status 0."""
     result["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     text = json.dumps(result, indent=1)
     print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+    if output:
+        Path(output).write_text(text)
     return 0
 
 

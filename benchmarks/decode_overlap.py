@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from decode_candidates import write_result  # beside this file
 
 from patchcore import PatchCore
 from patchcore.io import fast_decode, images
@@ -147,12 +148,7 @@ def main() -> int:
         print(f"batch {batch}", json.dumps(row), json.dumps(result["cpu_ms_per_image"][f"batch {batch}"]),
               file=sys.stderr, flush=True)
     fast_decode.decoders = INSTALLED
-    result["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
-    return 0
+    return write_result(result, args.output)
 
 
 if __name__ == "__main__":
