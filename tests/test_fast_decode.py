@@ -242,3 +242,180 @@ def test_libspng_is_called_without_the_gil():
     lib = fast_decode._libspng()
     assert isinstance(lib, ctypes.CDLL) and not isinstance(lib, ctypes.PyDLL)
     assert not lib._func_flags_ & ctypes._FUNCFLAG_PYTHONAPI
+
+
+# PNG image data inflated by zlib-ng and handed to libspng as stored blocks (fast_decode._stored_idat)
+
+def filtered_rows(pixels: np.ndarray, filters: list[int]) -> bytes:
+    """The scanlines of (H, W) or (H, W, 3) uint8 `pixels`, row y filtered with filters[y] (PNG 0-4)."""
+    h = pixels.shape[0]
+    x = pixels.reshape(h, -1).astype(np.int16)
+    bpp = 1 if pixels.ndim == 2 else 3
+    a = np.zeros_like(x)
+    a[:, bpp:] = x[:, :-bpp]  # left
+    b = np.zeros_like(x)
+    b[1:] = x[:-1]  # up
+    c = np.zeros_like(x)
+    c[1:, bpp:] = x[:-1, :-bpp]  # up-left
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    by_filter = [x, x - a, x - b, x - (a + b) // 2, x - paeth]
+    return b"".join(bytes([f]) + (by_filter[f][y] & 255).astype(np.uint8).tobytes() for y, f in enumerate(filters))
+
+
+def png_with(pixels: np.ndarray, rows: bytes, *, pieces: int = 1, stream: bytes | None = None,
+             between: bytes = b"") -> bytes:
+    """An 8-bit grey/RGB PNG of `rows` (zlib level 9, or `stream` as given) in `pieces` IDAT chunks, with
+    `between` (whole chunks) after the first one."""
+    h, w = pixels.shape[:2]
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    stream = zlib.compress(rows, 9) if stream is None else stream
+    cuts = [len(stream) * i // pieces for i in range(pieces + 1)]
+    idats = [hostile.chunk(b"IDAT", stream[cuts[i]:cuts[i + 1]]) for i in range(pieces)]
+    return (hostile.PNG_SIGNATURE + hostile.chunk(b"IHDR", header) + idats[0] + between + b"".join(idats[1:])
+            + hostile.chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def paths_taken(monkeypatch):
+    """The libspng decodes that succeeded, as "inflated" (zlib-ng's path) or "as is" (the file as it came)."""
+    taken, decode = [], fast_decode._spng_decode
+
+    def spy(data, height, width, *, inflated):
+        pixels = decode(data, height, width, inflated=inflated)
+        taken.append("inflated" if inflated else "as is")
+        return pixels
+    monkeypatch.setattr(fast_decode, "_spng_decode", spy)
+    return taken
+
+
+def same_as_pillow(path, pillow_only) -> str:
+    """read_image's verdict with the fast decoders equals the Pillow-only one: "pixels" or "refused"."""
+    results = []
+    for on in (False, True):
+        pillow_only(on)
+        try:
+            results.append(images.read_image(path))
+        except ImageReadError as err:
+            results.append(str(err))
+    if isinstance(results[0], str) or isinstance(results[1], str):
+        assert results[0] == results[1]
+        return "refused"
+    assert results[1].dtype == np.uint8 and np.array_equal(results[0], results[1])
+    return "pixels"
+
+
+def test_zlib_ng_is_installed():
+    # a dependency: without it every PNG would take libspng's own (slower) inflate and the tests below would fail
+    assert fast_decode._decompressobj() is not None
+
+
+def test_every_filter_type_and_size_decodes_through_zlib_ng_as_pillow_does(tmp_path, pillow_only, paths_taken):
+    rng = np.random.default_rng(5)
+    for h, w in SIZES:
+        for grey in (False, True):
+            pixels = picture(h, w, h + w)[..., 0] if grey else picture(h, w, h + w)
+            for kind in ("0", "1", "2", "3", "4", "mixed"):
+                filters = list(rng.integers(0, 5, h)) if kind == "mixed" else [int(kind)] * h
+                for pieces in (1, 3):
+                    name = f"{h}x{w}-{'grey' if grey else 'rgb'}-filter{kind}-idat{pieces}"
+                    path = tmp_path / f"{name}.png"
+                    path.write_bytes(png_with(pixels, filtered_rows(pixels, filters), pieces=pieces))
+                    paths_taken.clear()
+                    assert same_as_pillow(path, pillow_only) == "pixels", name
+                    assert paths_taken == ["inflated"], name  # not a silent fall-back to the old path
+                    expected = np.repeat(pixels[..., None], 3, axis=2) if grey else pixels
+                    assert np.array_equal(images.read_image(path), expected), name
+
+
+def test_odd_image_data_keeps_pillows_verdict(tmp_path, pillow_only, paths_taken):
+    pixels = picture(23, 41, 3)
+    rows = filtered_rows(pixels, [4, 1, 2, 3, 0] * 4 + [4, 4, 4])
+    good = zlib.compress(rows, 9)
+    stride = 1 + 41 * 3
+    bad_filter = bytearray(rows)
+    bad_filter[5 * stride] = 5
+    bad_crc = bytearray(png_with(pixels, rows))
+    idat = bad_crc.index(b"IDAT")
+    bad_crc[idat + 4 + int.from_bytes(bad_crc[idat - 4:idat], "big")] ^= 1
+    text = hostile.chunk(b"tEXt", b"Comment\0between the image data")
+    cases = {  # name: (file, the path that gives the verdict)
+        "idat-crc-wrong": (bytes(bad_crc), "inflated"),  # Pillow does not check an IDAT CRC, libspng does
+        "many-small-idat": (png_with(pixels, rows, pieces=len(good)), "inflated"),
+        "empty-idat-between": (png_with(pixels, rows, pieces=2, between=hostile.chunk(b"IDAT", b"")), "inflated"),
+        "stream-truncated": (png_with(pixels, rows, stream=good[:-40]), None),
+        "stream-without-adler32": (png_with(pixels, rows, stream=good[:-4]), None),
+        "adler32-wrong": (png_with(pixels, rows, stream=good[:-1] + bytes([good[-1] ^ 1])), None),
+        "bytes-after-stream-end": (png_with(pixels, rows, stream=good + b"\0junk"), None),
+        "raw-one-byte-short": (png_with(pixels, rows, stream=zlib.compress(rows[:-1])), None),
+        "raw-one-byte-long": (png_with(pixels, rows, stream=zlib.compress(rows + b"\0")), None),
+        "raw-one-row-long": (png_with(pixels, rows, stream=zlib.compress(rows + rows[:stride])), None),
+        "filter-byte-5": (png_with(pixels, rows, stream=zlib.compress(bytes(bad_filter))), None),
+        "not-zlib": (png_with(pixels, rows, stream=b"\x78\x9c" + bytes(60)), None),
+        "raw-deflate": (png_with(pixels, rows, stream=zlib.compress(rows)[2:-4]), None),
+        "chunk-between-idats": (png_with(pixels, rows, pieces=2, between=text), None),
+    }
+    verdicts = {}
+    for name, (data, path_taken) in cases.items():
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(data)
+        paths_taken.clear()
+        verdicts[name] = same_as_pillow(path, pillow_only)
+        if path_taken == "inflated":
+            assert paths_taken == ["inflated"], name
+        else:
+            assert "inflated" not in paths_taken, name  # refused: the file as it came, then Pillow
+    assert set(verdicts.values()) == {"pixels", "refused"}, verdicts  # both kinds of verdict were compared
+
+
+def test_inflating_stops_one_byte_past_the_expected_size(monkeypatch):
+    # a decompression bomb in a small image's IDAT: 200 MB of zeros for a 4 x 4 grey image (20 bytes)
+    bomb = zlib.compress(bytes(200 << 20), 9)
+    data = png_with(np.zeros((4, 4), np.uint8), b"", stream=bomb)
+    made, inflater = [], fast_decode._decompressobj()
+
+    class Recording:
+        def __init__(self):
+            self.inner = inflater()
+
+        def decompress(self, chunk, max_length=0):
+            out = self.inner.decompress(chunk, max_length)
+            made.append((max_length, len(out)))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    monkeypatch.setattr(fast_decode, "_decompressobj", lambda: Recording)
+    assert fast_decode._stored_idat(data, 4, 4) is None
+    assert made == [(21, 21)]
+
+
+def test_without_zlib_ng_pngs_still_take_libspng(tmp_path, pillow_only, paths_taken, monkeypatch):
+    monkeypatch.setattr(fast_decode, "_decompressobj", lambda: None)  # as where `import zlib_ng` fails
+    assert "PNG" in fast_decode.decoders()
+    for grey in (False, True):
+        pixels = picture(17, 33, 1)[..., 0] if grey else picture(17, 33, 1)
+        path = tmp_path / f"grey{grey}.png"
+        path.write_bytes(save(Image.fromarray(pixels), "PNG"))
+        paths_taken.clear()
+        assert same_as_pillow(path, pillow_only) == "pixels"
+        assert paths_taken == ["as is"]
+
+
+def test_a_missing_zlib_ng_module_is_none(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def refuse(name, *args, **kwargs):
+        if name.startswith("zlib_ng"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", refuse)
+    fast_decode._decompressobj.cache_clear()
+    try:
+        assert fast_decode._decompressobj() is None
+    finally:
+        monkeypatch.undo()
+        fast_decode._decompressobj.cache_clear()
+    assert fast_decode._decompressobj() is not None
