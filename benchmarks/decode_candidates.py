@@ -10,8 +10,15 @@ Run it in an environment that has the candidates (OpenCV is not a patchcore depe
 Speed: median of --repeats decodes per file, one thread (OpenCV's own threads set to 1), the file already
 in memory (the read is the same for all), the candidates interleaved in each repeat (so that load from other
 jobs falls on all alike). Candidates: Pillow (open + load, as io/images.py did for every file), pyspng.load
-(libspng, PNG only), libspng through ctypes (io/fast_decode.py), simplejpeg (libjpeg-turbo, JPEG only),
+(libspng, PNG only), libspng through ctypes on the file as it is (io/fast_decode.py before zlib-ng), zlib-ng + libspng
+(io/fast_decode.py now), simplejpeg (libjpeg-turbo, JPEG only),
 OpenCV imdecode (libpng / libjpeg-turbo); and read_image from a file with and without io/fast_decode.py.
+With --png-cpu FOLDER...: only read_image's CPU time on PNGs (the generated sizes and every PNG under each
+FOLDER), Pillow only / libspng on the file as it is / zlib-ng + libspng, and two decoding threads' wall time:
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src .venv/bin/python benchmarks/decode_candidates.py --repeats 7 \
+        --png-cpu ../shared/data/mvtec_ad/bottle/test ../shared/data/mvtec_ad_reduced/hazelnut -o png_cpu.json
+
 GIL: the median wake-up delay of a 1 ms sleep in another thread while a candidate decodes in a loop (a
 decoder that holds the GIL delays it by a whole decode, and so stalls the model's thread beside it).
 Safety: every hostile file of tests/hostile.py and --fuzz mutated seeds, each candidate in a child process
@@ -56,10 +63,15 @@ def decoders() -> dict:
     except ImportError:
         pass
     if fast_decode._libspng() is not None:
-        def spng_ctypes(data):
+        def spng_ctypes(data):  # the file as it is: libspng's own zlib inflates
             image = Image.open(io.BytesIO(data))
-            return fast_decode._decode_png(data, image.height, image.width)
+            return fast_decode._spng_decode(data, image.height, image.width, inflated=False)
         found["libspng-ctypes"] = spng_ctypes
+        if fast_decode._decompressobj() is not None:
+            def zlib_ng_spng(data):  # io/fast_decode.py now: zlib-ng inflates, libspng unfilters stored blocks
+                image = Image.open(io.BytesIO(data))
+                return fast_decode._decode_png(data, image.height, image.width)
+            found["zlib-ng+libspng"] = zlib_ng_spng
     try:
         import simplejpeg
         found["simplejpeg"] = lambda data: simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -80,7 +92,8 @@ def decoders() -> dict:
     return found
 
 
-FORMATS = {"pyspng": ("PNG",), "libspng-ctypes": ("PNG",), "simplejpeg": ("JPEG",)}  # the others decode both
+FORMATS = {"pyspng": ("PNG",), "libspng-ctypes": ("PNG",), "zlib-ng+libspng": ("PNG",),
+           "simplejpeg": ("JPEG",)}  # the others decode both
 
 
 def test_images(source: Path) -> dict[str, bytes]:
@@ -126,6 +139,74 @@ def speed(found: dict, files: dict[str, bytes], repeats: int) -> dict:
 def read_with(decoders, path: Path) -> np.ndarray:
     fast_decode.decoders = decoders
     return images.read_image(path)
+
+
+def png_cpu(sets: dict[str, list[Path]], repeats: int) -> dict:
+    """read_image's CPU ms per file (time.process_time; one thread), median of `repeats` passes over each set,
+    the variants interleaved in every pass: Pillow only; libspng on the file as it is (before zlib-ng); zlib-ng
+    + libspng (io/fast_decode.py now). Plus the wall time of two threads each decoding the set over one
+    thread's (about 1 on two free cores where decoding runs without the GIL, 2 where it is serialised; also 2
+    on a machine whose other jobs leave less than two cores), and the GIL wait of another thread (`gil_wait`)
+    while read_image decodes the set in a loop, before and now."""
+    installed, inflater = fast_decode.decoders, fast_decode._decompressobj
+    variants = {"pillow only": (dict, inflater), "libspng as is (before)": (installed, lambda: None),
+                "zlib-ng + libspng (now)": (installed, inflater)}
+
+    def run(variant: str, files: list[Path]) -> None:
+        fast_decode.decoders, fast_decode._decompressobj = variants[variant]
+        for path in files:
+            images.read_image(path)
+
+    table = {}
+    for label, files in sets.items():
+        times = {name: [] for name in variants}
+        for name in variants:
+            run(name, files[:1])
+        for _ in range(repeats):
+            for name in variants:
+                started = time.process_time()
+                run(name, files)
+                times[name].append(1000 * (time.process_time() - started) / len(files))
+        row = {name: round(statistics.median(t), 2) for name, t in times.items()}
+        row["now/before"] = round(row["zlib-ng + libspng (now)"] / row["libspng as is (before)"], 3)
+        walls = {1: [], 2: []}
+        for _ in range(repeats):
+            for count in (1, 2):
+                workers = [threading.Thread(target=run, args=("zlib-ng + libspng (now)", files))
+                           for _ in range(count)]
+                started = time.perf_counter()
+                for worker in workers:
+                    worker.start()
+                for worker in workers:
+                    worker.join()
+                walls[count].append(time.perf_counter() - started)
+        row["2 threads/1 thread wall"] = round(statistics.median(walls[2]) / statistics.median(walls[1]), 2)
+        for name in ("libspng as is (before)", "zlib-ng + libspng (now)"):
+            row[f"GIL wait ms, {name}"] = gil_wait(lambda name=name, files=files: run(name, files))
+        table[f"{label} ({len(files)} files)"] = row
+        print(label, row, file=sys.stderr, flush=True)
+    fast_decode.decoders, fast_decode._decompressobj = installed, inflater
+    return table
+
+
+def gil_wait(work, seconds: float = 1.0) -> list[float]:
+    """Median and 90th percentile wake-up delay (ms) of a 1 ms sleep while another thread calls `work` in a loop."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            work()
+    worker = threading.Thread(target=loop)
+    worker.start()
+    waits, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        time.sleep(0.001)
+        waits.append(1000 * (time.perf_counter() - started) - 1)
+    stop.set()
+    worker.join()
+    waits.sort()
+    return [round(waits[len(waits) // 2], 2), round(waits[9 * len(waits) // 10], 2)]
 
 
 def spin(decode, data: bytes, stop: threading.Event) -> None:
@@ -253,10 +334,26 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--fuzz", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--png-cpu", nargs="*", metavar="FOLDER", default=None,
+                        help="only read_image's CPU time on PNGs, before/after zlib-ng: the generated sizes and "
+                             "the PNGs under each FOLDER (recursively)")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
     found = decoders()
     files = test_images(Path(args.source))
+    if args.png_cpu is not None:
+        sets = {}
+        with tempfile.TemporaryDirectory() as folder:
+            for label, data in files.items():
+                if label.startswith("PNG"):
+                    sets[label] = [Path(folder) / f"{len(sets)}.png"]
+                    sets[label][0].write_bytes(data)
+            for source in args.png_cpu:
+                sets[source] = sorted(Path(source).rglob("*.png"))
+            result = {"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+                      "read_image_png_cpu_ms": png_cpu(sets, args.repeats),
+                      "GIL wait ms, no decoding": gil_wait(lambda: time.sleep(0.01), 0.5)}
+        return write_result(result, args.output)
     files[f"PNG original {Path(args.source).name}"] = Path(args.source).read_bytes()
     result = {"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
               "candidates": sorted(found), "ms_per_decode": speed(found, files, args.repeats),
