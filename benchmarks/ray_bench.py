@@ -50,14 +50,30 @@ def single_process(model_file: Path, paths: list[Path]) -> dict:
     return {"seconds": seconds, "images_per_s": len(paths) / seconds, "n": len(scores)}
 
 
+def single_runtime(model_file: Path, export: Path, paths: list[Path]) -> dict:
+    """The lean runtime in this process (Runtime.load + iter_predict: `patchcore-score`'s path)."""
+    from patchcore.runtime import Runtime
+
+    started = time.perf_counter()
+    runtime = Runtime.load(model_file, export, threads=os.cpu_count())
+    scores = []
+    for batch in runtime.iter_predict(paths):
+        if batch.result is not None:
+            scores += batch.result.scores.tolist()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images_per_s": len(paths) / seconds, "n": len(scores)}
+
+
 def part_times(out: Path) -> list[float]:
     return sorted(p.stat().st_mtime for p in (out / "scores").glob("part-*.parquet"))
 
 
-def on_ray(model_file: Path, paths: list[Path], out: Path, actors: int, chunk: int, decode: str = "actor") -> dict:
+def on_ray(model_file: Path, paths: list[Path], out: Path, actors: int, chunk: int, decode: str = "actor",
+           export: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    report = predict_on_ray(model_file, paths, out, actors=actors, chunk_size=chunk, decode=decode)
+    backend = {"backend": "runtime", "backend_options": {"export_dir": str(export)}} if export else {}
+    report = predict_on_ray(model_file, paths, out, actors=actors, chunk_size=chunk, decode=decode, **backend)
     seconds = time.perf_counter() - started
     times = part_times(out)
     steady = (len(paths) - chunk) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
@@ -115,7 +131,9 @@ def main() -> None:
     parser.add_argument("--skip-fit", action="store_true", help="use WORKDIR/plain.model from an earlier run")
     parser.add_argument("--skip-recovery", action="store_true")
     parser.add_argument("--kinds", default="single,ray_1,ray_2,ray_1_decode_tasks",
-                        help="which predict runs to alternate (comma-separated; default all four)")
+                        help="which predict runs to alternate (comma-separated; default the torch four); the lean "
+                             "runtime's: single_runtime, ray_1_runtime, ray_2_runtime (torch-free actors; the model "
+                             "is exported to WORKDIR/plain.model.onnx first)")
     parser.add_argument("-o", "--output", default="ray_bench.json")
     args = parser.parse_args()
     data, work = Path(args.data), Path(args.workdir)
@@ -147,6 +165,11 @@ def main() -> None:
             result["fit"] = {"plain_s": statistics.median(fits["plain"]), "ray_s": statistics.median(fits["ray"]),
                              "runs": fits, "same_bytes": sha(work / "plain.model") == sha(work / "ray.model")}
         model_file = work / "plain.model"
+        export = work / "plain.model.onnx"
+        if "runtime" in args.kinds and not (export / "export.json").is_file():
+            from patchcore.estimator.export import export_model
+
+            export_model(PatchCore.load(model_file, device="cpu"), model_file, export)
 
         paths = train + tests
         for copy in range(1, args.copies):  # distinct files (repeats of one file are scored once)
@@ -161,7 +184,10 @@ def main() -> None:
         kinds = {"single": lambda: single_process(model_file, paths),
                  "ray_1": lambda: on_ray(model_file, paths, work / "out1", 1, args.chunk),
                  "ray_2": lambda: on_ray(model_file, paths, work / "out2", 2, args.chunk),
-                 "ray_1_decode_tasks": lambda: on_ray(model_file, paths, work / "out3", 1, args.chunk, "tasks")}
+                 "ray_1_decode_tasks": lambda: on_ray(model_file, paths, work / "out3", 1, args.chunk, "tasks"),
+                 "single_runtime": lambda: single_runtime(model_file, export, paths),
+                 "ray_1_runtime": lambda: on_ray(model_file, paths, work / "out4", 1, args.chunk, export=export),
+                 "ray_2_runtime": lambda: on_ray(model_file, paths, work / "out5", 2, args.chunk, export=export)}
         runs: dict = {kind: [] for kind in args.kinds.split(",")}
         for _ in range(args.repeats):
             for kind in runs:
@@ -172,14 +198,18 @@ def main() -> None:
             values = [r[key] for r in runs[kind] if r.get(key) is not None]
             return statistics.median(values) if values else None
 
-        single = median("single", "images_per_s")
+        def base(kind):  # the single process of the same backend
+            single = "single_runtime" if kind.endswith("runtime") else "single"
+            return median(single, "images_per_s") if single in runs else None
+
         result["predict"] = {kind: {"images_per_s": median(kind, "images_per_s"),
                                     "steady_images_per_s": median(kind, "steady_images_per_s"),
-                                    "ratio_to_single": median(kind, "images_per_s") / single if single else None}
+                                    "ratio_to_single": base(kind) and median(kind, "images_per_s") / base(kind)}
                              for kind in runs}
-        if "single" in runs:  # each repeat's Ray run against the single run next to it
-            for kind in runs:
-                pairs = [s["seconds"] / r["seconds"] for s, r in zip(runs["single"], runs[kind])]
+        for kind in runs:  # each repeat's Ray run against the single run of its backend next to it
+            base = "single_runtime" if kind.endswith("runtime") else "single"
+            if base in runs:
+                pairs = [s["seconds"] / r["seconds"] for s, r in zip(runs[base], runs[kind])]
                 result["predict"][kind]["paired_ratios"] = pairs
                 result["predict"][kind]["paired_ratio_median"] = statistics.median(pairs)
         result["predict"]["runs"] = runs

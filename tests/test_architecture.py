@@ -25,7 +25,8 @@ APP_ONLY = {"argparse", "tqdm", "fastapi", "starlette", "uvicorn", "flask", "aio
 
 # The cluster engine (Ray, an optional extra) lives in these application modules only.
 RAY_ONLY = {"ray"}
-RAY_MODULES = ("patchcore.app.ray_predict", "patchcore.app.ray_fit", "patchcore.app.ray_cluster")
+RAY_MODULES = ("patchcore.app.ray_predict", "patchcore.app.ray_scoring", "patchcore.app.ray_torch_backends",
+               "patchcore.app.ray_fit", "patchcore.app.ray_cluster")
 
 
 def module_name(path: Path) -> str:

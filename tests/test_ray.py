@@ -238,22 +238,94 @@ def test_without_the_extra_the_cli_says_how_to_get_it(monkeypatch):
         ray_commands._engine("predict")
 
 
-def test_the_lean_runtime_scores_in_the_actors(local_ray, model_file, data, tmp_path):
-    """backend 'onnx': every actor scores with the exported graph, as `predict --runtime onnx` does."""
+@pytest.fixture(scope="module")
+def exported(model_file, tmp_path_factory):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from patchcore.estimator.export import export_model
+
+    export = tmp_path_factory.mktemp("export") / "cat.onnx"
+    export_model(PatchCore.load(model_file, device="cpu"), model_file, export, static_size=True)
+    return export
+
+
+def test_the_lean_runtime_scores_in_torch_free_actors(local_ray, model_file, data, exported, tmp_path):
+    """backend 'runtime' (`predict --ray --runtime onnx`): the scores and labels of the torch-free runtime on the
+    same files, bit for bit (and of `predict --runtime onnx`, the estimator over the same graph)."""
+    from patchcore.estimator.exported import ExportedPatchCore
+    from patchcore.runtime import Runtime
+
+    readable = data[1][:-2]
+    runtime = Runtime.load(model_file, exported, threads=1)
+    single = {}
+    for batch in runtime.iter_predict(readable):
+        labels = batch.result.labels.tolist()
+        single.update({display_path(p): (s, "defect" if lab else "good")
+                       for p, s, lab in zip(batch.paths, batch.result.scores.tolist(), labels)})
+    estimator = ExportedPatchCore.load(model_file, export_dir=exported, threads=1).predict(readable).scores.tolist()
+    report = predict_on_ray(model_file, data[1], tmp_path / "out", threads=1, chunk_size=8, backend="runtime",
+                            backend_options={"export_dir": str(exported)})
+    rows = {r["path"]: r for r in read_rows(tmp_path / "out")}
+    assert {p: (rows[p]["score"], rows[p]["label"]) for p in single} == single
+    assert [rows[display_path(p)]["score"] for p in readable] == estimator
+    assert all(rows[display_path(p)]["error"] for p in data[1][-2:]) and report.n_failed == 2
+    assert {r["image_threshold"] for r in rows.values()} == {runtime.state_.image_threshold}
+    with pytest.raises(Exception, match="scores only"):
+        predict_on_ray(model_file, data[1], tmp_path / "pictures", backend="runtime", pictures=True)
+
+
+def test_the_exported_graph_draws_pictures_in_the_actors(local_ray, model_file, data, exported, tmp_path):
+    """backend 'onnx' (`--runtime onnx --pictures`): the estimator over the exported graph, as `predict --runtime
+    onnx` does, with its pictures."""
     from patchcore.estimator.exported import ExportedPatchCore
 
-    export = tmp_path / "cat.onnx"
-    export_model(PatchCore.load(model_file, device="cpu"), model_file, export, static_size=True)
     readable = data[1][:-2]
-    single = ExportedPatchCore.load(model_file, export_dir=export, threads=1).predict(readable).scores.tolist()
-    predict_on_ray(model_file, data[1], tmp_path / "out", threads=1, chunk_size=8, backend="onnx",
-                   backend_options={"export_dir": str(export)})
+    single = ExportedPatchCore.load(model_file, export_dir=exported, threads=1).predict(readable).scores.tolist()
+    predict_on_ray(model_file, data[1], tmp_path / "out", threads=1, chunk_size=8, backend="onnx", pictures=True,
+                   backend_options={"export_dir": str(exported)})
     rows = {r["path"]: r for r in read_rows(tmp_path / "out")}
     assert [rows[display_path(p)]["score"] for p in readable] == single
-    assert all(rows[display_path(p)]["error"] for p in data[1][-2:])
+    assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == len(readable)
+
+
+def test_a_runtime_actor_scores_where_torch_cannot_be_imported(model_file, data, exported, tmp_path):
+    """The actor's own code (app/ray_scoring.py, backend 'runtime') in a process where `import torch` fails: it
+    loads the model, scores a chunk decoded in its threads and one decoded by tasks, and writes their parts."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    paths = [display_path(p) for p in data[1][:5]] + [display_path(data[1][-1])]
+    (tmp_path / "out" / "scores").mkdir(parents=True)
+    script = textwrap.dedent(f"""
+        import json, sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "timm"):
+                    raise ImportError("torch is not installed here")
+        sys.meta_path.insert(0, NoTorch())
+        from patchcore.app.ray_scoring import ChunkScorer, decode_chunk
+        from patchcore.app.ray_cluster import file_sha256
+        scorer = ChunkScorer(model_path={str(model_file)!r}, model_sha256=file_sha256({str(model_file)!r}),
+                             output={str(tmp_path / "out")!r}, backend="runtime",
+                             backend_options={{"export_dir": {str(exported)!r}}}, device="cpu", threads=1,
+                             image_threshold=None, pixel_threshold=None, pictures=False, save_maps=False,
+                             full_resolution=False)
+        chunk = {{"run": [0], "chunk": [0], "paths": [{paths!r}], "names": [[""] * {len(paths)}]}}
+        decoded = decode_chunk({{"run": 0, "chunk": 1, "paths": {paths!r}, "names": [""] * {len(paths)}}})
+        scorer(chunk)
+        scorer({{k: [v] for k, v in decoded.items()}})
+        print(json.dumps({{"torch": [m for m in sys.modules if m.split(".")[0] in ("torch", "timm")]}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["torch"] == []
+    parts = [pq.read_table(p).to_pylist() for p in sorted((tmp_path / "out" / "scores").glob("part-*.parquet"))]
+    assert len(parts) == 2 and [r["path"] for r in parts[0]] == paths
+    assert [(r["score"], r["error"] is None) for r in parts[0]] == [(r["score"], r["error"] is None) for r in parts[1]]
+    assert parts[0][-1]["error"] and all(r["score"] > 0 for r in parts[0][:-1])
 
 
 def test_a_row_written_twice_is_kept_once(tmp_path):

@@ -18,36 +18,30 @@ stopped job reads the paths already in its parts and scores only the others, in 
 
 Scores equal `patchcore predict` on the same files: the actor scores the decoded images through the public
 `predict` of the same estimator the single-process command loads, and writes pictures with its writer.
-The scoring backend is pluggable (BACKENDS): "torch" (the estimator, a single model or an ensemble) and
-"onnx" (the lean runtime's exported graph on onnxruntime or OpenVINO, as `predict --runtime onnx`).
+The scoring backend is pluggable (app/ray_scoring.py, where the actor's code lives): "torch" (the estimator, a
+single model or an ensemble), "runtime" (the lean runtime, torch-free actors: `predict --ray --runtime onnx`
+without pictures; the scores of `patchcore-score` and `predict --runtime onnx`) and "onnx" (the exported graph
+behind the estimator's API, which can draw: `--runtime onnx --pictures`).
 """
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
-import torch
 
 from .._version import __version__
-from ..errors import ImageReadError, InputError, ModelFileError, OutputError
-from ..estimator.ensemble import load_model
-from ..io.images import read_image
+from ..errors import InputError, ModelFileError, OutputError
 from ..io.model_file import atomic_write_bytes, read_model_format
 from .predict_folder import (
     OUTPUT_FOLDERS,
-    _scored_batches,
-    _write_outputs,
     clear_outputs,
     display_path,
     earlier_outputs,
@@ -55,11 +49,9 @@ from .predict_folder import (
     unique_inputs,
 )
 from .ray_cluster import RaySession, file_sha256
+from .ray_scoring import BACKENDS, DRAWS_PICTURES, ChunkScorer, decode_chunk, write_part
 
 DEFAULT_CHUNK = 64  # images per chunk: the unit of work, of retry and of output file
-SCHEMA = pa.schema([("path", pa.string()), ("name", pa.string()), ("score", pa.float64()), ("label", pa.string()),
-                    ("image_threshold", pa.float64()), ("pixel_threshold", pa.float64()),
-                    ("model_sha256", pa.string()), ("error", pa.string())])
 PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 DECODE_CPUS = 0.25  # booked per decoding task: decoding a chunk costs a fraction of scoring it
 MAX_LISTED_FAILURES = 100  # in summary.json; every failure is a row of the Parquet parts
@@ -75,164 +67,6 @@ class RayPredictReport:
     actors: int = 0
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)  # the first MAX_LISTED_FAILURES
-
-
-# ---------------------------------------------------------------------------- scoring backends
-class EstimatorBackend:
-    """What an actor scores with: a model loaded once, `score(images)` mapping uint8 (3, H, W) tensors to one
-    (score, map, label, mask) or an error text each (an image the model cannot take), and `model`, which
-    draws the pictures. Only the public estimator API is used, so the scores are those of `patchcore
-    predict` with the same backend."""
-
-    def __init__(self, model, *, image_threshold: float | None, pixel_threshold: float | None):
-        self.model = model
-        self.model.with_thresholds(image=image_threshold, pixel=pixel_threshold)
-
-    def score(self, images: list[torch.Tensor]) -> list[tuple | str]:
-        try:
-            return _per_image(self.model.predict(images))
-        except InputError as err:  # an image the model refuses (size, aspect, ...): find it, image by image
-            if len(images) == 1:
-                return [f"cannot be scored: {err}"]
-            return [result for image in images for result in self.score([image])]
-
-    def score_files(self, paths: list[str]) -> list[tuple]:
-        """Decode and score files -> one (image, result or error text) per path, in order: the single-process
-        writer's own loop (iter_predict, background decoding threads, its per-file checks and retries)."""
-        found: dict[str, tuple] = {}
-        for batch_paths, images, results, failures in _scored_batches(self.model, [Path(p) for p in paths]):
-            found.update({str(p): (image, result) for p, image, result in zip(batch_paths, images, results)})
-            found.update({str(Path(f.path)): (None, f.reason) for f in failures})
-        return [found.get(str(Path(p)), (None, "not scored")) for p in paths]
-
-
-def torch_backend(model_path: str, *, device: str, threads: int | None, **options) -> EstimatorBackend:
-    """The torch estimator (a single model or an ensemble), as `patchcore predict`."""
-    if threads:
-        torch.set_num_threads(threads)
-    return EstimatorBackend(load_model(model_path, device=device), **options)
-
-
-def onnx_backend(model_path: str, *, device: str, threads: int | None, export_dir: str | None = None,
-                 engine: str = "onnxruntime", precision: str = "fp32", **options) -> EstimatorBackend:
-    """The lean runtime's exported graph (onnxruntime or OpenVINO; `patchcore export`), as `patchcore predict
-    --runtime onnx`: the embedding runs in the graph, the rest is the library's."""
-    from ..estimator.exported import ExportedPatchCore
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = ExportedPatchCore.load(model_path, export_dir=export_dir, backend=engine, threads=threads,
-                                   precision=precision)
-    return EstimatorBackend(model, **options)
-
-
-BACKENDS: dict[str, Callable[..., EstimatorBackend]] = {"torch": torch_backend, "onnx": onnx_backend}
-
-
-def _per_image(result) -> list[tuple]:
-    """A PatchCoreResult -> one (score, map, label, mask) per image, on the CPU (maps may be a list)."""
-    n = result.scores.shape[0]
-    labels = [None] * n if result.labels is None else [bool(v) for v in result.labels.cpu()]
-    masks = [None] * n if result.masks is None else [m.cpu() for m in result.masks]
-    return list(zip(result.scores.cpu().tolist(), [m.cpu() for m in result.maps], labels, masks))
-
-
-# ---------------------------------------------------------------------------- the pipeline stages
-def decode_chunk(row: dict) -> dict:
-    """Ray Data task: a chunk's files -> decoded uint8 (H, W, 3) arrays, or an error text per file."""
-    images, errors = [], []
-    for path in row["paths"]:
-        try:
-            images.append(read_image(path))
-            errors.append("")
-        except ImageReadError as err:
-            images.append(None)
-            errors.append(err.reason)
-    return {**row, "images": images, "errors": errors}
-
-
-class ChunkScorer:
-    """Ray Data actor: holds one backend (the model, loaded once) and writes one Parquet part per chunk."""
-
-    def __init__(self, *, model_path: str, model_sha256: str, output: str, backend: str, backend_options: dict,
-                 device: str, threads: int | None, image_threshold: float | None, pixel_threshold: float | None,
-                 pictures: bool, save_maps: bool, full_resolution: bool):
-        if file_sha256(model_path) != model_sha256:  # the file changed since the job started: not this job
-            raise OutputError(f"{model_path}: the model file changed since this job started")
-        self.backend = BACKENDS[backend](model_path, device=device, threads=threads, image_threshold=image_threshold,
-                                         pixel_threshold=pixel_threshold, **backend_options)
-        self.model_sha256, self.output = model_sha256, Path(output)
-        self.pictures, self.save_maps, self.full_resolution = pictures, save_maps, full_resolution
-
-    def __call__(self, batch: dict) -> dict:
-        out = {"part": [], "n": [], "n_failed": []}
-        for i in range(len(batch["chunk"])):
-            paths, names = list(batch["paths"][i]), list(batch["names"][i])
-            if "images" in batch:  # decoded by the pipeline's tasks
-                rows = self.score_chunk(paths, names, list(batch["images"][i]), list(batch["errors"][i]))
-            else:  # decoded here, in the actor's threads
-                rows = self.score_decoded(paths, names, self.backend.score_files(paths))
-            name = f"part-{int(batch['run'][i]):04d}-{int(batch['chunk'][i]):07d}.parquet"
-            write_part(self.output / "scores" / name, rows)
-            out["part"].append(name)
-            out["n"].append(len(rows))
-            out["n_failed"].append(sum(r["error"] is not None for r in rows))
-        return {k: np.array(v) for k, v in out.items()}
-
-    def score_chunk(self, paths: list[str], names: list[str], images: list, errors: list[str]) -> list[dict]:
-        rows: list[dict | None] = [None] * len(paths)
-        kept, tensors = [], []
-        for i, (image, error) in enumerate(zip(images, errors)):
-            if error:
-                rows[i] = self._row(paths[i], names[i], error=error)
-            else:
-                kept.append(i)
-                tensors.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        results = self.backend.score(tensors) if tensors else []
-        scored = self.score_decoded([paths[i] for i in kept], [names[i] for i in kept], list(zip(tensors, results)))
-        for i, row in zip(kept, scored):
-            rows[i] = row
-        return rows
-
-    def score_decoded(self, paths: list[str], names: list[str], scored: list[tuple]) -> list[dict]:
-        """(image, result or error text) per path -> the rows (and the pictures, when asked)."""
-        model = self.backend.model
-        rows: list[dict | None] = [None] * len(paths)
-        for i, (tensor, result) in enumerate(scored):
-            if isinstance(result, str):
-                rows[i] = self._row(paths[i], names[i], error=result)
-                continue
-            score, label = result[0], result[2]
-            if self.pictures:  # the single-process writer's own function: the same files
-                written = _write_outputs(self.output, model, names[i], Path(paths[i]), tensor, [result], 0,
-                                         self.save_maps, self.full_resolution)
-                if "error" in written:
-                    rows[i] = self._row(paths[i], names[i], error=written["error"])
-                    continue
-            elif not math.isfinite(score):
-                rows[i] = self._row(paths[i], names[i], error=f"the model gave a non-finite anomaly score ({score})")
-                continue
-            rows[i] = self._row(paths[i], names[i], score=score,
-                                label=None if label is None else ("defect" if label else "good"))
-        return rows
-
-    def _row(self, path: str, name: str, *, score: float | None = None, label: str | None = None,
-             error: str | None = None) -> dict:
-        model = self.backend.model
-        return {"path": path, "name": name, "score": score, "label": label,
-                "image_threshold": model.image_threshold_, "pixel_threshold": model.pixel_threshold_,
-                "model_sha256": self.model_sha256, "error": error}
-
-
-def write_part(path: Path, rows: list[dict]) -> None:
-    """One chunk's rows -> a Parquet file, whole or not at all (temporary name, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------- the job
@@ -312,6 +146,8 @@ def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path
     model_path, output = Path(model_path), Path(output)
     if backend not in BACKENDS:
         raise InputError(f"unknown scoring backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if pictures and backend not in DRAWS_PICTURES:
+        raise InputError(f"the {backend!r} backend writes scores only; pictures need one of {DRAWS_PICTURES}")
     if decode not in ("actor", "tasks"):
         raise InputError(f"decode must be 'actor' or 'tasks', got {decode!r}")
     if actors < 1 or chunk_size < 1:

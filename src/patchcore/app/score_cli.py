@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import PatchCoreError
 from ..io.images import expand_inputs
 from ..runtime import BACKENDS, Runtime
+from ..runtime.bundle import default_export_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    export = Path(args.export) if args.export else Path(args.model).with_name(Path(args.model).name + ".onnx")
+    export = Path(args.export) if args.export else default_export_dir(args.model)
     failures = 0
     try:
         runtime = Runtime.load(args.model, export, backend=args.backend, threads=args.threads,

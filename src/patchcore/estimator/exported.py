@@ -14,14 +14,10 @@ import torch
 
 from ..runtime import Runtime
 from ..runtime.backends import Session
-from ..runtime.bundle import read_manifest
+from ..runtime.bundle import default_export_dir, read_manifest
 from .model import PatchCore, PatchCoreResult, _Fitted
 
-
-def default_export_dir(model_path: str | Path) -> Path:
-    """Where `patchcore export MODEL` writes when no -o is given, and where --runtime onnx looks: MODEL.onnx/."""
-    model_path = Path(model_path)
-    return model_path.with_name(model_path.name + ".onnx")
+__all__ = ["ExportedPatchCore", "default_export_dir"]
 
 
 class ExportedPatchCore(PatchCore):

@@ -18,6 +18,12 @@ MANIFEST_NAME = "export.json"
 MAX_MANIFEST_BYTES = 1 << 20
 
 
+def default_export_dir(model_path: str | Path) -> Path:
+    """Where `patchcore export MODEL` writes when no -o is given, and where the runtime looks: MODEL.onnx/."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".onnx")
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """DIR/export.json, checked: ModelFileError naming the file for anything missing or malformed."""
     path = Path(directory) / MANIFEST_NAME
