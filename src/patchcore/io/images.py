@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -374,24 +374,29 @@ class LoadedBatch:
     paths: list[Path]
     images: list[torch.Tensor]  # (3, H, W) uint8 each (as_tensors=False: (H, W, 3) uint8 arrays)
     failures: list[ImageReadError]
+    prepared: list = field(default_factory=list)  # with prepare=: prepare(image) of each image, in order
 
 
 def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers: int = 2,
-                       check: SizeCheck | None = None, as_tensors: bool = True) -> Iterator[LoadedBatch]:
+                       check: SizeCheck | None = None, as_tensors: bool = True,
+                       prepare: Callable[[np.ndarray], object] | None = None) -> Iterator[LoadedBatch]:
     """Decode files in background threads (PIL releases the GIL while decoding) and yield batches.
 
     Unreadable files do not stop the stream: they come back in `failures`, each naming its file, and so do
     files that `check(H, W)` refuses (see read_image). Read-ahead is bounded in files (2 batches) and in
     decoded bytes (READAHEAD_BYTES, estimated from each header; one file always goes ahead).
     as_tensors=False: the images as read_image's (H, W, 3) uint8 arrays (the torch-free runtime).
+    prepare: run on each decoded (H, W, 3) array in the same background thread (the runtime's resize to the
+    model input: Pillow releases the GIL there too, so it overlaps the model instead of following it); the
+    results in `batch.prepared`.
     """
 
-    def load(path: str | Path) -> torch.Tensor | np.ndarray | ImageReadError:
+    def load(path: str | Path) -> tuple | ImageReadError:
         try:
             pixels = read_image(path, check=check)
-            return as_uint8_tensor(pixels) if as_tensors else pixels
         except ImageReadError as err:
             return err
+        return (as_uint8_tensor(pixels) if as_tensors else pixels), (None if prepare is None else prepare(pixels))
 
     prefetch = max(2 * batch_size, 4)
     budget = limit("READAHEAD_BYTES", READAHEAD_BYTES)
@@ -423,7 +428,9 @@ def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers:
                 batch.failures.append(result)
             else:
                 batch.paths.append(Path(path))
-                batch.images.append(result)
+                batch.images.append(result[0])
+                if prepare is not None:
+                    batch.prepared.append(result[1])
             if len(batch.images) == batch_size:
                 yield batch
                 batch = LoadedBatch([], [], [])
