@@ -419,3 +419,15 @@ def test_a_missing_zlib_ng_module_is_none(monkeypatch):
         monkeypatch.undo()
         fast_decode._decompressobj.cache_clear()
     assert fast_decode._decompressobj() is not None
+
+
+def test_stored_blocks_at_their_size_limits(tmp_path, pillow_only, paths_taken):
+    # image data of exactly one and two 65,535-byte stored blocks, one block and 1 or 255 bytes, 4 blocks and more
+    for h, w, grey in ((257, 254, True), (514, 254, True), (771, 28, False), (256, 255, True), (258, 254, True),
+                       (300, 300, False)):
+        pixels = picture(h, w, w)[..., 0] if grey else picture(h, w, w)
+        path = tmp_path / f"{h}x{w}.png"
+        path.write_bytes(png_with(pixels, filtered_rows(pixels, [4, 3, 1] * (h // 3) + [2] * (h % 3)), pieces=2))
+        paths_taken.clear()
+        assert same_as_pillow(path, pillow_only) == "pixels", (h, w)
+        assert paths_taken == ["inflated"], (h, w)
