@@ -30,7 +30,6 @@ index), is the one `greedy_coreset_reference` (the plain O(N^2) algorithm, kept 
 from __future__ import annotations
 
 import time
-from operator import itemgetter
 
 import numpy as np
 import torch
@@ -56,6 +55,7 @@ _GROUP_MIN_HOT = 1 << 16  # ... and it is this large (below, the per-step Python
 _LOW_MIN_HOT = 1 << 14  # hot sets from this size on keep low-dimensional copies for a per-element distance bound
 _LOW_MIN_STEPS = 1024  # ... where this many steps are left to repay the copies (mixture-50k x 500: they did not)
 _DENSE_PAIRS = 8  # a refresh block whose q-dimensional bound leaves more pairs per row takes the d-dimensional one
+_SLOT_SPARE = 1 << 12  # group slots beyond the hot set (or half the hot set, if more) before stale ones are dropped
 
 
 def coreset_count(n_total: int, ratio: float, size: int | None = None) -> int:
@@ -142,13 +142,16 @@ class _Greedy:
         # centre_gaps: centre-to-centre distances of the triangle test; rebuilds: hot set rebuilds;
         # refreshed: elements brought up to date on joining the hot set; hot_total: sum of hot sizes per step.
         # Grouped update (numpy backend): low_gaps: centre gaps bounded in the principal directions;
-        # group_candidates: groups the new centre may reach; members: elements of those groups tested.
+        # group_candidates: groups the new centre may reach; members: elements of those groups; slots: group slots
+        # read (the prefixes that may pass the per-element triangle test, stale slots included); slot_fills:
+        # layouts of the slots (a group build, or dropping the stale slots when they run out).
         # Per step, in the hot set: low_bounds: elements past the triangle test whose q-dimensional distance was
         # bounded; candidates: elements whose direct distance was computed; moved: elements whose distance fell
         # (the floor: any exact algorithm must lower those).
         self.stats = dict(distances=0, bound_pairs=0, centre_gaps=0, rebuilds=0, refreshed=0, hot_total=0,
                           steps=0, low_gaps=0, group_candidates=0, members=0, group_builds=0, group_drops=0,
-                          candidates=0, low_bounds=0, moved=0, low_pairs=0)
+                          candidates=0, low_bounds=0, moved=0, low_pairs=0, slots=0,
+                          slot_fills=0)
 
     # --- the greedy loop -------------------------------------------------------------------------------
     def select(self, first: int) -> torch.Tensor:
@@ -367,11 +370,12 @@ class _Greedy:
 
     # --- groups of the hot set by nearest centre (numpy backend) ----------------------------------------
     # Elements only ever move to the newest centre, so the hot set splits into groups by owner: group g holds
-    # the hot positions whose nearest centre is g, ascending, with its maximum value gmax[g] (first position of
-    # it in garg[g]). A new centre c can lower no member of g when ||c - c_g||^2 >= 4 gmax[g] (the per-element
-    # triangle test with the group's largest bound, which is the largest member bound: float rounding of the
-    # product is monotone); so each step tests k groups instead of the hot set, and the argmax is the largest
-    # gmax (first position over the groups holding it on ties).
+    # the hot positions whose nearest centre is g, with its maximum value gmax[g] (first position of it in
+    # garg[g]). A new centre c can lower no member of g when ||c - c_g||^2 >= 4 gmax[g] (the per-element triangle
+    # test with the group's largest bound, which is the largest member bound: float rounding of the product is
+    # monotone); so each step tests k groups instead of the hot set, and the argmax is the largest gmax (first
+    # position over the groups holding it on ties). The members of a reached group are read from slots sorted by
+    # bound (see _fill_slots): only the prefix that may pass the per-element test, contiguous in memory.
     def _build_basis(self) -> None:
         """Principal directions, and the low-dimensional copies of the centres (for the first gap bound)."""
         n, m = self.selected.shape[0], self.m
@@ -410,19 +414,27 @@ class _Greedy:
         self.low_thr = self._low_threshold(self.hot_value)
 
     def _build_groups(self) -> None:
+        """Groups of the hot set by owner, in slots (see _fill_slots), and their maxima."""
         if self.hot_low is None:
             self._build_low()
         owner = self.hot_owner.numpy()
         value = self.hot_value.numpy()
-        cap = self.selected.shape[0]
+        size, cap = owner.size, self.selected.shape[0]
+        capacity = size + max(size // 2, _SLOT_SPARE)
+        self.slot_pos = np.empty(capacity, dtype=np.int64)
+        self.slot_bound = np.empty(capacity, dtype=np.float32)
+        self.slot_thr = np.empty(capacity, dtype=np.float64)
+        self.slot_low = np.empty((capacity, self.hot_low.shape[1]), dtype=np.float32)
+        self.slot_of = np.empty(size, dtype=np.int64)
+        self.gstart = np.zeros(cap, dtype=np.int64)
+        self.gend = np.zeros(cap, dtype=np.int64)
         order = np.argsort(owner, kind="stable")  # by group, ascending positions inside each
+        self._fill_slots(order, owner[order])
         counts = np.bincount(owner, minlength=cap)
-        ends = np.cumsum(counts)
-        self.members = np.split(order, ends[:-1])
         self.gmax = np.full(cap, -np.inf, dtype=np.float32)
         self.garg = np.zeros(cap, dtype=np.int64)
         nonempty = np.flatnonzero(counts)
-        starts = ends[nonempty] - counts[nonempty]
+        starts = self.gstart[nonempty]
         sorted_value = value[order]
         gmax = np.maximum.reduceat(sorted_value, starts)
         hits = np.flatnonzero(sorted_value == np.repeat(gmax, counts[nonempty]))
@@ -432,6 +444,38 @@ class _Greedy:
         self.gsize = counts
         self.grouped, self.grouped_since = True, self.m
         self.stats["group_builds"] += 1
+
+    def _fill_slots(self, order: np.ndarray, groups: np.ndarray) -> None:
+        """Slots [0, len(order)) := hot positions `order` (by group `groups`, ascending; positions ascending inside).
+
+        Each slot keeps what a grouped step reads of its element, contiguous by group (gstart[g]:gend[g]):
+        position, triangle bound, q-d copy and threshold; so a step reads whole ranges, not scattered rows. An
+        element only ever moves to the newest centre, so a group never gains members: a move marks the old slot
+        stale (bound -inf, which no gap test passes) and the newest group's slots go to the end, in position order.
+        (Before, a step concatenated the reached groups' index lists and gathered the rows: synthetic texture 10%,
+        ~12k members and ~6k q-d rows per step, scattered over the hot set.)"""
+        size = order.size
+        self.slot_pos[:size] = order
+        self.slot_bound[:size] = self.hot_bound.numpy()[order]
+        self.slot_thr[:size] = self.low_thr.numpy()[order]
+        self.slot_low[:size] = self.hot_low.numpy().take(order, axis=0)
+        self._index_slots(size, groups)
+
+    def _index_slots(self, size: int, groups: np.ndarray) -> None:
+        self.slot_of[self.slot_pos[:size]] = np.arange(size)
+        self.used = size
+        centres = np.arange(self.m)
+        self.gstart[:self.m] = np.searchsorted(groups, centres, side="left")
+        self.gend[:self.m] = np.searchsorted(groups, centres, side="right")
+        self.stats["slot_fills"] += 1
+
+    def _compact_slots(self) -> None:
+        """Drop the stale slots (the others keep their order)."""
+        live = np.flatnonzero(self.slot_bound[:self.used] != -np.inf)
+        size = live.size
+        for slots in (self.slot_pos, self.slot_bound, self.slot_thr, self.slot_low):
+            slots[:size] = slots.take(live, axis=0)
+        self._index_slots(size, self.hot_owner.numpy()[self.slot_pos[:size]])
 
     def _low_threshold(self, value: torch.Tensor) -> torch.Tensor:
         """Per element: a float32 low-dimensional squared distance d2 >= this proves fl32(||x - c||^2) >= value.
@@ -450,17 +494,6 @@ class _Greedy:
         root += self.low_slack
         root /= 1.0 - 1e-5
         return root * root
-
-    def _group_stats(self, g: int, members: np.ndarray, value: np.ndarray) -> None:
-        self.members[g] = members
-        self.gsize[g] = members.size
-        if members.size == 0:
-            self.gmax[g], self.gbound[g] = -np.inf, -np.inf
-            return
-        own = value[members]
-        p = int(own.argmax())
-        self.gmax[g], self.garg[g] = own[p], members[p]
-        self.gbound[g] = own[p] * np.float32(4.0 * _PRUNE_SLACK)
 
     def _update_groups(self) -> bool:
         """Apply the newest centre to the hot set (exact): groups it cannot reach are skipped whole.
@@ -484,7 +517,7 @@ class _Greedy:
         maybe = np.flatnonzero(low < self.gbound[:k])
         self.stats["low_gaps"] += k
         if maybe.size == 0:
-            return self._nothing_moved(k, value)
+            return self._nothing_moved(k)
         near = torch.from_numpy(views["centred_centres"].take(maybe, axis=0))
         dots = torch.mv(near, self.centred_centres[k]).numpy()
         gaps = (centred_sq[maybe] + centred_sq[k]) * (1.0 - self.margin) - 2.0 * dots
@@ -492,33 +525,39 @@ class _Greedy:
         keep = gaps < self.gbound[maybe]
         groups, gaps = maybe[keep], gaps[keep]
         if groups.size == 0:
-            return self._nothing_moved(k, value)
-        if 2 * int(self.gsize[groups].sum()) > value.size:
+            return self._nothing_moved(k)
+        members = int(self.gsize[groups].sum())
+        if 2 * members > value.size:
             # Not again for 64 steps, twice that after each drop that came soon after its build.
             self.drop_streak = self.drop_streak + 1 if self.m - self.grouped_since < 256 else 0
-            self.grouped, self.members = False, None
+            self.grouped = False
+            self.slot_pos = self.slot_bound = self.slot_thr = self.slot_low = self.slot_of = None
             self.group_wait = self.m + (64 << min(self.drop_streak, 6))
             self.stats["group_drops"] += 1
             return False
         self.stats["group_candidates"] += groups.size
-        if groups.size == 1:
-            rows = self.members[int(groups[0])]
-            self.stats["members"] += rows.size
-            rows = rows[gaps[0] < bound[rows]]
-        else:
-            rows = np.concatenate(itemgetter(*groups.tolist())(self.members))
-            sizes = self.gsize[groups]
-            self.stats["members"] += rows.size
-            rows = rows[np.repeat(gaps, sizes) < bound[rows]]
-        if rows.size == 0:
-            return self._nothing_moved(k, value)
+        self.stats["members"] += members
+        # The reached groups' slots (see _fill_slots) as one index of slot ranges, then the per-element triangle
+        # test on their bounds (stale slots fail it).
+        starts = self.gstart[groups]
+        lengths = self.gend[groups] - starts
+        read = int(lengths.sum())
+        self.stats["slots"] += read
+        if read == 0:
+            return self._nothing_moved(k)
+        slots = np.arange(read)
+        slots += np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        slots = slots[np.repeat(gaps, lengths) < self.slot_bound.take(slots)]
+        if slots.size == 0:
+            return self._nothing_moved(k)
         # Second per-element test: the distance in the principal directions bounds the full one from below.
-        self.stats["low_bounds"] += rows.size
-        diff = self.hot_low.numpy().take(rows, axis=0)
+        self.stats["low_bounds"] += slots.size
+        diff = self.slot_low.take(slots, axis=0)
         diff -= views["low_centres"][k]
-        rows = rows[np.einsum("ij,ij->i", diff, diff) < self.low_thr.numpy()[rows]]
-        if rows.size == 0:
-            return self._nothing_moved(k, value)
+        slots = slots[np.einsum("ij,ij->i", diff, diff) < self.slot_thr.take(slots)]
+        if slots.size == 0:
+            return self._nothing_moved(k)
+        rows = self.slot_pos.take(slots)
         # Gathered by numpy (a plain copy), then the same float32 torch expression as the plain algorithm.
         dist = _gathered_distances(self.x, self.hot_np[rows], centre).numpy()
         self.stats["distances"] += rows.size
@@ -527,22 +566,60 @@ class _Greedy:
         moved, moved_sq = rows[closer], dist[closer]
         self.stats["moved"] += moved.size
         if moved.size == 0:
-            return self._nothing_moved(k, value)
-        left = np.unique(owner[moved])
+            return self._nothing_moved(k)
+        left, count = np.unique(owner[moved], return_counts=True)
+        self.slot_bound[self.slot_of[moved]] = -np.inf  # stale
+        moved_bound = moved_sq * np.float32(4.0 * _PRUNE_SLACK)
+        moved_thr = self._low_threshold_numpy(moved_sq)
         value[moved] = moved_sq
-        bound[moved] = moved_sq * np.float32(4.0 * _PRUNE_SLACK)
+        bound[moved] = moved_bound
         owner[moved] = k
-        self.low_thr.numpy()[moved] = self._low_threshold_numpy(moved_sq)
-        order = np.argsort(moved, kind="stable")
-        self._group_stats(k, moved[order], value)
-        for g in left.tolist():
-            members = self.members[g]
-            self._group_stats(g, members[owner[members] == g], value)
+        self.low_thr.numpy()[moved] = moved_thr
+        self.gsize[left] -= count
+        # The newest group's slots at the end, in position order.
+        if self.used + moved.size > self.slot_pos.shape[0]:
+            self._compact_slots()
+        order = np.argsort(moved)
+        moved, moved_sq = moved[order], moved_sq[order]
+        start, end = self.used, self.used + moved.size
+        self.slot_pos[start:end] = moved
+        self.slot_bound[start:end] = moved_bound[order]
+        self.slot_thr[start:end] = moved_thr[order]
+        self.slot_low[start:end] = self.hot_low.numpy().take(moved, axis=0)
+        self.slot_of[moved] = np.arange(start, end)
+        self.gstart[k], self.gend[k] = start, end
+        self.used = end
+        self.gsize[k] = moved.size
+        p = int(moved_sq.argmax())  # first position on ties
+        self._set_group_max(k, moved_sq[p], moved[p])
+        # A group that lost members keeps its maximum unless the element holding it moved.
+        for g in left[owner[self.garg[left]] == k].tolist():
+            self._group_max(g, value)
         return self._counted()
 
-    def _nothing_moved(self, k: int, value: np.ndarray) -> bool:
+    def _group_max(self, g: int, value: np.ndarray) -> None:
+        """gmax / garg of group g from its live slots; its stale leading slots are skipped from now on."""
+        start, end = int(self.gstart[g]), int(self.gend[g])
+        live = np.flatnonzero(self.slot_bound[start:end] != -np.inf)
+        if live.size == 0:
+            self.gstart[g] = end
+            self.gmax[g], self.gbound[g] = -np.inf, -np.inf
+            return
+        self.gstart[g] = start + live[0]
+        rows = self.slot_pos[start + live]
+        own = value[rows]
+        p = int(own.argmax())  # first position on ties: slots in position order
+        self._set_group_max(g, own[p], rows[p])
+
+    def _set_group_max(self, g: int, top: np.float32, position: int) -> None:
+        self.gmax[g], self.garg[g] = top, position
+        self.gbound[g] = top * np.float32(4.0 * _PRUNE_SLACK)
+
+    def _nothing_moved(self, k: int) -> bool:
         """End of a grouped step where no hot element moved to the new centre k: its group is empty."""
-        self._group_stats(k, np.empty(0, dtype=np.int64), value)
+        self.gstart[k] = self.gend[k] = self.used
+        self.gsize[k] = 0
+        self.gmax[k], self.gbound[k] = -np.inf, -np.inf
         return self._counted()
 
     def _counted(self) -> bool:
