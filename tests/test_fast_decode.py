@@ -329,7 +329,10 @@ def test_every_filter_type_and_size_decodes_through_zlib_ng_as_pillow_does(tmp_p
                     assert np.array_equal(images.read_image(path), expected), name
 
 
-def test_odd_image_data_keeps_pillows_verdict(tmp_path, pillow_only, paths_taken):
+@pytest.mark.parametrize("step", [None, 97])  # the step of compressed bytes per call to zlib_ng: as set, or tiny
+def test_odd_image_data_keeps_pillows_verdict(tmp_path, pillow_only, paths_taken, monkeypatch, step):
+    if step:
+        monkeypatch.setattr(fast_decode, "_INFLATE_STEP", step)
     pixels = picture(23, 41, 3)
     rows = filtered_rows(pixels, [4, 1, 2, 3, 0] * 4 + [4, 4, 4])
     good = zlib.compress(rows, 9)
@@ -421,11 +424,17 @@ def test_a_missing_zlib_ng_module_is_none(monkeypatch):
     assert fast_decode._decompressobj() is not None
 
 
-def test_stored_blocks_at_their_size_limits(tmp_path, pillow_only, paths_taken):
-    # image data of exactly one and two 65,535-byte stored blocks, one block and 1 or 255 bytes, 4 blocks and more
+@pytest.mark.parametrize("step", [None, 997])
+def test_stored_blocks_at_their_size_limits(tmp_path, pillow_only, paths_taken, monkeypatch, step):
+    # image data of exactly one and two 65,535-byte stored blocks, one block and 1 or 255 bytes, 4 blocks and
+    # more; noise, whose compressed data spans more than one step of zlib_ng calls (1 MiB as set)
+    if step:
+        monkeypatch.setattr(fast_decode, "_INFLATE_STEP", step)
     for h, w, grey in ((257, 254, True), (514, 254, True), (771, 28, False), (256, 255, True), (258, 254, True),
-                       (300, 300, False)):
+                       (300, 300, False), (700, 701, False)):
         pixels = picture(h, w, w)[..., 0] if grey else picture(h, w, w)
+        if h == 700:
+            pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), np.uint8)
         path = tmp_path / f"{h}x{w}.png"
         path.write_bytes(png_with(pixels, filtered_rows(pixels, [4, 3, 1] * (h // 3) + [2] * (h % 3)), pieces=2))
         paths_taken.clear()
