@@ -31,14 +31,16 @@ def as_image_list(images: ImageInput | Sequence[ImageInput] | torch.Tensor) -> l
     return list(images)
 
 
-def iter_batches(images: list, batch_size: int, *,
-                 check: Callable[[int, int], None] | None = None) -> Iterator[LoadedBatch]:
+def iter_batches(images: list, batch_size: int, *, check: Callable[[int, int], None] | None = None,
+                 prepare: Callable[[np.ndarray], object] | None = None) -> Iterator[LoadedBatch]:
     """Paths are decoded in background threads; in-memory images are converted in place.
 
     `check(H, W)` (e.g. Preprocess.check_size) refuses an image by raising InputError: for a file, that
-    file's ImageReadError in `failures`; for an in-memory image, the InputError itself."""
+    file's ImageReadError in `failures`; for an in-memory image, the InputError itself. `prepare`: run on each
+    decoded file in its background thread (iter_image_batches), results in `batch.prepared`; in-memory
+    images are not prepared (their batches have no `prepared`)."""
     if all(isinstance(im, (str, Path)) for im in images):
-        yield from iter_image_batches(images, batch_size, check=check)
+        yield from iter_image_batches(images, batch_size, check=check, prepare=prepare)
         return
     for start in range(0, len(images), batch_size):
         batch = LoadedBatch([], [], [])

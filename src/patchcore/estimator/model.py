@@ -35,7 +35,7 @@ from ..core.thresholds import (
 )
 from ..errors import DeviceError, InputError, ModelFileError, NotFittedError
 from ..io.feature_store import FeatureStore
-from ..io.images import ImageReadError, read_image
+from ..io.images import ImageReadError, as_uint8_tensor, read_image
 from ..io.model_file import read_model_file, write_model_file
 from ..io.preprocess import Preprocess
 from ..io.sizing import feature_grid
@@ -199,18 +199,28 @@ class PatchCore:
         def check(height: int, width: int) -> None:
             self._check_input(height, width, region_size)
 
-        for batch in iter_batches(images, self.config.batch_size, check=check):
-            yield batch, self._groups(batch.images)
+        # On the CPU each file is also resized and cropped to its model input in its decoding thread: Pillow
+        # releases the GIL there, so the resize overlaps the backbone instead of following it (the same kernel,
+        # io/resize.py, so the same pixels). On a GPU the batch is resized there instead.
+        prepare = self._model_input if self.device.type == "cpu" else None
+        for batch in iter_batches(images, self.config.batch_size, check=check, prepare=prepare):
+            yield batch, self._groups(batch.images, batch.prepared)
 
-    def _groups(self, images: list[torch.Tensor]) -> list[_Group]:
+    def _model_input(self, pixels: np.ndarray) -> torch.Tensor:
+        """A decoded (H, W, 3) uint8 file -> its uint8 (3, H', W') model input (resize and centre crop)."""
+        return self.preprocess.geometry(as_uint8_tensor(pixels))
+
+    def _groups(self, images: list[torch.Tensor], prepared: list[torch.Tensor] | None = None) -> list[_Group]:
+        """`prepared`: the images already at their model input (iter_batches' prepare), one per image."""
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             by_size.setdefault(self.preprocess.output_size(*image.shape[-2:]), []).append(i)
         groups = []
         for positions in by_size.values():
             members = [images[i] for i in positions]
-            at_input = len({m.shape for m in members}) > 1
-            stack = torch.stack([self.preprocess.geometry(m) for m in members] if at_input else members)
+            at_input = bool(prepared) or len({m.shape for m in members}) > 1
+            stack = torch.stack([prepared[i] for i in positions] if prepared else
+                                [self.preprocess.geometry(m) for m in members] if at_input else members)
             start = 0
             for part in _forward_sized(stack):
                 groups.append(_Group(positions[start:start + part.shape[0]], part, at_input))
