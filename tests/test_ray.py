@@ -288,6 +288,23 @@ def test_the_exported_graph_draws_pictures_in_the_actors(local_ray, model_file, 
     assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == len(readable)
 
 
+def test_cli_ray_runtime_onnx_is_torch_free_unless_pictures_are_asked(local_ray, model_file, data, exported, tmp_path):
+    """`predict --ray --runtime onnx`: the torch-free backend for scores; with --pictures, the graph behind the
+    estimator's API (which draws). Both give the same scores."""
+    import json
+
+    inputs = [str(p) for p in data[1][:6]]
+    for name, extra in (("scores", []), ("pictures", ["--pictures"])):
+        code = main(["predict", str(model_file), *inputs, "-o", str(tmp_path / name), "--ray", "--runtime", "onnx",
+                     "--export", str(exported), "--quiet", *extra])
+        assert code == 0
+    assert json.loads((tmp_path / "scores" / "job.json").read_text())["backend"]["name"] == "runtime"
+    assert json.loads((tmp_path / "pictures" / "job.json").read_text())["backend"]["name"] == "onnx"
+    scores = {r["path"]: r["score"] for r in read_rows(tmp_path / "scores")}
+    assert scores == {r["path"]: r["score"] for r in read_rows(tmp_path / "pictures")} and len(scores) == 6
+    assert len(list((tmp_path / "pictures" / "heatmaps").glob("*.png"))) == 6
+
+
 def test_a_runtime_actor_scores_where_torch_cannot_be_imported(model_file, data, exported, tmp_path):
     """The actor's own code (app/ray_scoring.py, backend 'runtime') in a process where `import torch` fails: it
     loads the model, scores a chunk decoded in its threads and one decoded by tasks, and writes their parts."""
