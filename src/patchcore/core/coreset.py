@@ -55,6 +55,7 @@ _GROUP_MIN_HOT = 1 << 16  # ... and it is this large (below, the per-step Python
 _LOW_MIN_HOT = 1 << 14  # hot sets from this size on keep low-dimensional copies for a per-element distance bound
 _LOW_MIN_STEPS = 1024  # ... where this many steps are left to repay the copies (mixture-50k x 500: they did not)
 _DENSE_PAIRS = 8  # a refresh block whose q-dimensional bound leaves more pairs per row takes the d-dimensional one
+_MATVEC_ROWS = 4096  # rows per numpy matrix-vector product (see _matvec)
 _SLOT_SPARE = 1 << 12  # group slots beyond the hot set (or half the hot set, if more) before stale ones are dropped
 
 
@@ -506,10 +507,10 @@ class _Greedy:
         # Gap lower bounds in two stages: the orthogonal projection onto a few principal directions never
         # lengthens a vector, so its (margin-corrected) squared gap bounds the full one from below at a
         # fraction of the cost; the full-dimensional bound runs only for the groups that pass it.
-        # (Elementwise in numpy, the dot products by torch: the margins cover either rounding.)
+        # (The margins cover the rounding of any float32 dot product.)
         views = self.views
         low_sq, centred_sq = views["low_sq"], views["centred_sq"]
-        dots = torch.mv(self.low_centres[:k], self.low_centres[k]).numpy()
+        dots = _matvec(views["low_centres"][:k], views["low_centres"][k])
         low = low_sq[:k] + low_sq[k]  # (||a||^2 + ||b||^2)(1 - margin) - 2 a.b, in place: O(k) every step
         low *= 1.0 - self.low_margin
         dots *= 2.0
@@ -518,8 +519,8 @@ class _Greedy:
         self.stats["low_gaps"] += k
         if maybe.size == 0:
             return self._nothing_moved(k)
-        near = torch.from_numpy(views["centred_centres"].take(maybe, axis=0))
-        dots = torch.mv(near, self.centred_centres[k]).numpy()
+        centred_centres = views["centred_centres"]
+        dots = _matvec(centred_centres.take(maybe, axis=0), centred_centres[k])
         gaps = (centred_sq[maybe] + centred_sq[k]) * (1.0 - self.margin) - 2.0 * dots
         self.stats["centre_gaps"] += maybe.size
         keep = gaps < self.gbound[maybe]
@@ -824,13 +825,30 @@ def _at_least(values: torch.Tensor, threshold: float, use_numpy: bool) -> torch.
 
 
 def _gathered_distances(features: torch.Tensor, rows: np.ndarray, centre: torch.Tensor) -> torch.Tensor:
-    """_rows_distances with the rows gathered by numpy: the same values (the same contiguous (rows, d) block
-    goes through the same torch reduction), without torch's threaded gather on small blocks."""
-    source = features.numpy()
+    """_rows_distances with the rows gathered by numpy: the same values, without torch's threaded gather and
+    elementwise passes on small blocks. The difference and the square are single IEEE float32 operations, so
+    numpy's equal torch's bit for bit; the sum, where order matters, is the same torch reduction of the same
+    contiguous (rows, d) block."""
+    source, point = features.numpy(), centre.numpy()
+
+    def block(chunk: np.ndarray) -> torch.Tensor:
+        diff = source.take(chunk, axis=0)
+        np.subtract(diff, point, out=diff)
+        np.multiply(diff, diff, out=diff)
+        return torch.from_numpy(diff).sum(1)
+
     if rows.size <= _BLOCK:
-        return (torch.from_numpy(source.take(rows, axis=0)) - centre).pow_(2).sum(1)
-    return torch.cat([(torch.from_numpy(source.take(rows[i:i + _BLOCK], axis=0)) - centre).pow_(2).sum(1)
-                      for i in range(0, rows.size, _BLOCK)])
+        return block(rows)
+    return torch.cat([block(rows[i:i + _BLOCK]) for i in range(0, rows.size, _BLOCK)])
+
+
+def _matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """matrix @ vector by numpy's BLAS in blocks of rows small enough to run on one thread: a threaded call
+    leaves its idle BLAS thread spinning through the rest of the step (20k x 32: +1 ms CPU per 1 ms step), and
+    torch.mv took ~3x the CPU time of a single-threaded numpy product of this size."""
+    if matrix.shape[0] <= _MATVEC_ROWS:
+        return np.dot(matrix, vector)
+    return np.concatenate([np.dot(matrix[i:i + _MATVEC_ROWS], vector) for i in range(0, matrix.shape[0], _MATVEC_ROWS)])
 
 
 def _principal_basis(features: torch.Tensor, mean: torch.Tensor, q: int) -> torch.Tensor:
