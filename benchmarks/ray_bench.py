@@ -11,7 +11,8 @@
    to the last). Runs alternate; medians of --repeats, and each Ray run against the single run next to it
    (`paired_ratios`); --kinds picks the runs (e.g. single,ray_1), the JSON records the load averages.
 3. recovery: one actor killed (SIGKILL) after its first chunk; the job's extra time against an unkilled
-   run, and the time from the kill to the next chunk written.
+   run, and the time from the kill to the next chunk written (with the first Ray kind's backend: torch, or
+   the lean runtime's torch-free actors for --kinds single_runtime,ray_1_runtime,...).
 """
 from __future__ import annotations
 
@@ -93,13 +94,14 @@ def actor_pids() -> set[int]:
     return found
 
 
-def killed_run(model_file: Path, paths: list[Path], out: Path, chunk: int) -> dict:
+def killed_run(model_file: Path, paths: list[Path], out: Path, chunk: int, export: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     result = {}
+    backend = {"backend": "runtime", "backend_options": {"export_dir": str(export)}} if export else {}
 
     def job():
         started = time.perf_counter()
-        result["report"] = predict_on_ray(model_file, paths, out, actors=1, chunk_size=chunk)
+        result["report"] = predict_on_ray(model_file, paths, out, actors=1, chunk_size=chunk, **backend)
         result["seconds"] = time.perf_counter() - started
 
     thread = threading.Thread(target=job)
@@ -213,9 +215,12 @@ def main() -> None:
                 result["predict"][kind]["paired_ratios"] = pairs
                 result["predict"][kind]["paired_ratio_median"] = statistics.median(pairs)
         result["predict"]["runs"] = runs
-        killed = [killed_run(model_file, paths, work / "killed", args.chunk)
+        # The recovery of the first Ray kind's backend (torch, or the lean runtime's torch-free actors).
+        on_runtime = next((k for k in runs if k.startswith("ray_")), "ray_1").endswith("runtime")
+        killed = [killed_run(model_file, paths, work / "killed", args.chunk, export if on_runtime else None)
                   for _ in range(0 if args.skip_recovery else max(1, args.repeats - 1))]
-        unkilled = median("ray_1", "seconds") if killed and "ray_1" in runs else None
+        unkilled_kind = "ray_1_runtime" if on_runtime else "ray_1"
+        unkilled = median(unkilled_kind, "seconds") if killed and unkilled_kind in runs else None
         result["recovery"] = {} if not killed else {"runs": killed, "unkilled_s": unkilled,
                               "extra_s": None if unkilled is None
                               else statistics.median(k["seconds"] for k in killed) - unkilled,
