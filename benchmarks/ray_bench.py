@@ -34,31 +34,20 @@ from patchcore.app.ray_cluster import RaySession
 from patchcore.app.ray_fit import RayPatchCore
 from patchcore.app.ray_predict import predict_on_ray
 from patchcore.io.images import list_images
+from patchcore.runtime import Runtime
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def single_process(model_file: Path, paths: list[Path]) -> dict:
+def single_process(load, paths: list[Path]) -> dict:
+    """Load a model (`load()`: the estimator, or the lean runtime) and score the files with its iter_predict, in
+    this process: the path `patchcore predict` (or `patchcore-score`) takes."""
     started = time.perf_counter()
-    model = PatchCore.load(model_file, device="cpu")
+    model = load()
     scores = []
     for batch in model.iter_predict(paths):
-        if batch.result is not None:
-            scores += batch.result.scores.tolist()
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "images_per_s": len(paths) / seconds, "n": len(scores)}
-
-
-def single_runtime(model_file: Path, export: Path, paths: list[Path]) -> dict:
-    """The lean runtime in this process (Runtime.load + iter_predict: `patchcore-score`'s path)."""
-    from patchcore.runtime import Runtime
-
-    started = time.perf_counter()
-    runtime = Runtime.load(model_file, export, threads=os.cpu_count())
-    scores = []
-    for batch in runtime.iter_predict(paths):
         if batch.result is not None:
             scores += batch.result.scores.tolist()
     seconds = time.perf_counter() - started
@@ -183,11 +172,12 @@ def main() -> None:
                     shutil.copyfile(path, target)
                 paths.append(target)
         result["images"] = len(paths)
-        kinds = {"single": lambda: single_process(model_file, paths),
+        kinds = {"single": lambda: single_process(lambda: PatchCore.load(model_file, device="cpu"), paths),
                  "ray_1": lambda: on_ray(model_file, paths, work / "out1", 1, args.chunk),
                  "ray_2": lambda: on_ray(model_file, paths, work / "out2", 2, args.chunk),
                  "ray_1_decode_tasks": lambda: on_ray(model_file, paths, work / "out3", 1, args.chunk, "tasks"),
-                 "single_runtime": lambda: single_runtime(model_file, export, paths),
+                 "single_runtime": lambda: single_process(
+                     lambda: Runtime.load(model_file, export, threads=os.cpu_count()), paths),
                  "ray_1_runtime": lambda: on_ray(model_file, paths, work / "out4", 1, args.chunk, export=export),
                  "ray_2_runtime": lambda: on_ray(model_file, paths, work / "out5", 2, args.chunk, export=export)}
         runs: dict = {kind: [] for kind in args.kinds.split(",")}

@@ -1,4 +1,5 @@
-"""Killing a child Python process at a chosen point: what a crash or `kill -9` does to a run (issue 16)."""
+"""Child Python processes for tests: killed at a chosen point (what a crash or `kill -9` does to a run, issue 16),
+or run where torch cannot be imported (the torch-free runtime and its Ray actors, issues 17 and 18)."""
 from __future__ import annotations
 
 import signal
@@ -18,3 +19,14 @@ def sigkill_when_printed(code: str, line: str, *, timeout: float = 30) -> int:
         child.kill()
         child.stdout.close()
     return child.pid
+
+
+# The first lines of a child script that must run without torch: `import torch` (or torchvision, timm) fails.
+NO_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ImportError("torch is not installed here")
+sys.meta_path.insert(0, NoTorch())
+"""

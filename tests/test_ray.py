@@ -15,6 +15,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from child import NO_TORCH  # noqa: E402
 from conftest import small_config  # noqa: E402
 
 from patchcore import PatchCore  # noqa: E402
@@ -315,17 +316,12 @@ def test_a_runtime_actor_scores_where_torch_cannot_be_imported(model_file, data,
 
     paths = [display_path(p) for p in data[1][:5]] + [display_path(data[1][-1])]
     (tmp_path / "out" / "scores").mkdir(parents=True)
-    script = textwrap.dedent(f"""
-        import json, sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "torchvision", "timm"):
-                    raise ImportError("torch is not installed here")
-        sys.meta_path.insert(0, NoTorch())
-        from patchcore.app.ray_scoring import ChunkScorer, decode_chunk
+    script = NO_TORCH + textwrap.dedent(f"""
+        import json
+        from patchcore.app.ray_scoring import ChunkScorer, decode_chunk, runtime_backend
         from patchcore.app.ray_cluster import file_sha256
         scorer = ChunkScorer(model_path={str(model_file)!r}, model_sha256=file_sha256({str(model_file)!r}),
-                             output={str(tmp_path / "out")!r}, backend="runtime",
+                             output={str(tmp_path / "out")!r}, backend=runtime_backend,
                              backend_options={{"export_dir": {str(exported)!r}}}, device="cpu", threads=1,
                              image_threshold=None, pixel_threshold=None, pictures=False, save_maps=False,
                              full_resolution=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from child import NO_TORCH
 from PIL import Image
 
 from patchcore import PatchCore, PatchCoreConfig
@@ -121,13 +122,8 @@ def test_runtime_imports_no_torch(exported, category, tmp_path):
     files = _test_images(category)[:5]
     broken = tmp_path / "broken.png"
     broken.write_bytes(files[0].read_bytes()[:300])
-    script = textwrap.dedent(f"""
-        import json, sys
-        class NoTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "torchvision", "timm"):
-                    raise ImportError("torch is not installed here")
-        sys.meta_path.insert(0, NoTorch())
+    script = NO_TORCH + textwrap.dedent(f"""
+        import json
         from patchcore.runtime import Runtime
         runtime = Runtime.load({str(path)!r}, {str(export)!r})
         scores, failures = [], []

@@ -18,7 +18,7 @@ stopped job reads the paths already in its parts and scores only the others, in 
 
 Scores equal `patchcore predict` on the same files: the actor scores the decoded images through the public
 `predict` of the same estimator the single-process command loads, and writes pictures with its writer.
-The scoring backend is pluggable (app/ray_scoring.py, where the actor's code lives): "torch" (the estimator, a
+The scoring backend is pluggable (BACKENDS; the actor's code is app/ray_scoring.py): "torch" (the estimator, a
 single model or an ensemble), "runtime" (the lean runtime, torch-free actors: `predict --ray --runtime onnx`
 without pictures; the scores of `patchcore-score` and `predict --runtime onnx`) and "onnx" (the exported graph
 behind the estimator's API, which can draw: `--runtime onnx --pictures`).
@@ -49,7 +49,17 @@ from .predict_folder import (
     unique_inputs,
 )
 from .ray_cluster import RaySession, file_sha256
-from .ray_scoring import BACKENDS, DRAWS_PICTURES, ChunkScorer, decode_chunk, write_part
+from .ray_scoring import ChunkScorer, decode_chunk, runtime_backend, write_part
+from .ray_torch_backends import onnx_backend, torch_backend
+
+# What an actor scores with: the function that loads it, sent to the actors by reference (each imports only
+# its module: a "runtime" actor never imports torch).
+BACKENDS: dict[str, Callable] = {
+    "torch": torch_backend,  # the estimator: a single model or an ensemble
+    "runtime": runtime_backend,  # the lean runtime's graph and numpy scoring, torch-free (scores only)
+    "onnx": onnx_backend,  # the same graph behind the estimator's API (draws pictures)
+}
+DRAWS_PICTURES = ("torch", "onnx")
 
 DEFAULT_CHUNK = 64  # images per chunk: the unit of work, of retry and of output file
 PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
@@ -183,7 +193,7 @@ def predict_on_ray(model_path: str | Path, paths: list[Path], output: str | Path
             cpus = RaySession.cluster_cpus()
             per_actor = threads or max(1, cpus // actors)
             scorer = {"model_path": str(model_path.resolve()), "model_sha256": sha, "output": str(output.resolve()),
-                      "backend": backend, "backend_options": backend_options or {}, "device": device,
+                      "backend": BACKENDS[backend], "backend_options": backend_options or {}, "device": device,
                       "threads": per_actor,
                       "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
                       "pictures": pictures, "save_maps": save_maps, "full_resolution": full_resolution}

@@ -1,12 +1,12 @@
 """What a Ray actor runs for `predict --ray` (app/ray_predict.py is the driver): hold one scoring backend, score a
 chunk of images, write the chunk's Parquet part whole or not at all.
 
-This module imports neither torch nor the estimator: an actor on the lean runtime ("runtime" backend) is a
-process of numpy, onnxruntime or OpenVINO, Pillow and pyarrow, as `patchcore-score` is; it starts in a fraction
-of a second where one importing torch (and, through the backbone, timm, torchvision and torch._dynamo) took
-2.5-8 s, a fixed cost paid by every job (docs/CLUSTER.md). The torch backends ("torch", "onnx": the estimator,
-a single model or an ensemble, and the exported graph behind the estimator's API) are imported only by the
-actors that use them (app/ray_torch_backends.py).
+This module imports neither torch nor the estimator: an actor on the lean runtime (`runtime_backend`) is a
+process of numpy, onnxruntime or OpenVINO, Pillow and pyarrow, as `patchcore-score` is, and skips the 2.5-8 s
+a fresh process spent importing torch (and, through the backbone, timm, torchvision and torch._dynamo), a
+fixed cost of every job (docs/CLUSTER.md). The torch backends (the estimator, a single model or an ensemble,
+and the exported graph behind the estimator's API) live in app/ray_torch_backends.py, imported only by the
+actors that use them.
 
 A backend: `score(images)` maps decoded uint8 (H, W, 3) arrays to one (score, map, label, mask) or an error
 text each; `score_files(paths)` decodes and scores files, each as the single-process command does;
@@ -51,12 +51,7 @@ class RuntimeBackend:
         return self.runtime.state_.pixel_threshold
 
     def score(self, images: list[np.ndarray]) -> list[tuple | str]:
-        try:
-            return _per_image(self.runtime.predict(images))
-        except InputError as err:  # an image the model refuses (size, aspect, ...): find it, image by image
-            if len(images) == 1:
-                return [f"cannot be scored: {err}"]
-            return [result for image in images for result in self.score([image])]
+        return score_or_name_refusals(lambda some: _per_image(self.runtime.predict(some)), images)
 
     def score_files(self, paths: list[str]) -> list[tuple]:
         """(image, result or error text) per path, in order: `Runtime.iter_predict` (files decoded in background
@@ -81,18 +76,15 @@ def runtime_backend(model_path: str, *, device: str, threads: int | None, export
                           **options)
 
 
-def _torch_backend(name: str) -> Callable:
-    from . import ray_torch_backends  # torch, the estimator: only in the actors that score with them
-
-    return getattr(ray_torch_backends, f"{name}_backend")
-
-
-BACKENDS: dict[str, Callable[[], Callable]] = {
-    "runtime": lambda: runtime_backend,  # the lean runtime, torch-free (scores only)
-    "onnx": lambda: _torch_backend("onnx"),  # the exported graph behind the estimator's API (draws pictures)
-    "torch": lambda: _torch_backend("torch"),  # the estimator: a single model or an ensemble
-}
-DRAWS_PICTURES = ("torch", "onnx")
+def score_or_name_refusals(score: Callable[[list], list], images: list) -> list:
+    """score(images) -> one result per image; where the model refuses the batch (InputError: a size, an aspect
+    it cannot take), each image alone, so that only the refused ones become error texts."""
+    try:
+        return score(images)
+    except InputError as err:
+        if len(images) == 1:
+            return [f"cannot be scored: {err}"]
+        return [result for image in images for result in score_or_name_refusals(score, [image])]
 
 
 def _per_image(result) -> list[tuple]:
@@ -121,14 +113,15 @@ def decode_chunk(row: dict) -> dict:
 class ChunkScorer:
     """Ray Data actor: holds one backend (the model, loaded once) and writes one Parquet part per chunk."""
 
-    def __init__(self, *, model_path: str, model_sha256: str, output: str, backend: str, backend_options: dict,
+    def __init__(self, *, model_path: str, model_sha256: str, output: str, backend: Callable, backend_options: dict,
                  device: str, threads: int | None, image_threshold: float | None, pixel_threshold: float | None,
                  pictures: bool, save_maps: bool, full_resolution: bool):
+        """backend: the function that loads the backend (`runtime_backend` here, or one of
+        app/ray_torch_backends.py): Ray sends it by reference, so an actor imports only its module."""
         if file_sha256(model_path) != model_sha256:  # the file changed since the job started: not this job
             raise OutputError(f"{model_path}: the model file changed since this job started")
-        self.backend = BACKENDS[backend]()(model_path, device=device, threads=threads,
-                                           image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-                                           **backend_options)
+        self.backend = backend(model_path, device=device, threads=threads, image_threshold=image_threshold,
+                               pixel_threshold=pixel_threshold, **backend_options)
         self.model_sha256, self.output = model_sha256, Path(output)
         self.pictures, self.save_maps, self.full_resolution = pictures, save_maps, full_resolution
 

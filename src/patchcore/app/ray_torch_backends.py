@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
 from ..estimator.ensemble import load_model
 from .predict_folder import _scored_batches, _split, _write_outputs
+from .ray_scoring import score_or_name_refusals
 
 
 class EstimatorBackend:
@@ -30,13 +30,7 @@ class EstimatorBackend:
         return self.model.pixel_threshold_
 
     def score(self, images: list[np.ndarray]) -> list[tuple | str]:
-        tensors = [_tensor(image) for image in images]
-        try:
-            return _split(self.model.predict(tensors))
-        except InputError as err:  # an image the model refuses (size, aspect, ...): find it, image by image
-            if len(images) == 1:
-                return [f"cannot be scored: {err}"]
-            return [result for image in images for result in self.score([image])]
+        return score_or_name_refusals(lambda some: _split(self.model.predict(some)), [_tensor(i) for i in images])
 
     def score_files(self, paths: list[str]) -> list[tuple]:
         """Decode and score files -> one (image, result or error text) per path, in order: the single-process
