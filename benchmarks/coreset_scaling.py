@@ -252,7 +252,7 @@ def timed_pair(fns, features, n, seed, repeats):
 def profile(stats: dict) -> str:
     """Where the work went, per step: see _Greedy.stats in core/coreset.py."""
     steps = max(1, stats.get("steps", 1))
-    per = {k: stats[k] / steps for k in ("hot_total", "low_bounds", "candidates", "moved", "members",
+    per = {k: stats[k] / steps for k in ("hot_total", "low_bounds", "candidates", "moved", "members", "slots",
                                          "centre_gaps", "low_gaps") if k in stats}
     text = " ".join(f"{k}/step {v:.0f}" for k, v in per.items())
     pairs = stats.get("bound_pairs", 0) + stats.get("low_pairs", 0)

@@ -220,6 +220,47 @@ def test_grouped_update_on_all_datasets(always_grouped):
         assert stats["group_builds"] >= 1, name
 
 
+SLOT_CASES = {
+    # name: (features, coreset size): cases that stay grouped for most steps (the cases above drop the groups).
+    "sheet": (lambda: low_dimensional(1500, 16, 5), 200),
+    "integer-grid-with-duplicates": (lambda: integer_grid(30).repeat(2, 1), 150),
+    "clustered": (lambda: clustered(1500, 8, 78), 200),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLOT_CASES))
+@pytest.mark.parametrize("hot_size", [16, 4096])
+def test_grouped_slots_dropped_when_full_equal_reference(name, hot_size, always_grouped, monkeypatch):
+    # The grouped step reads members from slots contiguous by group; a moved element leaves a stale slot,
+    # the newest group is appended, and the stale slots are dropped when the spare runs out. One spare slot:
+    # dropped at almost every step where something moves. Same selection, ties included.
+    monkeypatch.setattr(coreset, "_SLOT_SPARE", 1)
+    monkeypatch.setattr(coreset, "_SLOT_SPARE_SHARE", 0.0)
+    make, n = SLOT_CASES[name]
+    features = make()
+    for seed in (0, 5):
+        stats = {}
+        fast = greedy_coreset(features, n, generator=_gen(seed), backend="numpy", hot_size=hot_size, stats=stats)
+        assert torch.equal(fast, greedy_coreset_reference(features, n, generator=_gen(seed))), seed
+        assert stats["slots"] > 0 and stats["slot_fills"] > stats["group_builds"] + 50, stats
+
+
+def test_grouped_slots_read_the_reached_groups_only(always_grouped, monkeypatch):
+    # The slots read per step are those of the reached groups (their members plus stale slots, which the
+    # default spare keeps below half again as many), not the hot set; the same selection as the ungrouped run.
+    features = low_dimensional(20_000, 32, 5)
+    n = 600
+    stats = {}
+    selected = greedy_coreset(features, n, generator=_gen(4), backend="numpy", hot_size=20_000, stats=stats)
+    monkeypatch.setattr(coreset, "_GROUP_SHARE", -1.0)  # never grouped
+    plain = {}
+    assert torch.equal(selected, greedy_coreset(features, n, generator=_gen(4), backend="numpy", hot_size=20_000,
+                                                stats=plain))
+    assert plain["slots"] == 0 and stats["slots"] > 0
+    assert stats["members"] <= stats["slots"] < 2 * stats["members"] + 20_000, stats
+    assert stats["slots"] < 0.05 * stats["hot_total"], stats
+
+
 def test_grouped_hot_set_of_most_of_n_becomes_all_of_n(always_grouped):
     # Grouped, with a hot set of over half of N: the next rebuild makes all of N hot (no stale elements left
     # to refresh, no rebuild after it). Still the farthest point at every step, first index on ties.

@@ -56,7 +56,8 @@ _LOW_MIN_HOT = 1 << 14  # hot sets from this size on keep low-dimensional copies
 _LOW_MIN_STEPS = 1024  # ... where this many steps are left to repay the copies (mixture-50k x 500: they did not)
 _DENSE_PAIRS = 8  # a refresh block whose q-dimensional bound leaves more pairs per row takes the d-dimensional one
 _MATVEC_ROWS = 4096  # rows per numpy matrix-vector product (see _matvec)
-_SLOT_SPARE = 1 << 12  # group slots beyond the hot set (or half the hot set, if more) before stale ones are dropped
+_SLOT_SPARE = 1 << 12  # group slots beyond the hot set (at least; or this share of it, if more) before
+_SLOT_SPARE_SHARE = 0.5  # ... the stale slots are dropped
 
 
 def coreset_count(n_total: int, ratio: float, size: int | None = None) -> int:
@@ -421,7 +422,7 @@ class _Greedy:
         owner = self.hot_owner.numpy()
         value = self.hot_value.numpy()
         size, cap = owner.size, self.selected.shape[0]
-        capacity = size + max(size // 2, _SLOT_SPARE)
+        capacity = size + max(int(size * _SLOT_SPARE_SHARE), _SLOT_SPARE)
         self.slot_pos = np.empty(capacity, dtype=np.int64)
         self.slot_bound = np.empty(capacity, dtype=np.float32)
         self.slot_thr = np.empty(capacity, dtype=np.float64)
