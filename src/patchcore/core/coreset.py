@@ -304,6 +304,8 @@ class _Greedy:
     def _hot_feat_distances(self, rows: torch.Tensor | None, centre: torch.Tensor) -> torch.Tensor:
         if rows is None:
             return _all_distances(self.hot_feat, centre)
+        if self.use_numpy:
+            return _gathered_distances(self.hot_feat, rows.numpy(), centre)
         return _rows_distances(self.hot_feat, rows, centre)
 
     def _rebuild(self) -> tuple[int, float]:
