@@ -17,6 +17,8 @@ Where the hot set is large and that test prunes well (real features: values bunc
 of N), the numpy backend groups the hot set by nearest centre: a group is skipped whole when the new centre
 cannot reach its farthest member, centre gaps and member distances are first bounded in 32 principal
 directions, and the argmax runs over the group maxima; each step then costs O(k) plus the reached groups.
+A reached group's members are read from slots laid out contiguously by group (position, bound, q-d copy and
+threshold of each member), not gathered from scattered rows.
 
 On texture-like data (a compact bulk of near-duplicates, scattered outliers) the triangle test leaves ~100x
 more candidates than elements that move: large hot sets keep copies of their rows in the 32 principal
