@@ -379,7 +379,8 @@ class LoadedBatch:
 
 def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers: int = 2,
                        check: SizeCheck | None = None, as_tensors: bool = True,
-                       prepare: Callable[[np.ndarray], object] | None = None) -> Iterator[LoadedBatch]:
+                       prepare: Callable[[np.ndarray], object] | None = None,
+                       keep_decoded: bool = True) -> Iterator[LoadedBatch]:
     """Decode files in background threads (PIL releases the GIL while decoding) and yield batches.
 
     Unreadable files do not stop the stream: they come back in `failures`, each naming its file, and so do
@@ -388,7 +389,8 @@ def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers:
     as_tensors=False: the images as read_image's (H, W, 3) uint8 arrays (the torch-free runtime).
     prepare: run on each decoded (H, W, 3) array in the same background thread (the runtime's resize to the
     model input: Pillow releases the GIL there too, so it overlaps the model instead of following it); the
-    results in `batch.prepared`.
+    results in `batch.prepared`, or with keep_decoded=False in `batch.images`, the decoded image dropped in its
+    thread (a caller that needs only the prepared image holds a batch of those, not of full decoded images).
     """
 
     def load(path: str | Path) -> tuple | ImageReadError:
@@ -396,6 +398,8 @@ def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers:
             pixels = read_image(path, check=check)
         except ImageReadError as err:
             return err
+        if prepare is not None and not keep_decoded:
+            return prepare(pixels), None
         return (as_uint8_tensor(pixels) if as_tensors else pixels), (None if prepare is None else prepare(pixels))
 
     prefetch = max(2 * batch_size, 4)
@@ -429,7 +433,7 @@ def iter_image_batches(paths: Sequence[str | Path], batch_size: int, *, workers:
             else:
                 batch.paths.append(Path(path))
                 batch.images.append(result[0])
-                if prepare is not None:
+                if prepare is not None and keep_decoded:
                     batch.prepared.append(result[1])
             if len(batch.images) == batch_size:
                 yield batch
