@@ -164,6 +164,31 @@ def test_iter_image_batches_skips_and_reports_bad_files(tmp_path, batch_size):
             assert torch.equal(image, torch.from_numpy(read_image(path).copy()).permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("keep_decoded", [True, False])
+def test_iter_image_batches_prepares_each_image_in_order(tmp_path, keep_decoded):
+    """prepare= runs on each decoded image (any size, bad files skipped); its results in batch.prepared beside
+    the decoded images, or with keep_decoded=False in place of them."""
+    paths = []
+    for i, (h, w) in enumerate([(5, 9), (12, 3), (1, 1), (7, 7), (3, 11)]):
+        paths.append(tmp_path / f"{i}.png")
+        _save(paths[-1], _rgb(h, w, seed=i))
+    paths.insert(2, tmp_path / "missing.png")
+
+    def prepare(pixels):  # something only this function makes: the image turned and made smaller
+        return np.ascontiguousarray(pixels[::2, ::-1].transpose(1, 0, 2))
+
+    batches = list(iter_image_batches(paths, 2, workers=2, as_tensors=False, prepare=prepare,
+                                      keep_decoded=keep_decoded))
+    good = [p for p in paths if p.exists()]
+    assert [p for b in batches for p in b.paths] == good
+    prepared = [x for b in batches for x in (b.prepared if keep_decoded else b.images)]
+    assert [x.tobytes() for x in prepared] == [prepare(read_image(p)).tobytes() for p in good]
+    if keep_decoded:
+        assert [x.tobytes() for b in batches for x in b.images] == [read_image(p).tobytes() for p in good]
+    else:
+        assert all(b.prepared == [] for b in batches)
+
+
 def test_iter_image_batches_all_bad_still_reports(tmp_path):
     bad = [tmp_path / "x.png", tmp_path / "y.png"]
     for path in bad:

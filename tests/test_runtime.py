@@ -22,6 +22,7 @@ from PIL import Image
 from patchcore import PatchCore, PatchCoreConfig
 from patchcore.errors import ImageReadError, InputError, ModelFileError
 from patchcore.estimator.export import export_model
+from patchcore.io.images import read_image
 from patchcore.runtime import Runtime
 
 SCORE_RTOL, MAP_RTOL = 1e-4, 1e-3
@@ -166,6 +167,11 @@ def test_bad_inputs_are_per_file_failures(exported, category, tmp_path, monkeypa
     assert any("notes.png" in f and "not an image" in f for f in failures)
     assert any("huge.png" in f and "MAX_PIXELS" in f for f in failures)
     assert sum(len(b.paths) for b in batches) == 2
+    other = tmp_path / "other.png"  # another size than the model input: a batch holds the model input only
+    Image.open(good).convert("RGB").resize((192, 160)).save(other)
+    (batch,) = list(runtime.iter_predict([other]))
+    assert batch.images[0].shape[:2] == batch.result.maps[0].shape != (160, 192)
+    assert batch.images[0].tobytes() == runtime.model_input(read_image(other)).tobytes()
     with pytest.raises(ImageReadError, match="notes.png"):
         runtime.predict([good, text])
     with pytest.raises(InputError, match="uint8"):
