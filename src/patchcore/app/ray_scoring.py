@@ -56,13 +56,13 @@ class RuntimeBackend:
     def score_files(self, paths: list[str]) -> list[tuple]:
         """(image, result or error text) per path, in order: `Runtime.iter_predict` (files decoded in background
         threads while the graph scores; unreadable and unscorable files reported per file)."""
-        found: dict[str, tuple] = {}
+        found: dict[str, tuple] = {}  # by str(Path(path)): iter_predict gives the paths back as Path objects
         for batch in self.runtime.iter_predict(paths):
-            found.update({str(f.path): (None, f.reason) for f in batch.failures})
+            found.update({str(Path(f.path)): (None, f.reason) for f in batch.failures})
             if batch.result is not None:
                 found.update({str(p): (image, result) for p, image, result
                               in zip(batch.paths, batch.images, _per_image(batch.result))})
-        return [found.get(str(p), (None, "not scored")) for p in paths]
+        return [found.get(str(Path(p)), (None, "not scored")) for p in paths]
 
 
 def runtime_backend(model_path: str, *, device: str, threads: int | None, export_dir: str | None = None,
