@@ -306,6 +306,18 @@ def test_cli_ray_runtime_onnx_is_torch_free_unless_pictures_are_asked(local_ray,
     assert len(list((tmp_path / "pictures" / "heatmaps").glob("*.png"))) == 6
 
 
+def test_the_runtime_backend_finds_a_file_however_its_path_is_spelled(model_file, data, exported, monkeypatch):
+    from patchcore.app.ray_scoring import runtime_backend
+
+    backend = runtime_backend(str(model_file), device="cpu", threads=1, export_dir=str(exported),
+                              image_threshold=None, pixel_threshold=None)
+    first = data[1][0]
+    monkeypatch.chdir(first.parent.parent)
+    results = backend.score_files([f"./{first.parent.name}/{first.name}", f"{first.parent.name}//{first.name}"])
+    assert [isinstance(result, str) for _, result in results] == [False, False]
+    assert results[0][1][0] == results[1][1][0]
+
+
 def test_a_runtime_actor_scores_where_torch_cannot_be_imported(model_file, data, exported, tmp_path):
     """The actor's own code (app/ray_scoring.py, backend 'runtime') in a process where `import torch` fails: it
     loads the model, scores a chunk decoded in its threads and one decoded by tasks, and writes their parts."""
