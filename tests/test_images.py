@@ -252,6 +252,64 @@ def test_float_resize_for_gpus_agrees_with_the_uint8_kernel():
         assert (exact == via_float).float().mean() > 0.75  # most pixels identical, even on noise
 
 
+def _pillow_two_passes(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The oracle: Pillow's bilinear resize as two calls of one pass each, the width first, then the height."""
+    picture = Image.fromarray(image)
+    if size[1] != image.shape[1]:
+        picture = picture.resize((size[1], image.shape[0]), Image.Resampling.BILINEAR)
+    if size[0] != image.shape[0]:
+        picture = picture.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(picture)
+
+
+@pytest.mark.parametrize("height, width", [(900, 900), (1024, 768), (333, 517), (517, 333), (257, 2000),
+                                           (2000, 257), (31, 47), (5, 700), (1200, 1600), (911, 911)])
+def test_resize_and_crop_give_pillows_bytes_whatever_is_cropped(height, width):
+    # resize_crop_rgb asks Pillow only for the crop where every centre is exact (in / 256 is dyadic), and runs
+    # only the rows it needs; resize_rgb is the whole image. Both must give the oracle's bytes.
+    from patchcore.io import sizing
+    from patchcore.io.resize import resize_crop_rgb, resize_rgb
+
+    rng = np.random.default_rng(height * width)
+    image = np.cumsum(rng.integers(0, 256, (height, width, 3)), axis=0).astype(np.uint8)  # structured, not flat
+    cases = [(256, 224), (256, (224, 160)), (320, 256), ((256, 300), (224, 224)), ((100, 40), (64, 32)), (24, 16),
+             (256, None)]
+    for resize, crop in cases:
+        size = sizing.resized_size(height, width, resize, scale=None, align=1)
+        box = sizing.crop_box(size, crop)
+        if box is None:
+            continue
+        top, left, h, w = box
+        expected = _pillow_two_passes(image, size)
+        np.testing.assert_array_equal(resize_rgb(image, size), expected)
+        np.testing.assert_array_equal(resize_crop_rgb(image, size, box), expected[top:top + h, left:left + w])
+
+
+def test_resize_takes_the_crop_box_where_it_is_exact_and_not_elsewhere():
+    from patchcore.io.resize import _exact_source_span, _source_rows
+
+    assert _exact_source_span(900, 256, 16, 224) == (56.25, 843.75)  # the MVTec geometry: 900 / 256 is dyadic
+    assert _exact_source_span(1000, 341, 58, 224) is None  # 1000 / 341 is not
+    assert _exact_source_span(900, 256, 0, 256) is None  # nothing cropped on that axis
+    assert _exact_source_span(256, 256, 16, 224) is None  # no resize: a slice
+    # The rows a vertical pass over 56.25..843.75 to 224 rows reads (hand-computed from Pillow's bounds: the
+    # first centre 56.25 + 0.5 x 3.515625 = 58.0078125, support 3.515625: int(54.99) = 54; the last centre
+    # 841.9921875: int(846.0078) = 846).
+    assert _source_rows(900, 56.25, 843.75, 224) == (54, 846)
+
+
+def test_preprocess_on_cpu_resizes_only_the_crop_with_the_same_bytes():
+    pre = Preprocess(resize=256, crop=224, mean=HALF, std=HALF)
+    images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 3, 900, 700), dtype=np.uint8))
+    from patchcore.io.preprocess import resize_uint8
+
+    size = pre.resized_size(900, 700)
+    top, left, h, w = pre.crop_box(900, 700)
+    expected = resize_uint8(images, size, in_float=False)[..., top:top + h, left:left + w]
+    assert torch.equal(pre.geometry(images[0]), expected[0])
+    torch.testing.assert_close(pre(images), pre.normalise(expected), rtol=0, atol=0)
+
+
 def test_centre_crop_takes_the_centre():
     image = torch.arange(6 * 10, dtype=torch.uint8).view(1, 1, 6, 10).expand(1, 3, 6, 10).contiguous()
     pre = Preprocess(resize=None, crop=(2, 4), mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import InputError
 from . import sizing
-from .resize import resize_rgb
+from .resize import resize_crop_rgb, resize_rgb
 from .sizing import MAX_RESIZED_PIXELS  # noqa: F401 - the bound lives with the size rules
 
 
@@ -76,10 +76,8 @@ class Preprocess:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"expected uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        height, width = images.shape[-2:]
-        self.check_size(height, width)
-        top, left, ch, cw = self.crop_box(height, width)
-        return self.normalise(self._resize(images)[..., top:top + ch, left:left + cw])
+        self.check_size(*images.shape[-2:])
+        return self.normalise(self._resize_crop(images))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, h, w) already at the model input size (resized and cropped) -> normalised float."""
@@ -92,16 +90,21 @@ class Preprocess:
     def geometry(self, image: torch.Tensor) -> torch.Tensor:
         """The same resize and crop without normalisation: the picture the maps align with."""
         self.check_size(*image.shape[-2:])
-        top, left, ch, cw = self.crop_box(*image.shape[-2:])
-        return self._resize(image[None])[0, :, top:top + ch, left:left + cw]
+        return self._resize_crop(image[None])[0]
 
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> uint8 at the resized size; bilinear with antialiasing, as PIL's resize in
-        the MVTec protocol code, and like PIL in 8 bit: 5x faster on CPU than in float, and 1/4 the memory."""
-        size = self.resized_size(*images.shape[-2:])
-        if size == tuple(images.shape[-2:]):
-            return images
-        return resize_uint8(images, size, in_float=images.device.type != "cpu")
+    def _resize_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> uint8 (B, 3, h, w) resized and centre-cropped; bilinear with antialiasing, as
+        PIL's resize in the MVTec protocol code, and like PIL in 8 bit: 5x faster on CPU than in float, and 1/4
+        the memory. On CPU only the kept pixels are computed where that gives the same bytes (io/resize.py)."""
+        height, width = images.shape[-2:]
+        size = self.resized_size(height, width)
+        top, left, ch, cw = box = self.crop_box(height, width)
+        if images.device.type == "cpu":
+            arrays = images.permute(0, 2, 3, 1).numpy()
+            return torch.from_numpy(np.stack([resize_crop_rgb(a, size, box) for a in arrays])).permute(0, 3, 1, 2)
+        if size != (height, width):
+            images = resize_uint8(images, size, in_float=True)
+        return images[..., top:top + ch, left:left + cw]
 
 
 def resize_uint8(images: torch.Tensor, size: tuple[int, int], *, in_float: bool) -> torch.Tensor:

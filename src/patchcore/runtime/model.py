@@ -26,7 +26,7 @@ from ..io import sizing
 from ..io.fitted_state import FittedState, config_from_file
 from ..io.images import iter_image_batches, read_image, to_rgb_uint8
 from ..io.model_file import read_model_file
-from ..io.resize import resize_rgb
+from ..io.resize import resize_crop_rgb
 from .backends import Session
 from .bundle import read_manifest
 
@@ -159,8 +159,7 @@ class Runtime:
         """A decoded (H, W, 3) uint8 image -> its model input (H', W', 3) uint8: resize, centre crop (the library's
         Preprocess geometry and CPU kernel). Thread-safe: iter_predict runs it in the decoding threads."""
         size = self.resized_size(*image.shape[:2])
-        top, left, ch, cw = sizing.crop_box(size, self.config.crop)
-        return resize_rgb(image, size)[top:top + ch, left:left + cw]
+        return resize_crop_rgb(image, size, sizing.crop_box(size, self.config.crop))
 
     def preprocess(self, images: list[np.ndarray], *, at_input: bool = False) -> np.ndarray:
         """Same-size uint8 (H, W, 3) images -> normalised float32 (B, 3, H', W'): resize, centre crop, normalise
