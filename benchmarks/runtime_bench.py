@@ -5,7 +5,7 @@
         --category mvtec_ad/bottle --category mvtec_ad_reduced/hazelnut -o results/runtime_bench.json
     # speed, memory and install size (models and exports from a first run; ~10 min on 2 loaded cores):
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_bench.py ../shared/data --category mvtec_ad/bottle \\
-        --reuse --speed-only --install-size --timing-images 16 --repeats 5 -o results/runtime_bench_speed.json
+        --reuse --speed-only --install-size --timing-images 64 --repeats 5 -o results/runtime_bench_speed.json
     # anomalib's PatchCore fitted and run on the same category, then ours on the same files (its fit alone
     # takes 4-10 min here, so it runs in a second invocation):
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_bench.py ../shared/data --category mvtec_ad/bottle \\
@@ -17,7 +17,8 @@ Per category: fit (EfficientNet-Lite0, MVTec geometry 256/224, coreset 1% unless
   relative image-score difference, largest map difference relative to the map's max, labels identical;
 - image AUROC, pixel AUROC and AUPRO (at the 224 crop) of every backend and precision;
 - predict ms/img from files (decoding included) and on images decoded beforehand, batch 1 and 16, 1 and 2
-  threads, backends interleaved in each repeat, medians, the load average beside them;
+  threads, over --timing-images files (several batches: decoding overlaps the model), each backend in a fresh
+  process of its own, backends interleaved in each repeat, medians, the load average beside them;
 - peak RSS of a process that loads the model and scores 16 files, per backend;
 - with --install-size: the installed size of a fresh venv with only the runtime (the `runtime` extra of
   pyproject.toml and this package without dependencies), and + openvino; RSS of a scoring process there;
@@ -163,35 +164,75 @@ def category_bench(category: Path, args, work: Path) -> dict:
         out.update(accuracy_and_parity(model, model_path, export, items))
 
     if not args.no_timing:
-        out.update(speed_and_memory(model, model_path, export, paths, args))
+        # Timing streams several batches, so that decoding overlaps the model as in a folder of parts (16 files at
+        # batch 16 are one batch: nothing to overlap); a short test split is topped up with training images.
+        timing = (paths + [str(p) for p in train])[:args.timing_images]
+        out.update(speed_and_memory(model, model_path, export, paths, timing, args))
     if args.peers:
         out["anomalib"] = peer_side_by_side(category, paths, model, model_path, export, args, work)
     return out
 
 
-def speed_and_memory(model, model_path: Path, export: Path, paths, args) -> dict:
-    """Every (backend, threads, batch) from files and on decoded images, interleaved in each repeat; RSS."""
+def time_worker(spec: dict) -> dict:
+    """In a process of its own: one backend at every (threads, batch) of spec, from files and on decoded images,
+    each after an untimed pass; ms per image (wall and process CPU)."""
+    name, paths = spec["name"], spec["paths"]
+    model = PatchCore.load(spec["model"], device="cpu") if BACKENDS[name] is None else None
+    decoded = [read_image(p) for p in paths]
     out: dict = {}
-    timing_paths = paths[:args.timing_images]
-    decoded = [read_image(p) for p in timing_paths]
-    configs = [(name, threads, batch) for name in BACKENDS for threads in (1, 2) for batch in (1, 16)]
-    runners = {c: scorer(c[0], model, model_path, export, c[1], c[2]) for c in configs}
-    times: dict = {(c, mode): [] for c in configs for mode in ("files", "decoded")}
+    for threads, batch in spec["settings"]:
+        run = scorer(name, model, Path(spec["model"]), Path(spec["export"]), threads, batch)
+        modes = [("files", run, paths)] + ([("decoded", run.decoded, decoded)] if spec.get("decoded", True) else [])
+        for mode, call, inputs in modes:
+            call(inputs)  # warm-up: a whole untimed pass (a fresh process's first batches run slower)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            call(inputs)
+            key = f"{mode} threads={threads} batch={batch}"
+            out[key] = 1000 * (time.perf_counter() - started) / len(inputs)
+            out[f"cpu {key}"] = 1000 * (time.process_time() - cpu_started) / len(inputs)
+    return out
+
+
+def timed_per_process(names, model_path: Path, export: Path, paths, settings, repeats: int, *,
+                      decoded: bool = True) -> dict:
+    """{backend: {key: [ms per repeat]}}: every backend in a fresh process of its own, backends interleaved in each
+    repeat. Never two engines in one process: a compiled OpenVINO model left in the process slowed torch's
+    backbone there by 25-40% at one thread (9.2 -> 11.6-12.7 ms per image; its threads wake and take the other
+    core), which flattered the runtime's ratio in the one-thread columns of earlier tables."""
+    times: dict = {name: {} for name in names}
+    for _ in range(repeats):
+        for name in names:
+            spec = {"name": name, "model": str(model_path), "export": str(export), "paths": [str(p) for p in paths],
+                    "settings": settings, "decoded": decoded}
+            done = subprocess.run([sys.executable, __file__, "--time-worker", json.dumps(spec)], capture_output=True,
+                                  text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"timing {name}: {done.stderr[-2000:]}")
+            for key, value in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                times[name].setdefault(key, []).append(value)
+    return times
+
+
+def speed_and_memory(model, model_path: Path, export: Path, paths, timing_paths, args) -> dict:
+    """Every (backend, threads, batch) from files and on decoded images, each backend in its own process,
+    interleaved in each repeat; RSS."""
+    out: dict = {}
+    settings = [(threads, batch) for threads in (1, 2) for batch in (1, 16)]
+    configs = [(name, threads, batch) for name in BACKENDS for threads, batch in settings]
     out["load_average_before_timing"] = os.getloadavg()
-    for _ in range(args.repeats):
-        for c in configs:  # interleaved: every backend sees the same background load
-            for mode, run, inputs in (("files", runners[c], timing_paths), ("decoded", runners[c].decoded, decoded)):
-                started = time.perf_counter()
-                run(inputs)
-                times[(c, mode)].append(1000 * (time.perf_counter() - started) / len(timing_paths))
+    times = timed_per_process(list(BACKENDS), model_path, export, timing_paths, settings, args.repeats)
     out["load_average_after_timing"] = os.getloadavg()
-    medians = {key: statistics.median(v) for key, v in times.items()}
+    medians = {((n, t, b), mode): statistics.median(times[n][f"{mode} threads={t} batch={b}"])
+               for (n, t, b) in configs for mode in ("files", "decoded")}
     for mode in ("files", "decoded"):
         out[f"ms_per_image_{mode}"] = {f"{n} threads={t} batch={b}": medians[((n, t, b), mode)]
                                        for (n, t, b) in configs}
         out[f"time_ratio_to_torch_{mode}"] = {
             f"{n} threads={t} batch={b}": medians[((n, t, b), mode)] / medians[(("torch", t, b), mode)]
             for (n, t, b) in configs if n != "torch"}
+    out["cpu_ms_per_image_files"] = {f"{n} threads={t} batch={b}":
+                                     statistics.median(times[n][f"cpu files threads={t} batch={b}"])
+                                     for (n, t, b) in configs}
     out["timing"] = {"images": len(timing_paths), "repeats": args.repeats}
 
     out["rss"] = {}
@@ -294,18 +335,11 @@ def peer_side_by_side(category: Path, paths, model, model_path: Path, export: Pa
     out["settings"] = {k: peer["settings"].get(k) for k in ("input_size", "resize", "crop", "coreset_ratio",
                                                             "batch_size", "threads", "memory_bank_shape")}
     # Ours on the same files (every test image), right after, interleaved, batch 16, 2 threads.
-    runners = {name: scorer(name, model, model_path, export, 2, 16) for name in BACKENDS}
-    times: dict = {name: [] for name in runners}
-    cpu: dict = {name: [] for name in runners}
-    for _ in range(args.repeats):
-        for name, run in runners.items():
-            started, cpu_started = time.perf_counter(), time.process_time()
-            run(paths)
-            times[name].append(1000 * (time.perf_counter() - started) / len(paths))
-            cpu[name].append(1000 * (time.process_time() - cpu_started) / len(paths))
-    ours = {name: statistics.median(v) for name, v in times.items()}
+    times = timed_per_process(list(BACKENDS), model_path, export, paths, [(2, 16)], args.repeats, decoded=False)
+    ours = {name: statistics.median(v["files threads=2 batch=16"]) for name, v in times.items()}
     out["ours_ms_per_image_files threads=2 batch=16"] = ours
-    out["ours_cpu_ms_per_image"] = {name: statistics.median(v) for name, v in cpu.items()}
+    out["ours_cpu_ms_per_image"] = {name: statistics.median(v["cpu files threads=2 batch=16"])
+                                    for name, v in times.items()}
     out["load_average_after_ours"] = os.getloadavg()
     # Wall-clock ratios (anomalib's and ours measured minutes apart: read beside the load averages) and CPU-time
     # ratios (process CPU per image, all threads: less sensitive to other jobs).
@@ -316,12 +350,15 @@ def peer_side_by_side(category: Path, paths, model, model_path: Path, export: Pa
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--time-worker":
+        print(json.dumps(time_worker(json.loads(sys.argv[2]))))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="MVTec AD root")
     parser.add_argument("--category", action="append", required=True)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
-    parser.add_argument("--timing-images", type=int, default=32)
+    parser.add_argument("--timing-images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default="/tmp/runtime_bench")
     parser.add_argument("--reuse", action="store_true", help="reuse a model and export already in --work")
