@@ -99,12 +99,12 @@ class Preprocess:
         height, width = images.shape[-2:]
         size = self.resized_size(height, width)
         top, left, ch, cw = box = self.crop_box(height, width)
+        if size == (height, width):  # at its size already (e.g. tiles at scale 1): a crop at most, no copy
+            return images[..., top:top + ch, left:left + cw]
         if images.device.type == "cpu":
             arrays = images.permute(0, 2, 3, 1).numpy()
             return torch.from_numpy(np.stack([resize_crop_rgb(a, size, box) for a in arrays])).permute(0, 3, 1, 2)
-        if size != (height, width):
-            images = resize_uint8(images, size, in_float=True)
-        return images[..., top:top + ch, left:left + cw]
+        return resize_uint8(images, size, in_float=True)[..., top:top + ch, left:left + cw]
 
 
 def resize_uint8(images: torch.Tensor, size: tuple[int, int], *, in_float: bool) -> torch.Tensor:
