@@ -167,9 +167,9 @@ def category_bench(category: Path, args, work: Path) -> dict:
         # Timing streams several batches, so that decoding overlaps the model as in a folder of parts (16 files at
         # batch 16 are one batch: nothing to overlap); a short test split is topped up with training images.
         timing = (paths + [str(p) for p in train])[:args.timing_images]
-        out.update(speed_and_memory(model, model_path, export, paths, timing, args))
+        out.update(speed_and_memory(model_path, export, paths, timing, args))
     if args.peers:
-        out["anomalib"] = peer_side_by_side(category, paths, model, model_path, export, args, work)
+        out["anomalib"] = peer_side_by_side(category, paths, model_path, export, args, work)
     return out
 
 
@@ -197,8 +197,8 @@ def timed_per_process(names, model_path: Path, export: Path, paths, settings, re
                       decoded: bool = True) -> dict:
     """{backend: {key: [ms per repeat]}}: every backend in a fresh process of its own, backends interleaved in each
     repeat. Never two engines in one process: a compiled OpenVINO model left in the process slowed torch's
-    backbone there by 25-40% at one thread (9.2 -> 11.6-12.7 ms per image; its threads wake and take the other
-    core), which flattered the runtime's ratio in the one-thread columns of earlier tables."""
+    backbone there by 25-40% at one thread (9.2 -> 11.6-12.7 ms per image; not by spinning, cause not found),
+    which slowed the torch side of the one-thread columns in earlier tables."""
     times: dict = {name: {} for name in names}
     for _ in range(repeats):
         for name in names:
@@ -213,7 +213,7 @@ def timed_per_process(names, model_path: Path, export: Path, paths, settings, re
     return times
 
 
-def speed_and_memory(model, model_path: Path, export: Path, paths, timing_paths, args) -> dict:
+def speed_and_memory(model_path: Path, export: Path, paths, timing_paths, args) -> dict:
     """Every (backend, threads, batch) from files and on decoded images, each backend in its own process,
     interleaved in each repeat; RSS."""
     out: dict = {}
@@ -314,7 +314,7 @@ def install_size(work: Path, model_path: Path, export: Path, files) -> dict:
     return out
 
 
-def peer_side_by_side(category: Path, paths, model, model_path: Path, export: Path, args, work: Path) -> dict:
+def peer_side_by_side(category: Path, paths, model_path: Path, export: Path, args, work: Path) -> dict:
     """anomalib's PatchCore fitted and run on this category (DIR/run_peer.py: its own process, fit then predict
     on every test image, batch 16, 2 threads), then our predict from the same files at batch 16, 2 threads."""
     peers = Path(args.peers)
