@@ -196,9 +196,9 @@ def time_worker(spec: dict) -> dict:
 def timed_per_process(names, model_path: Path, export: Path, paths, settings, repeats: int, *,
                       decoded: bool = True) -> dict:
     """{backend: {key: [ms per repeat]}}: every backend in a fresh process of its own, backends interleaved in each
-    repeat. Never two engines in one process: a compiled OpenVINO model left in the process slowed torch's
-    backbone there by 25-40% at one thread (9.2 -> 11.6-12.7 ms per image; not by spinning, cause not found),
-    which slowed the torch side of the one-thread columns in earlier tables."""
+    repeat. Never two engines in one process: a compiled OpenVINO model in the process slowed torch's backbone
+    there at one thread in some runs (9.2 -> 11.6-15.4 ms per image; not in others; not by spinning, cause not
+    found)."""
     times: dict = {name: {} for name in names}
     for _ in range(repeats):
         for name in names:

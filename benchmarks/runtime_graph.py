@@ -2,7 +2,7 @@
 """The exported embedding graph alone against the module it was exported from, in eager torch (issue 17): the one
 stage where the runtime and the torch path differ. ms per image at 1 and 2 threads, batch 1 and 16, on random
 normalised input at the model's input size (the time does not depend on the pixels). Each engine runs in a fresh
-process of its own (a compiled OpenVINO model in the process slowed torch by 25-40% at one thread), engines
+process of its own (a compiled OpenVINO model in the process slowed torch at one thread in some runs), engines
 interleaved over --rounds rounds; the median over rounds of each round's median.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/runtime_graph.py MODEL EXPORT_DIR [--rounds 3] [--repeats 9]
